@@ -1,0 +1,37 @@
+"""The `gptq` console script: a thin Typer layer over gptq_cli's Python API."""
+from __future__ import annotations
+
+import typer
+
+from gptq_cli import __version__
+
+app = typer.Typer(
+    name="gptq",
+    help="Quantize Hugging Face causal LMs with GPTQ, evaluate them, inspect and publish GPTQ checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gptq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+# Subcommands register below, one module each under gptq_cli/commands/.
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

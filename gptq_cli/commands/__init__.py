@@ -1,0 +1,1 @@
+"""One module per subcommand; each holds the Typer-annotated function that cli.py registers."""
