@@ -1,0 +1,59 @@
+"""Quantization settings and the `quantization_config` dict that config.json / quantize_config.json carry."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from gptq_cli import __version__
+
+BITS = (2, 3, 4, 8)
+FORMATS = ("gptq", "gptq_v2")
+
+
+@dataclass
+class QuantConfig:
+    """Everything that decides a GPTQ result. Field names follow the field's conventions (AutoGPTQ/GPTQModel)."""
+
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp_percent: float = 0.01
+    mse: bool = False
+    checkpoint_format: str = "gptq"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer or -1, got {self.group_size}")
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
+        if self.checkpoint_format not in FORMATS:
+            raise ValueError(f"checkpoint_format must be one of {FORMATS}, got {self.checkpoint_format!r}")
+        if not self.sym:  # v1 cannot store an asymmetric zero of 0 (SPEC §2)
+            self.checkpoint_format = "gptq_v2"
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The quantization_config dict, as transformers / GPTQModel / AutoGPTQ / vLLM read it."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("mse", "meta")}
+        d.update(quant_method="gptq", lm_head=False, pack_dtype="int32")
+        d["meta"] = {"quantizer": [f"gptq_cli:{__version__}"], "mse": self.mse, **self.meta}
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        """Read a quantization_config written by us, GPTQModel or AutoGPTQ (extra keys ignored)."""
+        names = {f.name for f in fields(cls)} - {"meta", "mse", "checkpoint_format"}
+        kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
+        fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
+        meta = d.get("meta") or {}
+        # sym=False with a v1 label is legal to read (older tools wrote it); only writing forces v2.
+        cfg = cls(**{**kwargs, "sym": True}, checkpoint_format=fmt if fmt in FORMATS else "gptq",
+                  mse=bool(meta.get("mse", False)) if isinstance(meta, dict) else False,
+                  meta=meta if isinstance(meta, dict) else {})
+        cfg.sym = bool(kwargs.get("sym", True))
+        return cfg

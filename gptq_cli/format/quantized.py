@@ -1,0 +1,40 @@
+"""The result of quantizing one linear layer, independent of how it was found or where it is stored."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gptq_cli.format.pack import pack_qweight, pack_qzeros
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized linear in nn.Linear orientation (N = out_features, K = in_features, G groups).
+
+    W[n, k] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n])
+    """
+
+    codes: torch.Tensor   # int32 [N, K], values in [0, 2^bits)
+    scales: torch.Tensor  # float16 [G, N]
+    zeros: torch.Tensor   # int32 [G, N], the true zero points (never the v1 "zero - 1")
+    g_idx: torch.Tensor   # int32 [K], group of each input column
+    bits: int
+    group_size: int       # -1 = one group over all of K
+    loss: float = 0.0     # GPTQ loss: sum (w - q)^2 / Hinv[i,i]^2 / 2
+    damp: float = 0.0     # damping fraction finally used (after any automatic increase)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.g_idx.long()
+        scales = self.scales.to(torch.float32)[g].t()          # [N, K]
+        zeros = self.zeros.to(torch.float32)[g].t()
+        return (scales * (self.codes.to(torch.float32) - zeros)).to(dtype)
+
+    def to_tensors(self, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+        """The per-module tensors of a GPTQ checkpoint (names without the module prefix)."""
+        return {
+            "qweight": pack_qweight(self.codes.t(), self.bits),
+            "qzeros": pack_qzeros(self.zeros, self.bits, checkpoint_format),
+            "scales": self.scales.to(torch.float16).contiguous(),
+            "g_idx": self.g_idx.to(torch.int32).contiguous(),
+        }
