@@ -1,0 +1,139 @@
+"""Where the decoder blocks of a model are and which linears inside a block are solved together.
+
+One declarative table for the architectures we know, and a generic fallback that finds the decoder ModuleList
+and orders its linears by a traced forward pass. A "sequential group" is a set of linears that read the same
+input; with true-sequential quantization each group is solved before the next group's inputs are collected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style models use a transposed linear
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+QUANTIZABLE = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+_LLAMA_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str                           # attribute path of the nn.ModuleList of decoder blocks
+    groups: tuple[tuple[str, ...], ...]   # sequential groups of linear names inside one block
+
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("model.layers", _LLAMA_GROUPS),
+    "mistral": Arch("model.layers", _LLAMA_GROUPS),
+    "qwen2": Arch("model.layers", _LLAMA_GROUPS),
+    "qwen3": Arch("model.layers", _LLAMA_GROUPS),
+    "gemma": Arch("model.layers", _LLAMA_GROUPS),
+    "gemma2": Arch("model.layers", _LLAMA_GROUPS),
+    "gemma3_text": Arch("model.layers", _LLAMA_GROUPS),
+    "phi3": Arch("model.layers", (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
+                                  ("mlp.down_proj",))),
+    "opt": Arch("model.decoder.layers", (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                         ("self_attn.out_proj",), ("fc1",), ("fc2",))),
+    "gpt2": Arch("transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))),
+}
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def find_layers_path(model: nn.Module) -> str:
+    """The decoder ModuleList: the longest ModuleList whose blocks contain linears (generic fallback)."""
+    best, best_len = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > best_len and any(
+                isinstance(m, QUANTIZABLE) for m in mod[0].modules()):
+            best, best_len = name, len(mod)
+    if best is None:
+        raise ValueError("no decoder block list found: the model has no nn.ModuleList of blocks with linears")
+    return best
+
+
+def resolve_arch(model: nn.Module) -> tuple[str, Arch | None]:
+    """(layers path, registered Arch or None when the generic fallback must trace the groups)."""
+    arch = ARCHS.get(getattr(model.config, "model_type", ""))
+    if arch is not None:
+        try:
+            model.get_submodule(arch.layers)
+            return arch.layers, arch
+        except AttributeError:
+            pass  # a variant with another layout: fall back to discovery
+    return find_layers_path(model), None
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in block.named_modules() if isinstance(m, QUANTIZABLE)}
+
+
+def block_groups(block: nn.Module, arch: Arch | None, run_block, true_sequential: bool = True) -> list[list[str]]:
+    """Sequential groups of one block's linears, in forward order.
+
+    With a registered architecture the table decides; otherwise `run_block()` is traced once and linears that
+    read the very same input tensor form one group, in the order they are first called.
+    """
+    linears = block_linears(block)
+    if arch is not None and all(n in linears for g in arch.groups for n in g):
+        groups = [list(g) for g in arch.groups]
+        covered = {n for g in groups for n in g}
+        groups += [[n] for n in linears if n not in covered]   # e.g. extra projections some variants add
+    else:
+        groups = _trace_groups(block, linears, run_block)
+    return groups if true_sequential else [[n for g in groups for n in g]]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _trace_groups(block: nn.Module, linears: dict[str, nn.Module], run_block) -> list[list[str]]:
+    order: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps `is` comparisons meaningful
+    handles = []
+    for name, mod in linears.items():
+        def hook(_m, args, _name=name):
+            if all(n != _name for n, _ in order):
+                order.append((_name, args[0]))
+            if len(order) == len(linears):
+                raise _StopForward
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        run_block()
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    for name, inp in order:
+        if groups and inp is last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = inp
+    groups += [[n] for n in linears if all(n not in g for g in groups)]  # never called: still quantized
+    return groups
+
+
+def linear_weight(mod: nn.Module) -> torch.Tensor:
+    """The weight in nn.Linear orientation [out, in] (Conv1D stores [in, out])."""
+    return mod.weight.t() if Conv1D and isinstance(mod, Conv1D) else mod.weight
+
+
+def set_linear_weight(mod: nn.Module, w: torch.Tensor) -> None:
+    w = w.t() if Conv1D and isinstance(mod, Conv1D) else w
+    mod.weight.data = w.to(mod.weight.dtype).contiguous()

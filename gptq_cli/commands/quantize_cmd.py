@@ -1,0 +1,146 @@
+"""`gptq quantize MODEL`: solve + pack into a GPTQ checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from gptq_cli.commands.common import DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, progress_bar, run
+from gptq_cli.errors import UsageError
+from gptq_cli.format.config import QuantConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+QUANT_KEYS = ("bits", "group_size", "desc_act", "sym", "static_groups", "true_sequential", "damp_percent", "mse")
+RUN_KEYS = ("dataset", "nsamples", "seqlen", "batch_size", "seed")
+
+EXAMPLES = """
+Examples:
+
+  gptq quantize smollm2-135m --nsamples 128 --seqlen 512 -o smollm2-gptq
+
+  gptq quantize meta-llama/Llama-2-7b-hf --bits 4 --group-size 128 --desc-act -o llama2-7b-gptq
+
+  gptq quantize ./my-model --config llama-3bit-g128 --dataset calib.jsonl --dry-run
+"""
+
+
+def load_preset(config: str) -> dict:
+    """A preset by name (configs/NAME.json) or by path."""
+    path = Path(config)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{config.removesuffix('.json')}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json"))) or "none found"
+        raise UsageError(f"--config {config}: no such file or preset (presets: {known})")
+    try:
+        preset = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    unknown = set(preset) - set(QUANT_KEYS) - set(RUN_KEYS) - {"format"}
+    if unknown:
+        raise UsageError(f"--config {path}: unknown keys {sorted(unknown)}")
+    return preset
+
+
+def quantize(
+    model: str = typer.Argument(..., help="Hub id, local HF directory, .gguf file, or a built-in name "
+                                          "(smollm2-135m)."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="2, 3, 4 or 8 (default 4)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Columns per group, -1 = per channel "
+                                                                        "(default 128)."),
+    desc_act: Optional[bool] = typer.Option(None, "--desc-act/--no-desc-act", help="Act-order: quantize columns "
+                                            "by decreasing Hessian diagonal (default off)."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric; asym "
+                                       "is written as gptq_v2."),
+    static_groups: Optional[bool] = typer.Option(None, "--static-groups/--no-static-groups",
+                                                 help="With act-order, find group params before reordering."),
+    true_sequential: Optional[bool] = typer.Option(None, "--true-sequential/--no-true-sequential",
+                                                   help="Quantize q/k/v → o → gate/up → down in turn (default on)."),
+    damp_percent: Optional[float] = typer.Option(None, "--damp-percent", help="Relative damping (default 0.01), "
+                                                 "raised automatically when the Hessian is not positive definite."),
+    mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="Search clipping ranges that minimise error."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="builtin (default, offline), c4, wikitext2, a "
+                                          ".txt/.jsonl/.json/.parquet path, or a Hub dataset id. A .jsonl of "
+                                          "input_ids rows is used as-is."),
+    dataset_path: Optional[str] = typer.Option(None, "--dataset-path", help="Offline copy of a named dataset."),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration samples (default 128)."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration sample (default 2048)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per forward pass (default 8)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Calibration sampling seed (default 0)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda if present, else cpu."),
+    dtype: str = typer.Option("auto", "--dtype", help="Activation dtype: auto, float16, bfloat16, float32."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="gptq (v1, default) or gptq_v2 (forced for asym)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default "
+                                          "<model>-gptq-<bits>bit-g<group>)."),
+    config: Optional[str] = typer.Option(None, "--config", help="A preset from configs/ (name or path); flags "
+                                         "override it."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, time) and exit."),
+    json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
+) -> None:
+    """Quantize a causal LM with GPTQ and write a GPTQ checkpoint that transformers, GPTQModel and vLLM load."""
+    flags = dict(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, static_groups=static_groups,
+                 true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, dataset=dataset,
+                 nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, seed=seed, format=fmt)
+
+    def work():
+        settings = load_preset(config) if config else {}
+        settings.update({k: v for k, v in flags.items() if v is not None})
+        try:
+            quant = QuantConfig(**{k: settings[k] for k in QUANT_KEYS if k in settings},
+                                checkpoint_format=settings.get("format", "gptq"))
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        run_args = dict(dataset=settings.get("dataset", "builtin"), nsamples=settings.get("nsamples", 128),
+                        seqlen=settings.get("seqlen", 2048), batch_size=settings.get("batch_size", 8),
+                        seed=settings.get("seed", 0))
+        for k in ("nsamples", "seqlen", "batch_size"):
+            if run_args[k] < 1:
+                raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {run_args[k]}")
+        if dry_run:
+            from gptq_cli.plan import make_plan
+            plan = make_plan(model, quant, device=device, dtype=dtype, **run_args)
+            _print_plan(plan, json_out, quiet)
+            return
+        from gptq_cli.api import quantize as api_quantize
+        with progress_bar(quiet or json_out) as bar:
+            blocks = bar.add_task("blocks", total=None)
+
+            def on_progress(kind, *args):
+                if kind == "block":
+                    bar.update(blocks, completed=args[0], total=args[1])
+                elif kind == "module":
+                    bar.update(blocks, description=f"blocks · {args[0].name}")
+
+            result = api_quantize(model, quant, dataset_path=dataset_path, device=device, dtype=dtype,
+                                  output=output, progress=on_progress, **run_args)
+        summary = {"output": str(result.output), "seconds": round(result.seconds, 2), "config": quant.to_hf_dict(),
+                   "modules": len(result.modules),
+                   "mean_loss": sum(r["loss"] for r in result.modules) / max(len(result.modules), 1)}
+        if json_out:
+            emit_json(summary)
+        elif not quiet:
+            _print_summary(result)
+
+    run(work, debug=debug)
+
+
+def _print_plan(plan: dict, json_out: bool, quiet: bool) -> None:
+    if json_out:
+        emit_json(plan)
+        return
+    table = Table(title="gptq quantize --dry-run", show_header=False)
+    for k, v in plan.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+def _print_summary(result) -> None:
+    table = Table(title=f"quantized → {result.output}  ({result.seconds:.1f} s)")
+    for col in ("module", "loss", "damp", "seconds"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for r in result.modules:
+        table.add_row(r["name"], f"{r['loss']:.4g}", f"{r['damp']:.3g}", f"{r['seconds']:.2f}")
+    console.print(table)

