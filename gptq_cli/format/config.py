@@ -46,14 +46,24 @@ class QuantConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        """Read a quantization_config written by us, GPTQModel or AutoGPTQ (extra keys ignored)."""
-        names = {f.name for f in fields(cls)} - {"meta", "mse", "checkpoint_format"}
-        kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
+        """Read a quantization_config written by us, GPTQModel or AutoGPTQ (extra keys ignored).
+
+        GPTQModel 7 moved damp_percent, static_groups, true_sequential and mse into `meta`: a top-level key
+        wins, the meta one fills in. Raises ValueError for settings this package cannot represent."""
+        meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
+        merged = {**{k: meta[k] for k in _META_SETTINGS if meta.get(k) is not None},
+                  **{k: v for k, v in d.items() if v is not None}}
+        names = {f.name for f in fields(cls)} - {"meta", "mse", "checkpoint_format", "sym"}
+        kwargs = {k: merged[k] for k in names if k in merged}
         fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
-        meta = d.get("meta") or {}
-        # sym=False with a v1 label is legal to read (older tools wrote it); only writing forces v2.
-        cfg = cls(**{**kwargs, "sym": True}, checkpoint_format=fmt if fmt in FORMATS else "gptq",
-                  mse=bool(meta.get("mse", False)) if isinstance(meta, dict) else False,
-                  meta=meta if isinstance(meta, dict) else {})
-        cfg.sym = bool(kwargs.get("sym", True))
+        if fmt not in FORMATS:
+            raise ValueError(f"checkpoint_format {fmt!r} is not a GPTQ format this tool reads ({', '.join(FORMATS)})")
+        # sym=False with a v1 label is legal to read (older tools wrote it); only writing forces v2, so the
+        # object is built symmetric and sym is set afterwards, past __post_init__.
+        cfg = cls(**kwargs, sym=True, checkpoint_format=fmt, mse=bool(merged.get("mse", False)), meta=dict(meta))
+        cfg.sym = bool(merged.get("sym", True))
         return cfg
+
+
+# Settings GPTQModel 7 writes under quantization_config["meta"] rather than at the top level.
+_META_SETTINGS = ("damp_percent", "static_groups", "true_sequential", "mse")

@@ -1,0 +1,247 @@
+"""GPTQ checkpoint directories on disk: safetensors shards + index, configs, tokenizer files (SPEC §2).
+
+Writing is atomic (everything goes into a temporary sibling directory that is renamed into place only when
+complete) and deterministic (sorted keys everywhere, fixed safetensors metadata), so the same tensors and
+settings always give byte-identical files. Reading accepts checkpoints made by GPTQModel and AutoGPTQ too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptq_cli.errors import UsageError
+from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.quantized import QuantizedWeight
+
+SAFETENSORS_METADATA = {"format": "pt"}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+# Files copied from the source model: the tokenizer in its various on-disk forms and the generation defaults.
+SOURCE_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                        "spiece.model", "*.tiktoken", "chat_template*", "generation_config.json")
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as transformers' max_shard_size)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise UsageError(f"cannot read the size {size!r}; write it like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def quantized_to_tensors(prefix: str, qw: QuantizedWeight, checkpoint_format: str,
+                         bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized linear, keyed `<prefix>.qweight` etc.; the bias keeps its
+    dtype, which should be the model's (fp16 for fp16 models)."""
+    out = {f"{prefix}.{name}": t for name, t in qw.to_tensors(checkpoint_format).items()}
+    if bias is not None:
+        out[f"{prefix}.bias"] = bias.detach().contiguous()
+    return out
+
+
+def write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], model_config: Any,
+                     quant: QuantConfig, *, max_shard_size: int | str = "5GB",
+                     extra_files: dict[str, bytes] | None = None, src_dir: str | Path | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write a complete GPTQ checkpoint directory atomically and return its path.
+
+    model_config: a transformers PretrainedConfig or its dict; it gets `quantization_config` added.
+    extra_files: more files to write, by plain file name (e.g. quant_log.json).
+    src_dir: the source model directory, whose tokenizer files and generation_config.json are copied.
+    overwrite: replace an existing out_dir (only once the new checkpoint is complete).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UsageError(f"{out_dir} already exists; remove it or choose another output directory")
+    for name in extra_files or {}:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"extra file names must be plain file names, got {name!r}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        if src_dir is not None:
+            _copy_source_files(Path(src_dir), tmp)
+        _write_config_files(tmp, model_config, quant)
+        _write_safetensors(tmp, tensors, parse_size(max_shard_size))
+        for name, data in sorted((extra_files or {}).items()):
+            (tmp / name).write_bytes(data)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _copy_source_files(src_dir: Path, dst: Path) -> None:
+    for pattern in SOURCE_FILE_PATTERNS:
+        for f in sorted(src_dir.glob(pattern)):
+            if f.is_file():
+                shutil.copyfile(f, dst / f.name)
+
+
+def _write_config_files(dst: Path, model_config: Any, quant: QuantConfig) -> None:
+    config = dict(model_config) if isinstance(model_config, Mapping) else model_config.to_dict()
+    qdict = quant.to_hf_dict()
+    config["quantization_config"] = qdict
+    (dst / "config.json").write_bytes(_json_bytes(config))
+    (dst / QUANTIZE_CONFIG_FILE).write_bytes(_json_bytes(qdict))
+
+
+def _shard_plan(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Keys per shard, in sorted order; a module's tensors (same prefix) never straddle two shards."""
+    modules: dict[str, list[str]] = {}
+    for key in sorted(tensors):
+        modules.setdefault(key.rpartition(".")[0], []).append(key)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for keys in modules.values():
+        nbytes = sum(tensors[k].numel() * tensors[k].element_size() for k in keys)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(keys)
+        size += nbytes
+    return shards
+
+
+def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], max_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    prepared = {}
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        if t.numel() and t.data_ptr() in seen:  # safetensors refuses tensors that share memory (tied weights)
+            t = t.clone()
+        seen.add(t.data_ptr())
+        prepared[key] = t
+    shards = _shard_plan(prepared, max_bytes)
+    if len(shards) == 1:
+        save_file(prepared, str(dst / SINGLE_FILE), metadata=SAFETENSORS_METADATA)
+        return
+    weight_map = {}
+    for i, keys in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: prepared[k] for k in keys}, str(dst / name), metadata=SAFETENSORS_METADATA)
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(t.numel() * t.element_size() for t in prepared.values())
+    (dst / INDEX_FILE).write_bytes(_json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map}))
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished temporary directory to out_dir; an existing out_dir is replaced only now."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """Lazy read-only access to a checkpoint's tensors: each is read from its safetensors file on access."""
+
+    def __init__(self, files: dict[str, Path]):
+        from safetensors import safe_open
+
+        self._handles = {name: safe_open(str(path), framework="pt") for name, path in files.items()}
+        self._file_of = {key: name for name, h in self._handles.items() for key in h.keys()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._handles[self._file_of[key]].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._file_of))
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._file_of
+
+    def dtype_and_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
+        """The stored dtype ('I32', 'F16', 'BF16', ...) and shape of a tensor, without reading its data."""
+        sl = self._handles[self._file_of[key]].get_slice(key)
+        return sl.get_dtype(), tuple(sl.get_shape())
+
+    def metadata(self) -> dict[str, dict[str, str] | None]:
+        """The safetensors metadata of each file."""
+        return {name: h.metadata() for name, h in self._handles.items()}
+
+
+def weight_files(ckpt_dir: str | Path) -> dict[str, Path]:
+    """The safetensors files of a checkpoint: the index's shards, model.safetensors, or (AutoGPTQ's
+    gptq_model-4bit-128g.safetensors style) whatever .safetensors files are there."""
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / INDEX_FILE
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (ckpt_dir / SINGLE_FILE).is_file():
+        names = [SINGLE_FILE]
+    else:
+        names = sorted(f.name for f in ckpt_dir.glob("*.safetensors"))
+    if not names:
+        hint = " (only PyTorch .bin weights: convert them to safetensors)" if any(ckpt_dir.glob("*.bin")) else ""
+        raise UsageError(f"{ckpt_dir} has no .safetensors weights{hint}; pass a model directory")
+    missing = [n for n in names if not (ckpt_dir / n).is_file()]
+    if missing:
+        raise UsageError(f"{ckpt_dir} is incomplete: {missing[0]} listed in {INDEX_FILE} is missing")
+    return {n: ckpt_dir / n for n in names}
+
+
+def read_tensors(ckpt_dir: str | Path) -> CheckpointTensors:
+    """All tensors of a checkpoint directory as a lazy mapping (nothing is read until accessed)."""
+    return CheckpointTensors(weight_files(ckpt_dir))
+
+
+def read_quantization_dict(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """The raw quantization config dict: quantize_config.json (GPTQModel, AutoGPTQ) or else config.json's
+    quantization_config (transformers/optimum); None when the directory has neither."""
+    ckpt_dir = Path(ckpt_dir)
+    for path, key in ((ckpt_dir / QUANTIZE_CONFIG_FILE, None), (ckpt_dir / "config.json", "quantization_config")):
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UsageError(f"{path} is not valid JSON ({e}); fix or re-download it") from e
+            data = data.get(key) if key and isinstance(data, dict) else data
+            if isinstance(data, dict) and data:
+                return data
+    return None
+
+
+def read_quant_config(ckpt_dir: str | Path) -> QuantConfig:
+    """The QuantConfig of a GPTQ checkpoint (ours, GPTQModel's or AutoGPTQ's); UsageError when the directory
+    is not a GPTQ checkpoint or uses settings this tool does not support."""
+    d = read_quantization_dict(ckpt_dir)
+    if d is None:
+        raise UsageError(f"{ckpt_dir} is not a quantized checkpoint (no quantize_config.json and no "
+                         f"quantization_config in config.json); quantize it first with `gptq quantize`")
+    method = str(d.get("quant_method", d.get("method", "gptq"))).lower()
+    if method != "gptq":
+        raise UsageError(f"{ckpt_dir} is quantized with {method!r}, not GPTQ; this tool reads GPTQ checkpoints only")
+    if d.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
+        raise UsageError(f"{ckpt_dir} packs into {d['pack_dtype']}; only int32 packing is supported")
+    try:
+        return QuantConfig.from_hf_dict(d)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{ckpt_dir}: unsupported quantization config: {e}") from e
