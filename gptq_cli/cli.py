@@ -27,9 +27,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 # Subcommands register below, one module each under gptq_cli/commands/.
-from gptq_cli.commands import quantize_cmd  # noqa: E402
+from gptq_cli.commands import inspect_cmd, quantize_cmd  # noqa: E402
 
 app.command("quantize", epilog=quantize_cmd.EXAMPLES)(quantize_cmd.quantize)
+app.command("inspect", epilog=inspect_cmd.EXAMPLES)(inspect_cmd.inspect)
 
 
 def main() -> None:

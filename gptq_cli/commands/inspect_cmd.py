@@ -1,0 +1,84 @@
+"""`gptq inspect CHECKPOINT`: what is in a GPTQ checkpoint, and a validity check (exit 1 on problems)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from gptq_cli.commands.common import DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, run
+from gptq_cli.errors import GptqError
+from gptq_cli.inspect import InspectReport, inspect_checkpoint, plot_losses, read_quant_log
+
+EXAMPLES = """
+Examples:
+
+  gptq inspect llama2-7b-gptq
+
+  gptq inspect ./TheBloke-Llama-2-7B-GPTQ --json | jq .problems
+
+  gptq inspect smollm2-gptq --plot losses.png --quiet
+"""
+
+
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="Directory of a GPTQ checkpoint (ours, GPTQModel's, AutoGPTQ's)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the per-module quantization loss from "
+                                        "quant_log.json to this PNG file (needs matplotlib)."),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Show a GPTQ checkpoint's config, format, maker, modules and size, and check that it is valid."""
+
+    def work() -> None:
+        report = inspect_checkpoint(checkpoint)
+        if json_out:
+            emit_json(report.to_dict())
+        elif not quiet:
+            _print_report(report)
+        for problem in report.problems:
+            console.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+        if plot is not None:
+            out = plot_losses(read_quant_log(checkpoint), plot, title=Path(report.path).name)
+            if not quiet:
+                console.print(f"loss plot written to {out}")
+        if report.problems:
+            raise GptqError(f"{len(report.problems)} problem(s) found in {checkpoint}")
+
+    run(work, debug=debug)
+
+
+def _size(nbytes: int) -> str:
+    value, unit = float(nbytes), "B"
+    for bigger in ("KB", "MB", "GB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    return f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _print_report(report: InspectReport) -> None:
+    q = report.quant
+    summary = Table(title=f"GPTQ checkpoint {report.path}", show_header=False)
+    summary.add_row("architecture", report.architecture)
+    summary.add_row("made by", report.tool + (" (guessed)" if report.tool_guessed else ""))
+    summary.add_row("config", f"bits={q.bits} group_size={q.group_size} desc_act={q.desc_act} sym={q.sym} "
+                              f"static_groups={q.static_groups} true_sequential={q.true_sequential} "
+                              f"damp_percent={q.damp_percent}")
+    summary.add_row("format", f"{report.declared_format} (zero points look like: {report.zeros_look_like})")
+    summary.add_row("quantized modules", str(len(report.modules)))
+    summary.add_row("size", f"{_size(report.total_bytes)} vs {_size(report.fp16_bytes)} in fp16 "
+                            f"(compression {report.compression_ratio:.2f}x)")
+    summary.add_row("check", "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]")
+    console.print(summary)
+
+    modules = Table(title="quantized modules")
+    modules.add_column("module", overflow="fold")
+    for column in ("bits", "group", "in x out", "act-order", "bias", "bytes"):
+        modules.add_column(column, justify="right", no_wrap=True)
+    for m in report.modules:
+        modules.add_row(m.name, str(m.bits), str(m.group_size), f"{m.in_features} x {m.out_features}",
+                        "yes" if m.act_order else "no", "yes" if m.bias else "no", _size(m.bytes))
+    console.print(modules)
