@@ -1,0 +1,272 @@
+"""The GPTQ algorithm (Frantar et al., ICLR 2023) as pure tensor functions; SPEC §3 is the contract.
+
+It follows IST-DASLab/gptq (gptq.py, quant.py) step by step, with three deliberate choices:
+- every scale is rounded to float16 before weights are quantized with it, so the error GPTQ compensates is
+  the error the fp16 checkpoint really has (and `QuantizedWeight.dequantize` reproduces Q exactly);
+- symmetric ranges are always mirrored, [-m, m] with m = max(|min|, max) (the reference keeps min = 0 for a
+  row with no negative weight, which clips its positive half);
+- a group's parameters come from its fully updated weights: block ends are moved so that a group that
+  starts inside a block also ends in it (the reference reads the block's columns as they were at the block
+  start). With that, the lazy blocked solver computes the same thing as the column-by-column algorithm.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from gptq_cli.errors import GptqError, UsageError
+from gptq_cli.format.quantized import QuantizedWeight
+
+BITS = (2, 3, 4, 8)
+DAMP_STEP = 0.01                    # automatic damping increase when Cholesky fails
+MSE_NORM, MSE_GRID, MSE_MAXSHRINK = 2.4, 100, 0.8   # clip search of the reference quant.py
+FP16_MAX, FP16_TINY = 65504.0, 2.0 ** -24           # largest / smallest positive float16 (subnormal)
+
+BlockFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """Full float32 matmuls on CUDA (TF32 would cost ~3 decimal digits); the previous setting comes back."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None = None) -> tuple[Tensor, int]:
+    """Fold activations X [..., K] into the running mean H = 2/n · Σ x xᵀ (float32, updated in place).
+
+    mask [...] (X's leading dims) marks the tokens to keep, e.g. the attention mask, so padding is excluded.
+    Returns (H, new token count n). H is None on the first call; it lives on X's device then.
+    """
+    X = X.reshape(-1, X.shape[-1])
+    if mask is not None:
+        X = X[mask.reshape(-1).to(device=X.device, dtype=torch.bool)]
+    if H is None:
+        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+    m = X.shape[0]
+    if m == 0:
+        return H, n
+    X = X.to(device=H.device, dtype=torch.float32)
+    with no_tf32():
+        H.mul_(n / (n + m)).addmm_(X.t(), X, alpha=2 / (n + m))
+    return H, n + m
+
+
+def _grid(xmin: Tensor, xmax: Tensor, maxq: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale (rounded to float16, kept in float32) and zero point of the grid that spans [xmin, xmax]."""
+    scale = ((xmax - xmin) / maxq).clamp(FP16_TINY, FP16_MAX).half().float()
+    if sym:
+        return scale, torch.full_like(scale, (maxq + 1) / 2)
+    return scale, torch.round(-xmin / scale).clamp(0, maxq)  # clamp: fp16 rounding may push it past maxq
+
+
+def find_params(x: Tensor, bits: int, sym: bool, mse: bool) -> tuple[Tensor, Tensor]:
+    """Per-row (scale, zero) float32 [N] for the weights x [N, m]; min/max include 0, as in the reference."""
+    maxq = 2 ** bits - 1
+    xmin = x.min(dim=1).values.clamp(max=0)
+    xmax = x.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)   # an all-zero row: any grid works, use the reference's [-1, 1]
+    xmin, xmax = xmin.masked_fill(empty, -1.0), xmax.masked_fill(empty, 1.0)
+    scale, zero = _grid(xmin, xmax, maxq, sym)
+    if not mse:
+        return scale, zero
+    best = _clip_error(x, scale, zero, maxq)
+    for i in range(1, int(MSE_MAXSHRINK * MSE_GRID)):
+        shrink = 1 - i / MSE_GRID
+        scale1, zero1 = _grid(shrink * xmin, shrink * xmax, maxq, sym)
+        err = _clip_error(x, scale1, zero1, maxq)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, scale1, scale), torch.where(better, zero1, zero)
+    return scale, zero
+
+
+def _clip_error(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    q = _dequantize(_quantize(x, scale[:, None], zero[:, None], maxq), scale[:, None], zero[:, None])
+    return (q - x).abs().pow(MSE_NORM).sum(dim=1)
+
+
+def _quantize(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Codes (float32 holding integers in [0, maxq]); round half to even, as torch.round in the reference."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def _dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    return scale * (codes - zero)
+
+
+def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group_of_col: Tensor,
+                   new_group: Tensor, *, bits: int, sym: bool, mse: bool, group_size: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ's inner loop over the B columns of one block; all N rows are independent (the CUDA kernel's seam).
+
+    W [N, B] float32, contiguous: the block's weights (permuted order), with every earlier block's update
+      applied. Updated in place: on return W[:, c] holds the value column c was quantized from.
+    Hinv [B, B] float32: this block's diagonal block of the upper Cholesky factor of H⁻¹.
+    scales, zeros [N, Gtot] float32, contiguous: per-row group parameters (scales fp16-representable, zeros
+      whole numbers). Where new_group[c], column group_of_col[c] is written in place with find_params of
+      W[:, c : c + group_size] (clipped at B) as it is when column c is reached; the caller sets new_group
+      only for groups that lie wholly in the block and fills every other group's column itself beforehand.
+    group_of_col [B] int64: the group of each column. new_group [B] bool.
+    bits, sym, mse: the quantizer (find_params). group_size: columns per group, >= 1 (K for one group).
+    For each column c: q = quantize(w_c); err = (w_c - q) / Hinv[c, c]; W[:, c+1:] -= err ⊗ Hinv[c, c+1:].
+    Returns (codes int32 [N, B], Err float32 [N, B] = the err of each column,
+             losses float32 [N] = Σ_c (w_c - q)² / Hinv[c, c]² / 2).
+    The caller then applies the lazy update W[:, end:] -= Err @ Hinv[block, end:].
+    """
+    maxq = 2 ** bits - 1
+    codes = torch.zeros(W.shape, dtype=torch.int32, device=W.device)
+    Err = torch.zeros_like(W)
+    losses = torch.zeros(W.shape[0], dtype=torch.float32, device=W.device)
+    for c, (g, starts) in enumerate(zip(group_of_col.tolist(), new_group.tolist())):
+        if starts:
+            scales[:, g], zeros[:, g] = find_params(W[:, c:c + group_size], bits, sym, mse)
+        w, d = W[:, c], Hinv[c, c]
+        code = _quantize(w, scales[:, g], zeros[:, g], maxq)
+        q = _dequantize(code, scales[:, g], zeros[:, g])
+        err = (w - q) / d
+        W[:, c + 1:] -= torch.outer(err, Hinv[c, c + 1:])
+        codes[:, c], Err[:, c] = code.to(torch.int32), err
+        losses += (w - q) ** 2 / d ** 2 / 2
+    return codes, Err, losses
+
+
+def block_ranges(columns: int, group_size: int, block_size: int, align_groups: bool) -> list[tuple[int, int]]:
+    """[start, end) of each lazy-update block. With align_groups, a block ends early at the start of a group
+    that would not fit in it, so every group either starts at a block start or lies inside one block."""
+    ranges, start = [], 0
+    while start < columns:
+        end = min(start + block_size, columns)
+        last_group_start = (end - 1) // group_size * group_size
+        if align_groups and last_group_start > start and min(last_group_start + group_size, columns) > end:
+            end = last_group_start
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def inverse_hessian_factor(H: Tensor, damp_percent: float) -> tuple[Tensor, float]:
+    """Hinv = upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, raising damp by DAMP_STEP until it works.
+
+    Returns (Hinv, the damp fraction used)."""
+    if not torch.isfinite(H).all():
+        raise GptqError("the Hessian has NaN/Inf entries: the calibration activations overflowed; "
+                        "try --dtype float32 or check the calibration data")
+    mean_diag = H.diagonal().mean()
+    tries = math.ceil((1 - damp_percent) / DAMP_STEP)
+    for i in range(tries):
+        damp = round(damp_percent + i * DAMP_STEP, 6)   # round: no drift from repeated float additions
+        damped = H.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(Hinv).all():
+                return Hinv, damp
+    raise GptqError(f"the Hessian is not positive definite even with damp_percent {damp}; "
+                    "the layer's calibration inputs are degenerate: use more or different calibration samples")
+
+
+def _check_settings(bits: int, group_size: int, damp_percent: float = 0.01, block_size: int = 1) -> None:
+    if bits not in BITS:
+        raise UsageError(f"bits must be one of {BITS}, got {bits}")
+    if group_size != -1 and group_size < 1:
+        raise UsageError(f"group size must be a positive number of columns or -1, got {group_size}")
+    if not 0 < damp_percent < 1:
+        raise UsageError(f"damp percent must be in (0, 1), got {damp_percent}; the usual value is 0.01")
+    if block_size < 1:
+        raise UsageError(f"block size must be at least 1, got {block_size}")
+
+
+def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True,
+                    desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
+                    mse: bool = False, block_size: int = 128, block_fn: BlockFn = quantize_block
+                    ) -> QuantizedWeight:
+    """GPTQ-quantize W [N, K] with the Hessian H [K, K] of its inputs (SPEC §3). Inputs are not modified.
+
+    block_fn runs each block; it must honour quantize_block's contract (the fused CUDA kernel does)."""
+    _check_settings(bits, group_size, damp_percent, block_size)
+    N, K = W.shape
+    if H.shape != (K, K):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight shape {(N, K)}")
+    g = K if group_size == -1 else group_size
+    n_groups = math.ceil(K / g)
+    with no_tf32():
+        W = W.to(dtype=torch.float32, copy=True)
+        H = H.to(device=W.device, dtype=torch.float32, copy=True)
+        dead = H.diagonal() == 0   # inputs that are always 0: their weights cannot matter
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        scales = torch.zeros(N, n_groups, dtype=torch.float32, device=W.device)
+        zeros = torch.zeros_like(scales)
+        if static_groups:   # groups of consecutive original columns, found before any update
+            for j in range(n_groups):
+                scales[:, j], zeros[:, j] = find_params(W[:, j * g:(j + 1) * g], bits, sym, mse)
+
+        if desc_act:   # most important inputs first; stable so that ties keep a fixed order
+            perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+            W, H = W[:, perm], H[perm][:, perm]
+        else:
+            perm = torch.arange(K, device=W.device)
+        group_of_pos = perm // g if static_groups else torch.arange(K, device=W.device) // g
+
+        Hinv, damp = inverse_hessian_factor(H, damp_percent)
+        del H
+        codes = torch.zeros(N, K, dtype=torch.int32, device=W.device)
+        loss = torch.zeros((), dtype=torch.float32, device=W.device)
+        for start, end in block_ranges(K, g, block_size, align_groups=not static_groups):
+            new_group = torch.zeros(end - start, dtype=torch.bool, device=W.device)
+            if not static_groups:
+                cols = torch.arange(start, end, device=W.device)
+                new_group = (cols % g == 0) & ((cols + g).clamp(max=K) <= end)
+                if start % g == 0 and min(start + g, K) > end:
+                    # a group wider than this block: at the block start all its columns are fully updated
+                    scales[:, start // g], zeros[:, start // g] = find_params(W[:, start:start + g], bits, sym, mse)
+            block = W[:, start:end].contiguous()
+            block_codes, Err, losses = block_fn(block, Hinv[start:end, start:end], scales, zeros,
+                                                group_of_pos[start:end], new_group,
+                                                bits=bits, sym=sym, mse=mse, group_size=g)
+            codes[:, start:end] = block_codes
+            W[:, end:] -= Err @ Hinv[start:end, end:]
+            loss += losses.sum()
+
+    invperm = torch.argsort(perm)
+    return QuantizedWeight(codes=codes[:, invperm].contiguous(), scales=scales.t().half().contiguous(),
+                           zeros=zeros.t().to(torch.int32).contiguous(), g_idx=group_of_pos[invperm].to(torch.int32),
+                           bits=bits, group_size=group_size, loss=float(loss), damp=damp)
+
+
+def quantize_rtn(W: Tensor, *, bits: int, group_size: int, sym: bool, mse: bool = False) -> QuantizedWeight:
+    """Round-to-nearest with the same quantizer, groups of consecutive columns. loss stays 0: no Hessian."""
+    _check_settings(bits, group_size)
+    W = W.to(torch.float32)
+    N, K = W.shape
+    g = K if group_size == -1 else group_size
+    codes, scales, zeros = [], [], []
+    for start in range(0, K, g):
+        scale, zero = find_params(W[:, start:start + g], bits, sym, mse)
+        codes.append(_quantize(W[:, start:start + g], scale[:, None], zero[:, None], 2 ** bits - 1))
+        scales.append(scale)
+        zeros.append(zero)
+    return QuantizedWeight(codes=torch.cat(codes, dim=1).to(torch.int32), scales=torch.stack(scales).half(),
+                           zeros=torch.stack(zeros).to(torch.int32),
+                           g_idx=(torch.arange(K, device=W.device) // g).to(torch.int32),
+                           bits=bits, group_size=group_size)
+
+
+def quantization_loss(W: Tensor, H: Tensor, qw: QuantizedWeight) -> float:
+    """The proxy loss GPTQ minimises, tr((W − Q) H (W − Q)ᵀ), computed in float64."""
+    D = W.double() - qw.dequantize(torch.float64).to(W.device)
+    return float(torch.einsum("nk,kl,nl->", D, H.double().to(W.device), D))
