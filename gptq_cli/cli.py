@@ -31,6 +31,8 @@ from gptq_cli.commands import inspect_cmd, quantize_cmd  # noqa: E402
 
 app.command("quantize", epilog=quantize_cmd.EXAMPLES)(quantize_cmd.quantize)
 app.command("inspect", epilog=inspect_cmd.EXAMPLES)(inspect_cmd.inspect)
+from gptq_cli.commands import eval_cmd  # noqa: E402
+app.command("eval", epilog=eval_cmd.EXAMPLES)(eval_cmd.eval_command)
 
 
 def main() -> None:
