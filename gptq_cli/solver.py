@@ -223,7 +223,6 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
         group_of_pos = perm // g if static_groups else torch.arange(K, device=W.device) // g
 
         Hinv, damp = inverse_hessian_factor(H, damp_percent)
-        del H
         codes = torch.zeros(N, K, dtype=torch.int32, device=W.device)
         loss = torch.zeros((), dtype=torch.float32, device=W.device)
         for start, end in block_ranges(K, g, block_size, align_groups=not static_groups):
@@ -233,7 +232,8 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
                 new_group = (cols % g == 0) & ((cols + g).clamp(max=K) <= end)
                 if start % g == 0 and min(start + g, K) > end:
                     # a group wider than this block: at the block start all its columns are fully updated
-                    scales[:, start // g], zeros[:, start // g] = find_params(W[:, start:start + g], bits, sym, mse)
+                    j = start // g
+                    scales[:, j], zeros[:, j] = find_params(W[:, start:start + g], bits, sym, mse)
             block = W[:, start:end].contiguous()
             block_codes, Err, losses = block_fn(block, Hinv[start:end, start:end], scales, zeros,
                                                 group_of_pos[start:end], new_group,
@@ -252,7 +252,7 @@ def quantize_rtn(W: Tensor, *, bits: int, group_size: int, sym: bool, mse: bool 
     """Round-to-nearest with the same quantizer, groups of consecutive columns. loss stays 0: no Hessian."""
     _check_settings(bits, group_size)
     W = W.to(torch.float32)
-    N, K = W.shape
+    K = W.shape[1]
     g = K if group_size == -1 else group_size
     codes, scales, zeros = [], [], []
     for start in range(0, K, g):
