@@ -212,6 +212,8 @@ def compare(model_paths: list[str], *, dataset: str = "wikitext2", seqlen: int =
     model must share that tokenizer). Each result carries ppl_ratio = its ppl / the first model's ppl."""
     if not model_paths:
         raise UsageError("give at least one model to evaluate")
+    if batch_size < 1:  # checked before any model loads; perplexity() checks it again for direct callers
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     sources = [open_model(path) for path in model_paths]
     for source in sources:
         check_context(source.config, seqlen)

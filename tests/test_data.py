@@ -115,6 +115,23 @@ def test_dataset_path_offline_copies_of_wikitext2(tmp_path, tok):
         load_text("c4", "eval", dataset_path=str(tmp_path))
 
 
+def hub_like_dataset():
+    import datasets
+
+    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["w3 w4", "w5"]}),
+                                 "validation": datasets.Dataset.from_dict({"text": ["w6 w7 w8"]})})
+
+
+def test_saved_and_hub_datasets_use_train_for_calibration_and_test_or_validation_for_eval(tmp_path, monkeypatch):
+    import datasets
+
+    hub_like_dataset().save_to_disk(str(tmp_path / "saved"))
+    assert load_text(str(tmp_path / "saved"), "calibration") == ["w3 w4", "w5"]
+    assert load_text(str(tmp_path / "saved"), "eval") == ["w6 w7 w8"]
+    monkeypatch.setattr(datasets, "load_dataset", lambda dataset_id: hub_like_dataset())
+    assert load_text("someone/some-corpus", "eval") == ["w6 w7 w8"]
+
+
 def test_builtin_calibration_text_is_shipped_as_package_data():
     docs = load_text("builtin", "calibration")
     assert len(docs) > 100 and all(d.strip() for d in docs)

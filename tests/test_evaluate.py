@@ -166,6 +166,7 @@ def test_cli_compare_and_save(tmp_path, tiny_gptq_checkpoint, tiny_llama_dir):
     (["--seqlen", "512"], "exceeds the model's context"),
     (["--dataset", "no-such-dataset", "--seqlen", "64"], "unknown dataset"),
     (["--dataset", "WORDS", "--seqlen", "256", "--limit", "0"], "--limit must be at least 1"),
+    (["--dataset", "WORDS", "--seqlen", "64", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--compare"], "--compare needs a second model"),
     (["SECOND"], "add --compare"),
     (["--save", "--dataset", "WORDS"], None),
