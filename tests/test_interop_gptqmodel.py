@@ -1,0 +1,187 @@
+"""Interoperability with GPTQModel, proved both ways (SPEC §2) on a tiny random Llama:
+
+(a) GPTQModel quantizes it and writes a checkpoint; our loader's logits match GPTQModel's own forward;
+(b) we write a checkpoint from known random codes; transformers + optimum + gptqmodel load it and their
+    logits match our QuantLinear model's;
+(c) GPTQModel's TorchLinear dequantizes our packing of 2/3/4/8-bit weights to exactly our weights.
+
+Everything GPTQModel does runs in one child process (this file run as a script, see `worker`), so its
+import-time patches of transformers/safetensors and its logging never touch the rest of the test session.
+Nothing is compiled there: no torch.compile of TorchLinear (TORCHDYNAMO_DISABLE), no JIT C++ packing extension
+(GPTQMODEL_DISABLE_PACK_EXT), the gptq_torch kernel for transformers; each would cost minutes on a small CPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_GPTQMODEL = importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("optimum") is not None
+pytestmark = pytest.mark.skipif(not HAS_GPTQMODEL, reason="gptqmodel and optimum are not installed")
+
+DESC_ACT = [False, True]
+DEQUANT_BITS = [2, 3, 4, 8]
+COSINE = 0.9999
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def input_ids() -> torch.Tensor:
+    from tests.tiny_models import random_input_ids
+
+    return random_input_ids(2, 16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def gptqmodel_side(tmp_path_factory, tiny_llama_dir):
+    """Run every GPTQModel job in one child process; returns (results by job name, checkpoint paths)."""
+    from gptq_cli.format.config import QuantConfig
+    from tests.tiny_models import random_input_ids, random_quantized_weight, write_random_gptq_checkpoint
+
+    root = tmp_path_factory.mktemp("interop")
+    ours = {d: write_random_gptq_checkpoint(root / f"ours_desc{int(d)}", tiny_llama_dir,
+                                            QuantConfig(bits=4, group_size=128, desc_act=d), seed=100 + int(d))
+            for d in DESC_ACT}
+    theirs = {d: root / f"gptqmodel_desc{int(d)}" for d in DESC_ACT}
+    weights = {b: random_quantized_weight(64, 256, bits=b, group_size=64, act_order=True, sym=False, seed=b)
+               for b in DEQUANT_BITS}
+    torch.save({b: qw.to_tensors("gptq_v2") for b, qw in weights.items()}, root / "packed.pt")
+
+    ids = input_ids().tolist()
+    calibration = random_input_ids(8, 64, seed=1).tolist()
+    jobs = [{"kind": "quantize", "name": f"quantize{int(d)}", "src": str(tiny_llama_dir), "out": str(theirs[d]),
+             "desc_act": d, "calibration": calibration} for d in DESC_ACT]
+    jobs += [{"kind": "gptqmodel_logits", "name": f"gptqmodel{int(d)}", "path": str(theirs[d]), "ids": ids}
+             for d in DESC_ACT]
+    jobs += [{"kind": "transformers_logits", "name": f"transformers{int(d)}", "path": str(ours[d].path), "ids": ids}
+             for d in DESC_ACT]
+    jobs += [{"kind": "torch_linear_dequant", "name": f"dequant{b}", "packed": str(root / "packed.pt"), "bits": b,
+              "group_size": 64, "in_features": 256, "out_features": 64} for b in DEQUANT_BITS]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, __file__, str(root / "jobs.json"), str(root / "results.pt")],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"GPTQModel worker failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    return torch.load(root / "results.pt"), theirs, ours, weights
+
+
+@pytest.mark.parametrize("desc_act", DESC_ACT)
+def test_our_loader_matches_gptqmodel_forward_on_its_checkpoint(gptqmodel_side, tiny_llama_dir, desc_act):
+    from gptq_cli.loader import load_quantized_model
+    from gptq_cli.quant_linear import QuantLinear
+
+    results, theirs, _, _ = gptqmodel_side
+    path = theirs[desc_act]
+    model = load_quantized_model(path, dtype=torch.float32)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    with torch.no_grad():
+        ours = model(input_ids()).logits
+    reference = results[f"gptqmodel{int(desc_act)}"]["logits"]
+    assert cosine(ours, reference) > COSINE
+
+    # The threshold discriminates: the unquantized model, or the classic v1/v2 zero-point mix-up, fall below it.
+    import transformers
+    with torch.no_grad():
+        original = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)(input_ids()).logits
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.checkpoint_format = "gptq_v2"
+        wrong_zeros = model(input_ids()).logits
+    assert cosine(original, reference) < COSINE and cosine(wrong_zeros, reference) < COSINE
+
+
+@pytest.mark.parametrize("desc_act", DESC_ACT)
+def test_gptqmodel_checkpoint_reads_and_inspects_cleanly(gptqmodel_side, desc_act):
+    from gptq_cli.format.checkpoint import read_quant_config
+    from gptq_cli.inspect import inspect_checkpoint
+
+    _, theirs, _, _ = gptqmodel_side
+    quant = read_quant_config(theirs[desc_act])
+    assert (quant.bits, quant.group_size, quant.desc_act, quant.sym, quant.checkpoint_format) == (4, 128, desc_act, True, "gptq")
+    report = inspect_checkpoint(theirs[desc_act])
+    assert report.ok, report.problems
+    assert report.tool.startswith("gptqmodel:") and not report.tool_guessed
+    assert report.zeros_look_like == "gptq" and len(report.modules) == 14
+    assert all(m.act_order == desc_act for m in report.modules)
+
+
+@pytest.mark.parametrize("desc_act", DESC_ACT)
+def test_transformers_with_gptqmodel_loads_our_checkpoint(gptqmodel_side, desc_act):
+    from gptq_cli.loader import load_quantized_model
+
+    results, _, ours, _ = gptqmodel_side
+    theirs = results[f"transformers{int(desc_act)}"]
+    assert theirs["quant_modules"] and not any("gptq_cli" in k for k in theirs["quant_modules"])
+    with torch.no_grad():
+        ours_logits = load_quantized_model(ours[desc_act].path, dtype=torch.float32)(input_ids()).logits
+        reference = ours[desc_act].reference_model()(input_ids()).logits
+    assert cosine(theirs["logits"], ours_logits) > COSINE
+    assert cosine(theirs["logits"], reference) > COSINE
+
+
+@pytest.mark.parametrize("bits", DEQUANT_BITS)
+def test_gptqmodel_torch_linear_dequantizes_our_packing_exactly(gptqmodel_side, bits):
+    results, _, _, weights = gptqmodel_side
+    theirs = results[f"dequant{bits}"]["weight"]                       # [K, N] fp16
+    assert torch.equal(theirs.t(), weights[bits].dequantize(torch.float16))
+
+
+# ----- the child process: everything that imports gptqmodel -----
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float()
+
+
+def _job(job: dict) -> dict:
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    if job["kind"] == "quantize":
+        calibration = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in job["calibration"]]
+        model = GPTQModel.load(job["src"], QuantizeConfig(bits=4, group_size=128, desc_act=job["desc_act"]),
+                               device="cpu", dtype=torch.float16)
+        model.quantize(calibration, batch_size=1)
+        model.save(job["out"])
+        return {}
+    if job["kind"] == "gptqmodel_logits":
+        model = GPTQModel.load(job["path"], device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+        return {"logits": _logits(model.model, job["ids"])}
+    if job["kind"] == "transformers_logits":
+        from transformers import AutoModelForCausalLM, GPTQConfig
+
+        # gptq_torch: the CPU auto-choice would JIT-compile a C++ kernel for minutes first
+        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=torch.float16, device_map="cpu",
+                                                     quantization_config=GPTQConfig(bits=4, backend="gptq_torch"))
+        kinds = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if hasattr(m, "qweight")})
+        return {"logits": _logits(model, job["ids"]), "quant_modules": kinds}
+    if job["kind"] == "torch_linear_dequant":
+        from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+        packed = torch.load(job["packed"])[job["bits"]]
+        layer = TorchLinear(bits=job["bits"], group_size=job["group_size"], sym=False, desc_act=True,
+                            in_features=job["in_features"], out_features=job["out_features"], bias=False)
+        for name, value in packed.items():   # TorchLinear works on v2 zero points, as the packed tensors hold
+            getattr(layer, name).copy_(value)
+        layer.post_init()
+        return {"weight": layer.eval().dequantize_weight().to(torch.float16)}
+    raise ValueError(f"unknown job {job['kind']!r}")
+
+
+def worker(jobs_file: str, results_file: str) -> None:
+    jobs = json.loads(Path(jobs_file).read_text())
+    torch.save({job["name"]: _job(job) for job in jobs}, results_file)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2])
