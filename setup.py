@@ -1,0 +1,53 @@
+"""Builds the optional CUDA extension `gptq_cli._C` from csrc/; the package itself is declared in pyproject.toml.
+
+GPTQ_BUILD_EXT=1 builds it or fails, GPTQ_BUILD_EXT=0 never builds it, unset builds it when it can: torch is
+importable at build time with CUDA support (so use `pip install --no-build-isolation`; an isolated build env
+has no torch) and nvcc is found; a compiler error then fails the install (GPTQ_BUILD_EXT=0 skips it).
+Without the extension everything runs on the torch kernels (gptq_cli/kernels/).
+Architectures: sm_80, sm_89, sm_90 (+ PTX for newer GPUs), unless TORCH_CUDA_ARCH_LIST says otherwise.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+ARCH_FLAGS = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ("80", "89", "90")] + [
+    "-gencode=arch=compute_90,code=compute_90"]
+
+
+def cuda_build() -> tuple[dict, str]:
+    """setup() arguments that build the extension, or ({}, why it cannot be built here)."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return {}, "torch is not importable at build time (install with --no-build-isolation)"
+    if torch.version.cuda is None:
+        return {}, f"torch {torch.__version__} is built without CUDA"
+    if CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
+        return {}, "nvcc was not found (set CUDA_HOME)"
+    sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").glob("*.cu")) + ["csrc/ext.cpp"]
+    # No --use_fast_math: the block kernel reproduces the torch solver bit for bit.
+    nvcc_flags = ["-O3"] + ([] if os.environ.get("TORCH_CUDA_ARCH_LIST") else ARCH_FLAGS)
+    extension = CUDAExtension("gptq_cli._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags})
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}, ""
+
+
+def extension_args() -> dict:
+    mode = os.environ.get("GPTQ_BUILD_EXT", "")
+    if mode == "0":
+        return {}
+    args, reason = cuda_build()
+    if reason and mode == "1":
+        sys.exit(f"GPTQ_BUILD_EXT=1 but the CUDA extension cannot be built: {reason}")
+    if reason:
+        print(f"gptq_cli: building without the CUDA extension: {reason}", file=sys.stderr)
+    return args
+
+
+setup(**extension_args())
