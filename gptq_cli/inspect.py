@@ -256,8 +256,11 @@ def read_quant_log(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if (path / "quant_log.json").is_file():
         modules = json.loads((path / "quant_log.json").read_text()).get("modules")
-        if not isinstance(modules, list):
-            raise UsageError(f"{path / 'quant_log.json'} has no \"modules\" list; it is not a gptq quantization log")
+        if not isinstance(modules, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("loss"), (int, float))
+                for m in modules):
+            raise UsageError(f"{path / 'quant_log.json'} has no \"modules\" list of {{name, loss}} rows; "
+                             f"it is not a gptq quantization log")
         return modules
     if (path / "quant_log.csv").is_file():
         with open(path / "quant_log.csv", newline="") as f:

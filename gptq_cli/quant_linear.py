@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptq_cli.format.config import FORMATS
 from gptq_cli.format.pack import SUPPORTED_BITS, packed_len, unpack_qweight, unpack_qzeros
 from gptq_cli.format.quantized import QuantizedWeight
-
-FORMATS = ("gptq", "gptq_v2")
 
 
 class QuantLinear(nn.Module):

@@ -102,9 +102,9 @@ def test_our_loader_matches_gptqmodel_forward_on_its_checkpoint(gptqmodel_side, 
 
 
 @pytest.mark.parametrize("desc_act", DESC_ACT)
-def test_gptqmodel_checkpoint_reads_and_inspects_cleanly(gptqmodel_side, desc_act):
+def test_gptqmodel_checkpoint_reads_and_inspects_cleanly(gptqmodel_side, desc_act, tmp_path):
     from gptq_cli.format.checkpoint import read_quant_config
-    from gptq_cli.inspect import inspect_checkpoint
+    from gptq_cli.inspect import inspect_checkpoint, plot_losses, read_quant_log
 
     _, theirs, _, _ = gptqmodel_side
     quant = read_quant_config(theirs[desc_act])
@@ -114,6 +114,9 @@ def test_gptqmodel_checkpoint_reads_and_inspects_cleanly(gptqmodel_side, desc_ac
     assert report.tool.startswith("gptqmodel:") and not report.tool_guessed
     assert report.zeros_look_like == "gptq" and len(report.modules) == 14
     assert all(m.act_order == desc_act for m in report.modules)
+    rows = read_quant_log(theirs[desc_act])            # GPTQModel's quant_log.csv
+    assert len(rows) == 14 and all(r["loss"] > 0 for r in rows)
+    assert plot_losses(rows, tmp_path / "loss.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("desc_act", DESC_ACT)
