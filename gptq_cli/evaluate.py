@@ -209,7 +209,8 @@ def compare(model_paths: list[str], *, dataset: str = "wikitext2", seqlen: int =
             device: str | None = None, dtype: str = "auto", speed: bool = False, dataset_path: str | None = None,
             batch_size: int = 1, progress: ProgressFn | None = None) -> dict:
     """Evaluate each model on the same windows (tokenized once, with the first model's tokenizer; every other
-    model must share that tokenizer). Each result carries ppl_ratio = its ppl / the first model's ppl."""
+    model must share that tokenizer). With several models, each result carries ppl_ratio = its ppl / the first
+    model's ppl."""
     if not model_paths:
         raise UsageError("give at least one model to evaluate")
     if batch_size < 1:  # checked before any model loads; perplexity() checks it again for direct callers
@@ -242,8 +243,9 @@ def compare(model_paths: list[str], *, dataset: str = "wikitext2", seqlen: int =
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    for r in results:
-        r["ppl_ratio"] = r["ppl"] / results[0]["ppl"]
+    if len(results) > 1:
+        for r in results:
+            r["ppl_ratio"] = r["ppl"] / results[0]["ppl"]
     return {"dataset": dataset, "seqlen": seqlen, "windows": windows.shape[0], "models": results}
 
 

@@ -146,6 +146,7 @@ def test_cli_json_output_matches_the_api(tiny_llama_dir):
     result = json.loads(out.stdout)
     api = evaluate(str(tiny_llama_dir), dataset=str(WORDS), seqlen=SEQLEN, limit=2)
     assert result["ppl"] == pytest.approx(api["ppl"], rel=1e-9) and result["windows"] == 2
+    assert "ppl_ratio" not in result  # a ratio only when comparing
 
 
 def test_cli_compare_and_save(tmp_path, tiny_gptq_checkpoint, tiny_llama_dir):
