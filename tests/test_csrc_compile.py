@@ -42,7 +42,9 @@ def compile_source(source: Path, arch: str | None, out_dir: Path) -> tuple[Path,
         cmd += [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
         cmd += ["-Xcompiler", "-fPIC", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
     else:
-        cmd += [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas=-warn-spills,-Werror",
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS   # what setup.py's CUDAExtension adds
+
+        cmd += [*COMMON_NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas=-warn-spills,-Werror",
                 "--Werror", "all-warnings"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}{done.stderr}"
