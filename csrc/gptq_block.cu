@@ -102,8 +102,8 @@ __device__ __forceinline__ float dequantize(float code, GroupParams p) {
 __device__ __forceinline__ bool in_range(int j, int begin, int end) { return j >= begin && j < end; }
 
 // solver._clip_error, summed over the lanes' columns in [begin, end).
-__device__ float clip_error(const float (&w)[kSlots], int lane, int begin, int end, GroupParams p,
-                            const Quantizer& qz) {
+__device__ __forceinline__ float clip_error(const float (&w)[kSlots], int lane, int begin, int end,
+                                           GroupParams p, const Quantizer& qz) {
   float sum = 0.0f;
 #pragma unroll
   for (int t = 0; t < kSlots; ++t) {
@@ -116,8 +116,8 @@ __device__ float clip_error(const float (&w)[kSlots], int lane, int begin, int e
 }
 
 // solver.find_params for this warp's row over columns [begin, end) of the block.
-__device__ GroupParams find_params(const float (&w)[kSlots], int lane, int begin, int end, bool mse,
-                                   const Quantizer& qz) {
+__device__ __forceinline__ GroupParams find_params(const float (&w)[kSlots], int lane, int begin, int end,
+                                                   bool mse, const Quantizer& qz) {
   float lo = INFINITY, hi = -INFINITY;
 #pragma unroll
   for (int t = 0; t < kSlots; ++t) {
