@@ -26,9 +26,10 @@ JIT_ENV = "GPTQ_JIT"
 def _import_prebuilt() -> bool:
     try:
         import gptq_cli._C  # noqa: F401  (registers the operators)
-    except ImportError as e:
-        if getattr(e, "name", None) != "gptq_cli._C":   # built, but cannot load (e.g. torch was upgraded)
-            log.warning("gptq_cli._C is installed but does not load (%s); using the torch kernels", e)
+    except ModuleNotFoundError:   # installed without the extension
+        return False
+    except (ImportError, OSError) as e:   # built, but it does not load (e.g. torch was upgraded since)
+        log.warning("gptq_cli._C is installed but does not load (%s); using the torch kernels", e)
         return False
     return True
 
