@@ -126,20 +126,25 @@ def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group
     The caller then applies the lazy update W[:, end:] -= Err @ Hinv[block, end:].
     """
     maxq = 2 ** bits - 1
-    codes = torch.zeros(W.shape, dtype=torch.int32, device=W.device)
-    Err = torch.zeros_like(W)
-    losses = torch.zeros(W.shape[0], dtype=torch.float32, device=W.device)
-    for c, (g, starts) in enumerate(zip(group_of_col.tolist(), new_group.tolist())):
-        if starts:
+    codes = torch.empty_like(W)
+    Err = torch.empty_like(W)
+    # Python scalars and column views keep the per-column work to a handful of tensor ops: on a CPU the
+    # loop's cost is dispatch overhead, not arithmetic.
+    diag, groups, starts = Hinv.diagonal().tolist(), group_of_col.tolist(), new_group.tolist()
+    current = None
+    for c in range(W.shape[1]):
+        g = groups[c]
+        if starts[c]:
             scales[:, g], zeros[:, g] = find_params(W[:, c:c + group_size], bits, sym, mse)
-        w, d = W[:, c], Hinv[c, c]
-        code = _quantize(w, scales[:, g], zeros[:, g], maxq)
-        q = _dequantize(code, scales[:, g], zeros[:, g])
-        err = (w - q) / d
+        if starts[c] or g != current:
+            scale, zero, current = scales[:, g], zeros[:, g], g
+        w = W[:, c]
+        code = _quantize(w, scale, zero, maxq)
+        codes[:, c] = code
+        err = torch.sub(w, _dequantize(code, scale, zero), out=Err[:, c]).div_(diag[c])
         W[:, c + 1:] -= torch.outer(err, Hinv[c, c + 1:])
-        codes[:, c], Err[:, c] = code.to(torch.int32), err
-        losses += (w - q) ** 2 / d ** 2 / 2
-    return codes, Err, losses
+    losses = Err.square().sum(dim=1) / 2   # (w - q)² / Hinv[c, c]² = err²
+    return codes.to(torch.int32), Err, losses
 
 
 def block_ranges(columns: int, group_size: int, block_size: int, align_groups: bool) -> list[tuple[int, int]]:
@@ -224,7 +229,7 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
 
         Hinv, damp = inverse_hessian_factor(H, damp_percent)
         codes = torch.zeros(N, K, dtype=torch.int32, device=W.device)
-        loss = torch.zeros((), dtype=torch.float32, device=W.device)
+        row_loss = torch.zeros(N, dtype=torch.float32, device=W.device)
         for start, end in block_ranges(K, g, block_size, align_groups=not static_groups):
             new_group = torch.zeros(end - start, dtype=torch.bool, device=W.device)
             if not static_groups:
@@ -240,12 +245,13 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
                                                 bits=bits, sym=sym, mse=mse, group_size=g)
             codes[:, start:end] = block_codes
             W[:, end:] -= Err @ Hinv[start:end, end:]
-            loss += losses.sum()
+            row_loss += losses
 
     invperm = torch.argsort(perm)
     return QuantizedWeight(codes=codes[:, invperm].contiguous(), scales=scales.t().half().contiguous(),
                            zeros=zeros.t().to(torch.int32).contiguous(), g_idx=group_of_pos[invperm].to(torch.int32),
-                           bits=bits, group_size=group_size, loss=float(loss), damp=damp)
+                           bits=bits, group_size=group_size, loss=float(row_loss.sum()), damp=damp,
+                           row_loss=row_loss)
 
 
 def quantize_rtn(W: Tensor, *, bits: int, group_size: int, sym: bool, mse: bool = False) -> QuantizedWeight:

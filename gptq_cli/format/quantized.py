@@ -23,6 +23,21 @@ class QuantizedWeight:
     group_size: int       # -1 = one group over all of K
     loss: float = 0.0     # GPTQ loss: sum (w - q)^2 / Hinv[i,i]^2 / 2
     damp: float = 0.0     # damping fraction finally used (after any automatic increase)
+    row_loss: torch.Tensor | None = None  # float32 [N]: each output row's share of `loss`
+
+    def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
+        """Cut into consecutive row ranges: linears that share one Hessian (q/k/v, gate/up) are solved as
+        one stacked matrix, since rows are independent given the inverse Hessian."""
+        parts, start = [], 0
+        for size in sizes:
+            rows = slice(start, start + size)
+            row_loss = self.row_loss[rows] if self.row_loss is not None else None
+            parts.append(QuantizedWeight(self.codes[rows], self.scales[:, rows], self.zeros[:, rows], self.g_idx,
+                                         self.bits, self.group_size,
+                                         float(row_loss.sum()) if row_loss is not None else 0.0, self.damp,
+                                         row_loss))
+            start += size
+        return parts
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         g = self.g_idx.long()
