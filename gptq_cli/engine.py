@@ -18,6 +18,7 @@ from torch import nn
 from gptq_cli.arch import Arch, block_groups, block_linears, linear_weight, set_linear_weight
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.kernels import gptq_block
 from gptq_cli.modelio import StreamingModel
 from gptq_cli.solver import accumulate_hessian, quantize_weight
 
@@ -146,7 +147,7 @@ def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens
     weights = [linear_weight(m).float() for m in modules]
     qw = quantize_weight(torch.cat(weights), H, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                          desc_act=quant.desc_act, static_groups=quant.static_groups,
-                         damp_percent=quant.damp_percent, mse=quant.mse)
+                         damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
     parts = qw.split_rows([w.shape[0] for w in weights])
     seconds = time.perf_counter() - t0
     total_rows = sum(w.shape[0] for w in weights)

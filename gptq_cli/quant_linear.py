@@ -15,6 +15,7 @@ from torch import nn
 from gptq_cli.format.config import FORMATS
 from gptq_cli.format.pack import SUPPORTED_BITS, packed_len, unpack_qweight, unpack_qzeros
 from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.kernels import GEMV_MAX_BATCH, gemv_4bit
 
 
 class QuantLinear(nn.Module):
@@ -81,9 +82,12 @@ class QuantLinear(nn.Module):
         return self.quantized_matmul(x)
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel seam: the one place a fused kernel (gptq_cli.kernels, e.g. the CUDA 4-bit GEMV for small
-        batches) will be dispatched. This torch path dequantizes in float32 and multiplies in x's dtype."""
+        """The kernel seam: 4-bit with a few tokens on CUDA goes to gptq_cli.kernels' GEMV (the fused kernel
+        when the extension is built); everything else dequantizes in float32 and multiplies in x's dtype."""
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.bits == 4 and x.is_cuda and x.numel() // self.in_features <= GEMV_MAX_BATCH:
+            out = gemv_4bit(x, self.qweight, self.scales, self.qzeros, self.g_idx, self.checkpoint_format)
+            return out + bias if bias is not None else out
         return F.linear(x, self.dequantize_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
