@@ -65,16 +65,17 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu",
     path = check_model_dir(path)
     quant = read_quant_config(path)
     tensors = read_tensors(path)
-    config = AutoConfig.from_pretrained(path)
-    quantization_config = getattr(config, "quantization_config", None)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # else transformers would hand the model to its own GPTQ backend
-    dtype = dtype or _config_dtype(config)
     try:
+        config = AutoConfig.from_pretrained(path)
+        quantization_config = getattr(config, "quantization_config", None)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # else transformers would hand the model to its own GPTQ backend
+        dtype = dtype or _config_dtype(config)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"{path}: transformers cannot build this model ({e})") from e
+    except (ValueError, KeyError, OSError) as e:
+        reason = " ".join(str(e).split())  # transformers' messages span lines; ours are one line
+        raise UsageError(f"{path}: transformers cannot build this model ({type(e).__name__}: {reason})") from e
 
     consumed = _swap_quantized_modules(model, tensors, quant)
     _load_remaining(model, tensors, consumed, dtype)

@@ -71,7 +71,10 @@ def _print_report(report: InspectReport) -> None:
     summary.add_row("quantized modules", str(len(report.modules)))
     summary.add_row("size", f"{_size(report.total_bytes)} vs {_size(report.fp16_bytes)} in fp16 "
                             f"(compression {report.compression_ratio:.2f}x)")
-    summary.add_row("check", "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]")
+    check = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
+    if not report.shapes_checked_against_model:
+        check += " (transformers cannot build this architecture: shapes checked against each other only)"
+    summary.add_row("check", check)
     console.print(summary)
 
     modules = Table(title="quantized modules")

@@ -54,12 +54,13 @@ def quantized_to_tensors(prefix: str, qw: QuantizedWeight, checkpoint_format: st
 
 
 def write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], model_config: Any,
-                     quant: QuantConfig, *, max_shard_size: int | str = "5GB",
+                     quant: QuantConfig | Mapping[str, Any], *, max_shard_size: int | str = "5GB",
                      extra_files: dict[str, bytes] | None = None, src_dir: str | Path | None = None,
                      overwrite: bool = False) -> Path:
     """Write a complete GPTQ checkpoint directory atomically and return its path.
 
     model_config: a transformers PretrainedConfig or its dict; it gets `quantization_config` added.
+    quant: the settings, or a quantization_config dict written as is (conversion keeps the source tool's keys).
     extra_files: more files to write, by plain file name (e.g. quant_log.json).
     src_dir: the source model directory, whose tokenizer files and generation_config.json are copied.
     overwrite: replace an existing out_dir (only once the new checkpoint is complete).
@@ -97,9 +98,9 @@ def _copy_source_files(src_dir: Path, dst: Path) -> None:
                 shutil.copyfile(f, dst / f.name)
 
 
-def _write_config_files(dst: Path, model_config: Any, quant: QuantConfig) -> None:
+def _write_config_files(dst: Path, model_config: Any, quant: QuantConfig | Mapping[str, Any]) -> None:
     config = dict(model_config) if isinstance(model_config, Mapping) else model_config.to_dict()
-    qdict = quant.to_hf_dict()
+    qdict = dict(quant) if isinstance(quant, Mapping) else quant.to_hf_dict()
     config["quantization_config"] = qdict
     (dst / "config.json").write_bytes(_json_bytes(config))
     (dst / QUANTIZE_CONFIG_FILE).write_bytes(_json_bytes(qdict))
@@ -153,7 +154,12 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old / out_dir.name, out_dir)  # put the previous checkpoint back
+        old.rmdir()
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
