@@ -1,0 +1,69 @@
+"""`gptq pack PATH -o OUT`: turn PATH into a final GPTQ checkpoint.
+
+PATH is dispatched on what it is: a GPTQ checkpoint directory (config.json with a quantization_config) is
+converted (zero-point format, shards) by gptq_cli.convert. Anything else is refused with what PATH must be.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gptq_cli.commands.common import DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, run, show_progress
+from gptq_cli.errors import UsageError
+from gptq_cli.format.config import FORMATS
+
+EXAMPLES = """
+Examples:
+
+  gptq pack llama2-7b-gptq-asym --format gptq_v2 -o llama2-7b-gptq-v2
+
+  gptq pack ./TheBloke-Llama-2-7B-GPTQ --max-shard-size 2GB -o llama2-7b-gptq-2gb-shards
+
+  gptq pack gptqmodel-out --format gptq -o for-vllm --json
+"""
+
+
+def pack(
+    path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A GPTQ checkpoint directory (ours, GPTQModel's, "
+                                "AutoGPTQ's) to convert."),
+    output: Path = typer.Option(..., "--output", "-o", help="The new checkpoint directory (must not exist)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="gptq (v1, stores zero-1: what every loader reads) "
+                                      "or gptq_v2 (stores zero; needed for asymmetric zeros of 0). Default: keep "
+                                      "the source's."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest weights file, e.g. 5GB, 500MB, "
+                                       "2GiB; above it the weights are split into shards with an index."),
+    json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
+) -> None:
+    """Convert a GPTQ checkpoint to another zero-point format (gptq <-> gptq_v2) and/or re-shard it; the
+    tokenizer, generation config, quant_log.json and eval_results.json come along."""
+
+    def work() -> None:
+        from gptq_cli.loader import is_quantized_checkpoint
+
+        if fmt is not None and fmt not in FORMATS:
+            raise UsageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+        if not is_quantized_checkpoint(path):
+            raise UsageError(f"{path} is not a GPTQ checkpoint directory (config.json with a quantization_config, "
+                             f"or quantize_config.json); pass one to convert")
+        from gptq_cli.convert import convert_checkpoint
+        from gptq_cli.format.checkpoint import read_quant_config, weight_files
+
+        busy = console.status(f"converting {path} → {output}") if show_progress(quiet or json_out) else nullcontext()
+        with busy:
+            out = convert_checkpoint(path, output, checkpoint_format=fmt, max_shard_size=max_shard_size)
+        summary = {"input": str(path), "output": str(out),
+                   "source_format": read_quant_config(path).checkpoint_format,
+                   "checkpoint_format": read_quant_config(out).checkpoint_format,
+                   "weight_files": sorted(weight_files(out)),
+                   "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
+        if json_out:
+            emit_json(summary)
+        elif not quiet:
+            console.print(f"{summary['input']} ({summary['source_format']}) → {summary['output']} "
+                          f"({summary['checkpoint_format']}): {len(summary['weight_files'])} weights file(s), "
+                          f"{summary['bytes'] / 1e6:.1f} MB", highlight=False)
+
+    run(work, debug=debug)
