@@ -75,7 +75,12 @@ def calibration_samples(tokenizer, dataset: str, *, nsamples: int = 128, seqlen:
     _check_positive(nsamples=nsamples, seqlen=seqlen)
     rows = pretokenized_rows(dataset)
     if rows is not None:
-        return [torch.tensor(row[:seqlen], dtype=torch.long).unsqueeze(0) for row in rows[:nsamples]]
+        rows = rows[:nsamples]
+        too_big = max(max(row) for row in rows)
+        if too_big >= len(tokenizer):
+            raise UsageError(f"{dataset} holds token id {too_big}, beyond this tokenizer's {len(tokenizer)} ids: "
+                             f"it was tokenized for another model; give text instead")
+        return [torch.tensor(row[:seqlen], dtype=torch.long).unsqueeze(0) for row in rows]
     rng = random.Random(seed)
     docs = _bounded_documents(load_text(dataset, "calibration", dataset_path=dataset_path), rng)
     ids = tokenize("\n\n".join(docs), tokenizer)

@@ -279,3 +279,10 @@ def test_pretokenized_rows_must_all_hold_integer_ids(tmp_path, tok):
     path.write_text(json.dumps({"input_ids": [5, 6, 7]}) + "\n" + json.dumps({"input_ids": "5 6"}) + "\n")
     with pytest.raises(UsageError, match="row 2"):
         calibration_samples(tok, str(path), nsamples=2, seqlen=4)
+
+
+def test_pretokenized_ids_beyond_the_vocabulary_are_a_usage_error(tmp_path, tok):
+    path = tmp_path / "other_model.jsonl"
+    path.write_text(json.dumps({"input_ids": [5, 6, len(tok)]}) + "\n")
+    with pytest.raises(UsageError, match="another model"):
+        calibration_samples(tok, str(path), nsamples=1, seqlen=4)
