@@ -33,8 +33,9 @@ app.command("quantize", epilog=quantize_cmd.EXAMPLES)(quantize_cmd.quantize)
 app.command("inspect", epilog=inspect_cmd.EXAMPLES)(inspect_cmd.inspect)
 from gptq_cli.commands import eval_cmd  # noqa: E402
 app.command("eval", epilog=eval_cmd.EXAMPLES)(eval_cmd.eval_command)
-from gptq_cli.commands import pack_cmd  # noqa: E402
+from gptq_cli.commands import pack_cmd, push_cmd  # noqa: E402
 app.command("pack", epilog=pack_cmd.EXAMPLES)(pack_cmd.pack)
+app.command("push", epilog=push_cmd.EXAMPLES)(push_cmd.push)
 
 
 def main() -> None:
