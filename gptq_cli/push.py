@@ -152,8 +152,8 @@ def hub_failure(error: BaseException, repo_id: str, endpoint: str) -> GptqError:
     from huggingface_hub.errors import HfHubHTTPError
 
     chain = [error]
-    while chain[-1].__cause__ or chain[-1].__context__:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
+        chain.append(inner)
     http = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
     if http is None:
         root = "" if chain[-1] is error else f" ({type(chain[-1]).__name__}: {_one_line(chain[-1])})"

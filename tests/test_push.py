@@ -265,6 +265,20 @@ def test_a_server_error_on_commit_fails_with_one_line(hub, checkpoint):
     assert hub.repos["me/tiny-gptq"].commits == [] and hub.files("me/tiny-gptq") == {}
 
 
+def test_an_unreachable_hub_fails_with_one_line(hub, checkpoint, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    with socket.socket() as probe:  # a loopback port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", closed)
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    result = push_cli(checkpoint, "me/tiny-gptq")
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert f"push to me/tiny-gptq at {closed} failed" in line and "ConnectError" in line
+
+
 def test_the_installed_command_honours_hf_endpoint_from_its_environment(hub, checkpoint):
     """A separate process: huggingface_hub reads HF_ENDPOINT and HF_HUB_DISABLE_XET at import, as for users."""
     env = {**os.environ, **hub.env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
