@@ -76,14 +76,19 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
     return calib
 
 
-def collect_hessians(block: nn.Module, modules: dict[str, nn.Module], calib: Calibration
-                     ) -> list[tuple[list[str], torch.Tensor, int]]:
-    """The Hessians 2/n ΣxxT of the modules' inputs over the calibration data, as (module names, H, n):
-    modules that read the very same input tensor (q/k/v, gate/up) share one. The forward pass is cut short
-    once every module has been seen."""
+Pass = Callable[[], object]   # runs one calibration batch through the block (or a part of it)
+
+
+def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture: nn.Module | None = None
+                     ) -> tuple[list[tuple[list[str], torch.Tensor, int]], list[tuple[tuple, dict]] | None]:
+    """The Hessians 2/n ΣxxT of the modules' inputs over the calibration passes, as (module names, H, n):
+    modules that read the very same input tensor (q/k/v, gate/up) share one. Each pass is cut short once
+    every module has been seen. With `capture`, also returns that submodule's (args, kwargs) of each pass
+    (None unless it ran exactly once per pass)."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {}
     shares: dict[str, str] = {}
     seen: list[tuple[str, torch.Tensor]] = []
+    captured: list[list[tuple[tuple, dict]]] = []
 
     def hook_for(name: str):
         def hook(_module, args):
@@ -99,11 +104,15 @@ def collect_hessians(block: nn.Module, modules: dict[str, nn.Module], calib: Cal
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    if capture is not None:
+        handles.append(capture.register_forward_pre_hook(
+            lambda _m, args, kwargs: captured[-1].append((args, kwargs)), with_kwargs=True))
     try:
-        for x, kw in zip(calib.hidden, calib.kwargs):
+        for run_pass in passes:
             seen.clear()
+            captured.append([])
             try:
-                block(x, **kw)
+                run_pass()
             except _StopForward:
                 pass
     finally:
@@ -112,14 +121,30 @@ def collect_hessians(block: nn.Module, modules: dict[str, nn.Module], calib: Cal
     missing = [n for n in modules if shares.get(n, n) not in acc]
     if missing:
         raise RuntimeError(f"calibration never reached {missing}; cannot build their Hessians")
-    return [([n for n in modules if shares.get(n, n) == owner], H, count) for owner, (H, count) in acc.items()]
+    hessians = [([n for n in modules if shares.get(n, n) == owner], H, count) for owner, (H, count) in acc.items()]
+    once = capture is not None and all(len(c) == 1 for c in captured)
+    return hessians, [c[0] for c in captured] if once else None
+
+
+def scope_of(names: list[str]) -> str:
+    """The deepest submodule of the block that contains all the named linears ("" = the block itself)."""
+    common: list[str] = []
+    for parts in zip(*(n.split(".")[:-1] for n in names)):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
 
 
 def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, calib: Calibration,
                     quant: QuantConfig, device: torch.device, dtype: torch.dtype,
                     start: int = 0, on_module: Callable[[ModuleResult], None] | None = None
                     ) -> Iterator[tuple[int, list[ModuleResult]]]:
-    """Quantize blocks start.. in order, yielding (block index, its module results) as each one finishes."""
+    """Quantize blocks start.. in order, yielding (block index, its module results) as each one finishes.
+
+    Passes are saved where the block's structure allows: group k+1 only needs to run from the smallest
+    submodule holding it and group k (e.g. `mlp` for down_proj after gate/up). That submodule's inputs do not
+    depend on group k's weights, so they are recorded during group k's pass and replayed."""
     layers = sm.model.get_submodule(layers_path)
     for i in range(start, len(layers)):
         block, prefix = layers[i], f"{layers_path}.{i}."
@@ -128,12 +153,24 @@ def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, cal
         results: list[ModuleResult] = []
         with torch.no_grad():
             run_first = lambda: block(calib.hidden[0], **calib.kwargs[0])  # noqa: E731
-            for group in block_groups(block, arch, run_first, quant.true_sequential):
-                for names, H, n_tokens in collect_hessians(block, {n: linears[n] for n in group}, calib):
+            groups = block_groups(block, arch, run_first, quant.true_sequential)
+            replay = None   # (submodule, its recorded inputs) for the current group, if any
+            for k, group in enumerate(groups):
+                nxt = scope_of(group + groups[k + 1]) if k + 1 < len(groups) else ""
+                capture = block.get_submodule(nxt) if nxt and all(n.startswith(nxt + ".") for n in group) else None
+                if replay is None:
+                    passes = [lambda x=x, kw=kw: block(x, **kw) for x, kw in zip(calib.hidden, calib.kwargs)]
+                else:
+                    passes = [lambda a=a, kw=kw, m=replay[0]: m(*a, **kw) for a, kw in replay[1]]
+                hessians, recorded = collect_hessians({n: linears[n] for n in group}, passes, capture)
+                replay = (capture, recorded) if recorded is not None else None
+                for names, H, n_tokens in hessians:
                     results += _solve(names, [linears[n] for n in names], H, n_tokens, quant, prefix, dtype)
                     if on_module:
                         for r in results[-len(names):]:
                             on_module(r)
+                del hessians
+            del replay
             calib.hidden = [out[0] if isinstance(out, tuple) else out for out in calib.run(block)]
         sm.release(block)
         yield i, results

@@ -40,6 +40,21 @@ def no_tf32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+@contextmanager
+def single_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """The column loop is hundreds of tiny ops per block: on a CPU, waking a second thread for each costs
+    more than it saves (and is disastrous on a busy machine), so it runs on one."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None = None) -> tuple[Tensor, int]:
     """Fold activations X [..., K] into the running mean H = 2/n · Σ x xᵀ (float32, updated in place).
 
@@ -240,9 +255,10 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
                     j = start // g
                     scales[:, j], zeros[:, j] = find_params(W[:, start:start + g], bits, sym, mse)
             block = W[:, start:end].contiguous()
-            block_codes, Err, losses = block_fn(block, Hinv[start:end, start:end], scales, zeros,
-                                                group_of_pos[start:end], new_group,
-                                                bits=bits, sym=sym, mse=mse, group_size=g)
+            with single_thread_on_cpu(W.device):
+                block_codes, Err, losses = block_fn(block, Hinv[start:end, start:end], scales, zeros,
+                                                    group_of_pos[start:end], new_group,
+                                                    bits=bits, sym=sym, mse=mse, group_size=g)
             codes[:, start:end] = block_codes
             W[:, end:] -= Err @ Hinv[start:end, end:]
             row_loss += losses

@@ -93,7 +93,8 @@ def test_gptq_loss_below_rtn_on_same_calibration(tmp_path, calib_file):
     sm.materialize(f"{layers_path}.0.", torch.device("cpu"), torch.float32)
     linears = block_linears(block)
     checked = 0
-    for names, H, _ in collect_hessians(block, linears, calib):
+    passes = [lambda x=x, kw=kw: block(x, **kw) for x, kw in zip(calib.hidden, calib.kwargs)]
+    for names, H, _ in collect_hessians(linears, passes)[0]:
         for name in names:
             W = linear_weight(linears[name]).float()
             for bits in (3, 4):
