@@ -40,8 +40,11 @@ def main() -> None:
         rows = [json.loads(line)["input_ids"] for line in f if line.strip()][: args.nsamples]
     calibration = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in rows]
 
+    # GPTQModel's group-aware reordering (its default without act-order) refuses per-channel quantization.
+    extra = {"act_group_aware": False} if args.group_size == -1 else {}
     qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.asym,
-                          damp_percent=args.damp_percent, true_sequential=True, static_groups=False, mse=0.0)
+                          damp_percent=args.damp_percent, true_sequential=True, static_groups=False, mse=0.0,
+                          **extra)
     t0 = time.perf_counter()
     model = GPTQModel.load(args.model, qcfg, dtype=getattr(torch, args.dtype), device="cpu")
     t_load = time.perf_counter() - t0
@@ -51,7 +54,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     json.dump({"tool": "gptqmodel", "version": __version__, "torch": torch.__version__,
                "bits": args.bits, "group_size": args.group_size, "desc_act": args.desc_act, "sym": not args.asym,
-               "damp_percent": args.damp_percent, "dtype": args.dtype, "nsamples": len(calibration),
+               "damp_percent": args.damp_percent, "act_group_aware": qcfg.act_group_aware, "dtype": args.dtype, "nsamples": len(calibration),
                "seqlen": len(rows[0]), "load_s": round(t_load, 2), "quantize_s": round(t_quant, 2),
                "wall_s": round(wall, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "out": args.out}, sys.stdout)
