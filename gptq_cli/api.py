@@ -17,14 +17,16 @@ from typing import Callable
 import torch
 
 from gptq_cli import __version__
-from gptq_cli.arch import resolve_arch
-from gptq_cli.engine import ModuleResult, capture_inputs, quantize_blocks
+from gptq_cli.arch import Arch, resolve_arch
+from gptq_cli.engine import ModuleResult, capture_inputs, quantize_blocks, replay_block
 from gptq_cli.errors import UsageError
+from gptq_cli.format.checkpoint import parse_size
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.modelio import (ModelRef, StreamingModel, load_streaming, load_tokenizer, resolve_device,
                              resolve_dtype, resolve_model)
+from gptq_cli.workdir import WorkDir, calibration_fingerprint, default_work_dir, model_fingerprint, stored_weights
 
-# Progress events: ("calibrate", done, total), ("block", done, total), ("module", ModuleResult)
+# Progress events: ("resume", finished blocks, total, work dir), ("block", done, total), ("module", ModuleResult)
 ProgressFn = Callable[..., None]
 
 
@@ -54,18 +56,36 @@ def batch_samples(samples: list[torch.Tensor], batch_size: int) -> list[torch.Te
     return batches
 
 
+class QuantizeInterrupted(KeyboardInterrupt):
+    """Ctrl-C during quantize: the work dir keeps the finished blocks and the same call continues from there.
+    A KeyboardInterrupt still, so that code catching Exception does not swallow it."""
+
+    def __init__(self, finished: int, total: int, work_dir: Path):
+        super().__init__(f"interrupted after block {finished} of {total}; rerun the same command to continue "
+                         f"(work dir {work_dir})")
+        self.finished, self.total, self.work_dir = finished, total, work_dir
+
+
 def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "builtin",
              dataset_path: str | None = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
              batch_size: int = 8, device: str | None = None, dtype: str = "auto",
-             output: str | Path | None = None, progress: ProgressFn | None = None) -> QuantizeResult:
-    """Quantize `model` (Hub id, local dir, .gguf or built-in name) with GPTQ and write a GPTQ checkpoint."""
-    from gptq_cli.format.checkpoint import write_checkpoint
+             output: str | Path | None = None, work_dir: str | Path | None = None, resume: bool = False,
+             command: str | None = None, progress: ProgressFn | None = None) -> QuantizeResult:
+    """Quantize `model` (Hub id, local dir, .gguf or built-in name) with GPTQ and write a GPTQ checkpoint.
+
+    Each finished block is stored in `work_dir` (default `<output>.work`); a call that finds a work dir made with
+    the same settings continues after its last finished block (resume=True insists on one), and the work dir
+    is removed once the checkpoint is written. `command` is recorded in quant_log.json."""
     from gptq_cli.textdata import calibration_samples
 
     quant = quant or QuantConfig()
     out = Path(output) if output else default_output(model, quant)
     if out.exists():
         raise UsageError(f"output {out} already exists; remove it or choose another --output")
+    wd = WorkDir(work_dir if work_dir else default_work_dir(out))
+    if resume and not wd.has_plan():
+        raise UsageError(f"--resume: there is no work dir {wd.path} to continue; run without --resume to start, "
+                         f"or pass the --work-dir an interrupted run left")
     dev, cdtype = resolve_device(device), resolve_dtype(dtype, resolve_device(device))
     torch.manual_seed(seed)
     t_start = time.perf_counter()
@@ -76,31 +96,125 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
                                   dataset_path=dataset_path)
     sm = load_streaming(ref, cdtype)
     layers_path, arch = resolve_arch(sm.model)
-    calib = capture_inputs(sm, layers_path, batch_samples(samples, batch_size), dev, cdtype)
-
     n_blocks = len(sm.model.get_submodule(layers_path))
-    tensors: dict[str, torch.Tensor] = {}
-    rows: list[dict] = []
-    for i, results in quantize_blocks(sm, layers_path, arch, calib, quant, dev, cdtype,
+    quant.meta.update(damp_auto_increment=0.01, static_groups=quant.static_groups)
+    plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=seqlen, seed=seed, batch_size=batch_size,
+                      device=dev, dtype=cdtype, blocks=n_blocks, command=command)
+    done = wd.open(plan)
+    try:
+        if done < n_blocks:
+            if done and progress:
+                progress("resume", done, n_blocks, wd.path)
+            _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, done, progress)
+        rows = _write_output(wd, plan, out, sm, ref, tokenizer, command=command)
+    except KeyboardInterrupt:
+        raise QuantizeInterrupted(wd.finished_blocks(), n_blocks, wd.path) from None
+    wd.remove()
+    return QuantizeResult(out, rows, time.perf_counter() - t_start, plan)
+
+
+def pack_workdir(work_dir: str | Path, output: str | Path, *, checkpoint_format: str | None = None,
+                 max_shard_size: int | str = "5GB") -> Path:
+    """`gptq pack WORKDIR`: write the checkpoint of a finished work dir to `output` (the same writing quantize
+    ends with), in `checkpoint_format` (None: the quantized one), sharded at `max_shard_size`. The work dir
+    stays. The model recorded in plan.json provides the unquantized tensors, config and tokenizer."""
+    wd = WorkDir(work_dir)
+    out = Path(output)
+    plan = wd.read_plan()
+    parse_size(max_shard_size)  # a bad size is a usage error before any work
+    missing = plan["blocks"] - wd.finished_blocks()
+    if missing:
+        raise UsageError(f"{wd.path} is missing {missing} of {plan['blocks']} blocks; rerun the quantize command "
+                         f"that made it to finish them")
+    if out.exists():
+        raise UsageError(f"{out} already exists; remove it or choose another output directory")
+    ref = ModelRef(Path(plan["model_path"]), plan.get("gguf_file"), plan["model"])
+    found = (ref.path / (ref.gguf_file or "config.json")).is_file()
+    if not found or model_fingerprint(ref) != plan["model_fingerprint"]:
+        raise UsageError(f"the model {plan['model']} is no longer as it was at {ref.path} when {wd.path} was "
+                         f"made; quantize it again")
+    sm = load_streaming(ref, getattr(torch, plan["dtype"]))
+    _write_output(wd, plan, out, sm, ref, load_tokenizer(ref), command=plan.get("command"),
+                  checkpoint_format=checkpoint_format, max_shard_size=max_shard_size)
+    return out
+
+
+def _work_plan(model: str, ref: ModelRef, quant: QuantConfig, samples: list[torch.Tensor], *, dataset: str,
+               seqlen: int, seed: int, batch_size: int, device: torch.device, dtype: torch.dtype, blocks: int,
+               command: str | None) -> dict:
+    """plan.json: what decides the result (workdir.IDENTITY_FIELDS) and what describes the run."""
+    import transformers
+
+    return {"model": model, "model_path": str(ref.path.resolve()), "gguf_file": ref.gguf_file,
+            "model_fingerprint": model_fingerprint(ref), "blocks": blocks, "config": quant.to_hf_dict(),
+            "dataset": dataset, "calibration_fingerprint": calibration_fingerprint(samples),
+            "nsamples": len(samples), "seqlen": seqlen, "seed": seed, "batch_size": batch_size,
+            "tokens": int(sum(s.numel() for s in samples)),
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "device_type": device.type,
+            "versions": {"gptq_cli": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "command": command}
+
+
+def _solve_into(wd: WorkDir, sm: StreamingModel, layers_path: str, arch: Arch | None, samples: list[torch.Tensor],
+                batch_size: int, quant: QuantConfig, dev: torch.device, cdtype: torch.dtype, done: int,
+                progress: ProgressFn | None) -> None:
+    """Replay the `done` finished blocks, then quantize the rest, storing each block as it finishes."""
+    n_blocks = len(sm.model.get_submodule(layers_path))
+    calib = capture_inputs(sm, layers_path, batch_samples(samples, batch_size), dev, cdtype)
+    for i in range(done):
+        replay_block(sm, layers_path, i, calib, stored_weights(wd.read_block(i)[0], quant), dev, cdtype)
+        if progress:
+            progress("block", i + 1, n_blocks)
+    t_block = time.perf_counter()
+    for i, results in quantize_blocks(sm, layers_path, arch, calib, quant, dev, cdtype, start=done,
                                       on_module=(lambda r: progress("module", r)) if progress else None):
-        for r in results:
-            for key, value in r.qw.to_tensors(quant.checkpoint_format).items():
-                tensors[f"{r.name}.{key}"] = value
-            rows.append(_log_row(r, len(samples)))
+        tensors = {f"{r.name}.{key}": value for r in results
+                   for key, value in r.qw.to_tensors(quant.checkpoint_format).items()}
+        wd.write_block(i, tensors, [_log_row(r, len(samples)) for r in results], time.perf_counter() - t_block)
+        t_block = time.perf_counter()
         if progress:
             progress("block", i + 1, n_blocks)
 
+
+def _write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: ModelRef, tokenizer, *,
+                  command: str | None, checkpoint_format: str | None = None,
+                  max_shard_size: int | str = "5GB") -> list[dict]:
+    """Assemble the checkpoint from the work dir's blocks and the model's unquantized tensors and write it
+    atomically to `out`; return quant_log.json's per-module rows."""
+    from gptq_cli.format.checkpoint import write_checkpoint
+
+    tensors: dict[str, torch.Tensor] = {}
+    rows: list[dict] = []
+    seconds = 0.0
+    for i in range(plan["blocks"]):
+        block_tensors, block_rows, block_seconds = wd.read_block(i)
+        tensors.update(block_tensors)
+        rows += block_rows
+        seconds += block_seconds
+    quantization_config = plan["config"]
+    if checkpoint_format and checkpoint_format != quantization_config["checkpoint_format"]:
+        from gptq_cli.convert import convert_qzeros, relabel_format
+        for r in rows:
+            key = f"{r['name']}.qzeros"
+            tensors[key] = convert_qzeros(tensors[key], quantization_config["bits"],
+                                          tensors[f"{r['name']}.scales"].shape[1],
+                                          quantization_config["checkpoint_format"], checkpoint_format,
+                                          name=r["name"])
+        quantization_config = relabel_format(quantization_config, checkpoint_format)
     tensors.update(_unquantized_tensors(sm, ref, {r["name"] for r in rows}))
-    quant.meta.update(damp_auto_increment=0.01, static_groups=quant.static_groups)
-    seconds = time.perf_counter() - t_start
-    log = {"model": model, "tool": f"gptq_cli:{__version__}", "config": quant.to_hf_dict(),
-           "calibration": {"dataset": dataset, "nsamples": len(samples), "seqlen": seqlen, "seed": seed,
-                           "tokens": int(sum(s.numel() for s in samples))},
-           "device": str(dev), "dtype": str(cdtype).removeprefix("torch."), "torch": torch.__version__,
-           "platform": platform.platform(), "seconds": round(seconds, 2), "modules": rows}
-    write_checkpoint(out, tensors, sm.model.config, quant, src_dir=_tokenizer_dir(ref, tokenizer),
+    log = {"model": plan["model"], "tool": f"gptq_cli:{__version__}", "command": command,
+           "config": quantization_config,
+           "calibration": {"dataset": plan["dataset"], "nsamples": plan["nsamples"], "seqlen": plan["seqlen"],
+                           "seed": plan["seed"], "tokens": plan["tokens"]},
+           "device": plan["device"], "dtype": plan["dtype"], "torch": torch.__version__,
+           "platform": platform.platform(),
+           "seconds": round(seconds, 2),  # time spent on the blocks, summed over interrupted runs
+           "modules": rows}
+    write_checkpoint(out, tensors, sm.model.config, quantization_config, src_dir=_tokenizer_dir(ref, tokenizer),
+                     max_shard_size=max_shard_size,
                      extra_files={"quant_log.json": json.dumps(log, indent=2).encode()})
-    return QuantizeResult(out, rows, seconds)
+    return rows
 
 
 def _log_row(r: ModuleResult, nsamples: int) -> dict:

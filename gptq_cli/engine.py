@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gptq_cli.arch import Arch, block_groups, block_linears, linear_weight, set_linear_weight
+from gptq_cli.errors import GptqError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.kernels import gptq_block
@@ -171,9 +172,38 @@ def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, cal
                             on_module(r)
                 del hessians
             del replay
-            calib.hidden = [out[0] if isinstance(out, tuple) else out for out in calib.run(block)]
+            _advance(calib, block)
         sm.release(block)
         yield i, results
+
+
+def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibration,
+                 weights: dict[str, QuantizedWeight], device: torch.device, dtype: torch.dtype) -> None:
+    """Advance `calib` past block `index` as quantizing it did, without solving anything: every quantized
+    linear gets the dequantization of its stored weight (what _solve put there), then the calibration batches
+    run through the block. Same ops, dtype and batches as the original run, hence the same activations bit for
+    bit (this is how a run resumes; see workdir.py for why activations are not stored instead).
+    `weights` holds every linear of the block, by full module name."""
+    block, prefix = sm.model.get_submodule(layers_path)[index], f"{layers_path}.{index}."
+    linears = block_linears(block)
+    stored = {name.removeprefix(prefix): qw for name, qw in weights.items()}
+    if set(stored) != set(linears):
+        raise GptqError(f"the stored results of block {index} do not match the model's linears "
+                        f"({sorted(set(stored) ^ set(linears))[:3]}); remove the work dir and quantize again")
+    sm.materialize(prefix, device, dtype)
+    with torch.no_grad():
+        for name, module in linears.items():
+            qw = stored[name]
+            on_device = QuantizedWeight(qw.codes.to(device), qw.scales.to(device), qw.zeros.to(device),
+                                        qw.g_idx.to(device), qw.bits, qw.group_size)
+            set_linear_weight(module, on_device.dequantize(dtype))
+        _advance(calib, block)
+    sm.release(block)
+
+
+def _advance(calib: Calibration, block: nn.Module) -> None:
+    """Replace the block's inputs by its outputs: the next block's inputs."""
+    calib.hidden = [out[0] if isinstance(out, tuple) else out for out in calib.run(block)]
 
 
 def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens: int, quant: QuantConfig,

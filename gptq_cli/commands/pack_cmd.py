@@ -1,7 +1,9 @@
 """`gptq pack PATH -o OUT`: turn PATH into a final GPTQ checkpoint.
 
-PATH is dispatched on what it is: a GPTQ checkpoint directory (config.json with a quantization_config) is
-converted (zero-point format, shards) by gptq_cli.convert. Anything else is refused with what PATH must be.
+PATH is dispatched on what it is: a quantize work directory (plan.json + blocks/) is assembled into a checkpoint
+by the same code quantize ends with (gptq_cli.api.pack_workdir); a GPTQ checkpoint directory (config.json with a
+quantization_config) is converted (zero-point format, shards) by gptq_cli.convert. Anything else is refused
+with what PATH must be.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from gptq_cli.format.config import FORMATS
 EXAMPLES = """
 Examples:
 
+  gptq pack llama2-7b-gptq.work -o llama2-7b-gptq
+
   gptq pack llama2-7b-gptq-asym --format gptq_v2 -o llama2-7b-gptq-v2
 
   gptq pack ./TheBloke-Llama-2-7B-GPTQ --max-shard-size 2GB -o llama2-7b-gptq-2gb-shards
@@ -27,7 +31,8 @@ Examples:
 
 
 def pack(
-    path: Path = typer.Argument(..., metavar="CHECKPOINT", help="A GPTQ checkpoint directory (ours, GPTQModel's, "
+    path: Path = typer.Argument(..., metavar="WORKDIR|CHECKPOINT", help="The work directory of a quantize run "
+                                "whose blocks are all finished, or a GPTQ checkpoint directory (ours, GPTQModel's, "
                                 "AutoGPTQ's) to convert."),
     output: Path = typer.Option(..., "--output", "-o", help="The new checkpoint directory (must not exist)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="gptq (v1, stores zero-1: what every loader reads) "
@@ -37,25 +42,36 @@ def pack(
                                        "2GiB; above it the weights are split into shards with an index."),
     json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Convert a GPTQ checkpoint to another zero-point format (gptq <-> gptq_v2) and/or re-shard it; the
-    tokenizer, generation config, quant_log.json and eval_results.json come along."""
+    """Write the checkpoint of a finished quantize work directory, or convert a GPTQ checkpoint to another
+    zero-point format (gptq <-> gptq_v2) and/or re-shard it; the tokenizer, generation config, quant_log.json
+    and eval_results.json come along."""
 
     def work() -> None:
         from gptq_cli.loader import is_quantized_checkpoint
+        from gptq_cli.workdir import WorkDir, is_work_dir
 
         if fmt is not None and fmt not in FORMATS:
             raise UsageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-        if not is_quantized_checkpoint(path):
-            raise UsageError(f"{path} is not a GPTQ checkpoint directory (config.json with a quantization_config, "
-                             f"or quantize_config.json); pass one to convert")
-        from gptq_cli.convert import convert_checkpoint
         from gptq_cli.format.checkpoint import read_quant_config, weight_files
 
-        busy = console.status(f"converting {path} → {output}") if show_progress(quiet or json_out) else nullcontext()
-        with busy:
-            out = convert_checkpoint(path, output, checkpoint_format=fmt, max_shard_size=max_shard_size)
-        summary = {"input": str(path), "output": str(out),
-                   "source_format": read_quant_config(path).checkpoint_format,
+        busy = console.status(f"packing {path} → {output}") if show_progress(quiet or json_out) else nullcontext()
+        if is_work_dir(path):
+            from gptq_cli.api import pack_workdir
+
+            source_format = WorkDir(path).read_plan()["config"]["checkpoint_format"]
+            with busy:
+                out = pack_workdir(path, output, checkpoint_format=fmt, max_shard_size=max_shard_size)
+        elif is_quantized_checkpoint(path):
+            from gptq_cli.convert import convert_checkpoint
+
+            source_format = read_quant_config(path).checkpoint_format
+            with busy:
+                out = convert_checkpoint(path, output, checkpoint_format=fmt, max_shard_size=max_shard_size)
+        else:
+            raise UsageError(f"{path} is not a GPTQ checkpoint directory (config.json with a quantization_config, "
+                             f"or quantize_config.json) nor a quantize work directory (plan.json + blocks/); "
+                             f"pass one of those")
+        summary = {"input": str(path), "output": str(out), "source_format": source_format,
                    "checkpoint_format": read_quant_config(out).checkpoint_format,
                    "weight_files": sorted(weight_files(out)),
                    "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}

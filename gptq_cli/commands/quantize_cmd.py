@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +11,7 @@ import typer
 from rich.table import Table
 
 from gptq_cli.commands.common import DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, progress_bar, run
-from gptq_cli.errors import UsageError
+from gptq_cli.errors import GptqError, UsageError
 from gptq_cli.format.config import QuantConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -24,7 +26,15 @@ Examples:
   gptq quantize meta-llama/Llama-2-7b-hf --bits 4 --group-size 128 --desc-act -o llama2-7b-gptq
 
   gptq quantize ./my-model --config llama-3bit-g128 --dataset calib.jsonl --dry-run
+
+  gptq quantize meta-llama/Llama-2-70b-hf -o llama2-70b-gptq --resume   # continue an interrupted run
 """
+
+
+class Interrupted(GptqError):
+    """Ctrl-C: the finished blocks are kept in the work dir (exit code 130, as for any SIGINT)."""
+
+    exit_code = 130
 
 
 def load_preset(config: str) -> dict:
@@ -75,6 +85,11 @@ def quantize(
     fmt: Optional[str] = typer.Option(None, "--format", help="gptq (v1, default) or gptq_v2 (forced for asym)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default "
                                           "<model>-gptq-<bits>bit-g<group>)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where finished blocks are kept until the "
+                                            "checkpoint is written (default <output>.work); a rerun with the same "
+                                            "settings continues from it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run; an error when there is no "
+                                "work dir to continue (a plain rerun continues too, or starts afresh)."),
     config: Optional[str] = typer.Option(None, "--config", help="A preset from configs/ (name or path); flags "
                                          "override it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, time) and exit."),
@@ -104,7 +119,7 @@ def quantize(
             plan = make_plan(model, quant, device=device, dtype=dtype, **run_args)
             _print_plan(plan, json_out, quiet)
             return
-        from gptq_cli.api import quantize as api_quantize
+        from gptq_cli.api import QuantizeInterrupted, quantize as api_quantize
         with progress_bar(quiet or json_out) as bar:
             blocks = bar.add_task("blocks", total=None)
 
@@ -113,9 +128,19 @@ def quantize(
                     bar.update(blocks, completed=args[0], total=args[1])
                 elif kind == "module":
                     bar.update(blocks, description=f"blocks · {args[0].name}")
+                elif kind == "resume" and not (quiet or json_out):
+                    console.print(f"continuing {args[2]}: {args[0]} of {args[1]} blocks already quantized",
+                                  highlight=False)
 
-            result = api_quantize(model, quant, dataset_path=dataset_path, device=device, dtype=dtype,
-                                  output=output, progress=on_progress, **run_args)
+            # What the user typed, under the console script's name however Python was started; None when the
+            # command was invoked programmatically (sys.argv is then some other program's).
+            command = shlex.join(["gptq", *sys.argv[1:]]) if "quantize" in sys.argv[1:] else None
+            try:
+                result = api_quantize(model, quant, dataset_path=dataset_path, device=device, dtype=dtype,
+                                      output=output, work_dir=work_dir, resume=resume, command=command,
+                                      progress=on_progress, **run_args)
+            except QuantizeInterrupted as e:
+                raise Interrupted(str(e)) from None
         summary = {"output": str(result.output), "seconds": round(result.seconds, 2), "config": quant.to_hf_dict(),
                    "modules": len(result.modules),
                    "mean_loss": sum(r["loss"] for r in result.modules) / max(len(result.modules), 1)}
