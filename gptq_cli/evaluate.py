@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from gptq_cli import __version__
+from gptq_cli import __version__, kernels
 from gptq_cli.errors import UsageError
 from gptq_cli.textdata import BUILTIN_TEXT, eval_windows, tokenize
 
@@ -188,15 +188,6 @@ def load_model(source: ModelSource, *, device: str | None = None, dtype: str = "
     return LoadedModel(model, source.tokenizer, source.quantized, dev, cdtype)
 
 
-def backend_name(device: torch.device) -> str:
-    """Which QuantLinear path runs on `device` (gptq_cli.kernels decides; pure torch without it)."""
-    try:
-        from gptq_cli.kernels import backend_name as kernels_backend_name
-    except ImportError:  # no kernel dispatch module in this build: QuantLinear's torch twin runs
-        return "torch"
-    return kernels_backend_name(device)
-
-
 def evaluate(model_path: str, *, dataset: str = "wikitext2", seqlen: int = 2048, limit: int | None = None,
              device: str | None = None, dtype: str = "auto", speed: bool = False, dataset_path: str | None = None,
              batch_size: int = 1, progress: ProgressFn | None = None) -> dict:
@@ -233,7 +224,8 @@ def compare(model_paths: list[str], *, dataset: str = "wikitext2", seqlen: int =
             progress(source.name, done, windows.shape[0])
 
         result = {"model": source.name, "dataset": dataset, "quantized": loaded.quantized,
-                  "backend": backend_name(loaded.device) if loaded.quantized else None,
+                  # "cuda-ext": QuantLinear may use the CUDA GEMV (4-bit, small batches; else dequantize + matmul)
+                  "backend": kernels.backend_name(loaded.device) if loaded.quantized else None,
                   "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
                   **perplexity(loaded.model, windows, batch_size=batch_size, progress=advance if progress else None)}
         if speed:
