@@ -14,6 +14,7 @@ after ours, in this run, so that the two wall times are measured side by side on
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -48,6 +49,13 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
             "stdout": proc.stdout}
 
 
+def weights_digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(directory.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def rtn_model(model_dir: Path, bits: int, group_size: int, dtype: torch.dtype):
     """The full-precision model with every decoder linear replaced by its round-to-nearest dequantization."""
     from transformers import AutoModelForCausalLM
@@ -76,6 +84,9 @@ def main() -> None:
     ap.add_argument("--retime", help="setting to re-run GPTQModel for, side by side with ours")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_quality"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "quality_smollm2.json")
+    ap.add_argument("--ppl-cache", type=Path, default=Path("/tmp/bench_quality/ppl_cache.json"),
+                    help="perplexities already measured, keyed by the weights' sha256 (our output is "
+                         "deterministic, so a rerun for timing need not evaluate again)")
     args = ap.parse_args()
 
     from gptq_cli.evaluate import perplexity
@@ -91,8 +102,14 @@ def main() -> None:
     windows = eval_windows(load_tokenizer(resolve_model(str(args.model))), str(args.eval_text),
                            seqlen=args.seqlen, limit=args.windows)
 
-    def ppl(model) -> float:
-        return round(perplexity(model, windows)["ppl"], 4)
+    cache = json.loads(args.ppl_cache.read_text()) if args.ppl_cache.is_file() else {}
+
+    def ppl(key: str, load) -> float:
+        key = f"{key}|{args.eval_text.name}|{windows.shape[0]}x{args.seqlen}|{args.eval_dtype}"
+        if key not in cache:
+            cache[key] = round(perplexity(load(), windows)["ppl"], 4)
+            args.ppl_cache.write_text(json.dumps(cache, indent=1))
+        return cache[key]
 
     from transformers import AutoModelForCausalLM
     report = {"machine": f"{os.cpu_count()}-core CPU, {platform.processor() or platform.machine()}",
@@ -100,20 +117,22 @@ def main() -> None:
               "eval": {"text": args.eval_text.name, "windows": windows.shape[0], "seqlen": args.seqlen,
                        "dtype": args.eval_dtype},
               "calibration": {"file": args.calib.name, "nsamples": 128, "seqlen": 512},
-              "fp16_ppl": ppl(AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()),
+              "fp16_ppl": ppl(f"fp16:{weights_digest(args.model)}",
+                              lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()),
               "settings": {}}
     print(f"fp16 ppl {report['fp16_ppl']}", flush=True)
     for name in args.settings:
         ours_flags, gm_flags, sweep_name = SETTINGS[name]
         bits, group = int(ours_flags[1]), int(ours_flags[3])
-        row = {"rtn_ppl": ppl(rtn_model(args.model, bits, group, dtype))}
+        row = {"rtn_ppl": ppl(f"rtn-{name}:{weights_digest(args.model)}",
+                              lambda: rtn_model(args.model, bits, group, dtype))}
         out = args.work / f"ours-{name}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         run = timed([sys.executable, "-m", "gptq_cli.cli", "quantize", str(args.model), *ours_flags,
                      "--dataset", str(args.calib), "--nsamples", "128", "--seqlen", "512", "-o", str(out),
                      "--json", "--quiet"])
         row["ours"] = {"wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"],
-                       "ppl": ppl(load_quantized_model(out, dtype=dtype))}
+                       "ppl": ppl(weights_digest(out), lambda: load_quantized_model(out, dtype=dtype))}
         if args.retime == name:
             gm_out = args.work / f"gptqmodel-{name}"
             subprocess.run(["rm", "-rf", str(gm_out)], check=True)
@@ -122,12 +141,13 @@ def main() -> None:
                         env={"GPTQMODEL_CPU_WORKERS": "2"})
             row["gptqmodel"] = {**json.loads(run["stdout"].strip().splitlines()[-1]), "wall_s": run["wall_s"],
                                 "peak_rss_mb": run["peak_rss_mb"], "timed": "side by side, this run",
-                                "ppl": ppl(load_quantized_model(gm_out, dtype=dtype))}
+                                "ppl": ppl(weights_digest(gm_out), lambda: load_quantized_model(gm_out, dtype=dtype))}
             row["speedup_vs_gptqmodel"] = round(row["gptqmodel"]["wall_s"] / row["ours"]["wall_s"], 2)
         elif args.gptqmodel_runs and (args.gptqmodel_runs / sweep_name).is_dir():
             meta = json.loads((args.gptqmodel_runs / f"{sweep_name}.json").read_text())
             row["gptqmodel"] = {**meta, "timed": "earlier sweep on a shared (busy) machine: time not comparable",
-                                "ppl": ppl(load_quantized_model(args.gptqmodel_runs / sweep_name, dtype=dtype))}
+                                "ppl": ppl(weights_digest(args.gptqmodel_runs / sweep_name),
+                                          lambda: load_quantized_model(args.gptqmodel_runs / sweep_name, dtype=dtype))}
         report["settings"][name] = row
         print(name, json.dumps(row), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
