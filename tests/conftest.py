@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Tiny test models are all small ops: a second OpenMP thread per op costs more than it brings, and on a busy
+# 2-core machine spinning threads slow the suite down 30x. Subprocesses the tests start inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # GPTQModel (the independent reference in the interop tests) spawns one worker per core by default.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
