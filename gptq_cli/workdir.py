@@ -144,6 +144,7 @@ class WorkDir:
                 raise UsageError(f"work dir {self.path} already holds other files ({foreign[0]}, ...) and no "
                                  f"{PLAN_FILE}; pass an empty or new --work-dir")
             self.path.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.blocks_path, ignore_errors=True)  # blocks without their plan cannot be trusted
             write_atomic(self.path / PLAN_FILE, (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode())
         self.blocks_path.mkdir(exist_ok=True)
         return self.finished_blocks()
