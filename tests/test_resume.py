@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -89,9 +90,15 @@ def finished_work_dir(tmp_path_factory, model_dir, calib_file) -> Path:
     return out.parent / "out.work"
 
 
+def cli_env() -> dict[str, str]:
+    """This process's environment with its torch thread count: the in-process reference run and the CLI runs
+    must split their matmuls the same way to give the same bits."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "gptq_cli.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
 
 
 def signal_when(proc: subprocess.Popen, path: Path, sig: int) -> tuple[int, str]:
@@ -127,7 +134,8 @@ def test_killed_and_interrupted_runs_continue_to_the_same_bytes(tmp_path, model_
     # what a write killed half way leaves behind: a temporary file, never a block file
     (work / "blocks" / ".block-00003.safetensors.x1y2.tmp").write_bytes(b"\0" * 100)
 
-    finished = subprocess.run([sys.executable, "-m", "gptq_cli.cli", *args], capture_output=True, text=True)
+    finished = subprocess.run([sys.executable, "-m", "gptq_cli.cli", *args], capture_output=True, text=True,
+                              env=cli_env())
     assert finished.returncode == 0, finished.stderr
     assert not work.exists()
     assert digests(out) == digests(reference)
