@@ -144,7 +144,8 @@ def main() -> None:
                                 "ppl": ppl(weights_digest(gm_out), lambda: load_quantized_model(gm_out, dtype=dtype))}
             row["speedup_vs_gptqmodel"] = round(row["gptqmodel"]["wall_s"] / row["ours"]["wall_s"], 2)
         elif args.gptqmodel_runs and (args.gptqmodel_runs / sweep_name).is_dir():
-            meta = json.loads((args.gptqmodel_runs / f"{sweep_name}.json").read_text())
+            # its own log lines share stdout with our JSON line, which comes last
+            meta = json.loads((args.gptqmodel_runs / f"{sweep_name}.json").read_text().strip().splitlines()[-1])
             row["gptqmodel"] = {**meta, "timed": "earlier sweep on a shared (busy) machine: time not comparable",
                                 "ppl": ppl(weights_digest(args.gptqmodel_runs / sweep_name),
                                           lambda: load_quantized_model(args.gptqmodel_runs / sweep_name, dtype=dtype))}
