@@ -214,6 +214,7 @@ def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens
     weights = [linear_weight(m).float() for m in modules]
     qw = quantize_weight(torch.cat(weights), H, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                          desc_act=quant.desc_act, static_groups=quant.static_groups,
+                         act_group_aware=quant.act_group_aware,
                          damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
     parts = qw.split_rows([w.shape[0] for w in weights])
     seconds = time.perf_counter() - t0

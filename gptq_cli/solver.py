@@ -198,6 +198,23 @@ def inverse_hessian_factor(H: Tensor, damp_percent: float) -> tuple[Tensor, floa
                     "the layer's calibration inputs are degenerate: use more or different calibration samples")
 
 
+def group_aware_order(diag: Tensor, group_size: int) -> Tensor:
+    """Group-aware act-order (GPTQModel's "GAR"): act-order's benefit without its scattered g_idx. Groups of
+    consecutive columns stay whole, so g_idx stays k // g; the groups are solved in decreasing order of their
+    largest Hessian diagonal entry and, inside each group, columns in decreasing diagonal order. Columns past
+    the last whole group keep their places at the end. Stable sorts: ties keep a fixed order."""
+    K = diag.numel()
+    whole = K // group_size
+    arange = torch.arange(K, device=diag.device)
+    if whole == 0:
+        return arange
+    values, within = torch.sort(diag[:whole * group_size].view(whole, group_size), dim=1, descending=True,
+                                stable=True)
+    group_order = torch.argsort(values[:, 0], descending=True, stable=True)
+    starts = (torch.arange(whole, device=diag.device) * group_size)[:, None]
+    return torch.cat([(within + starts)[group_order].reshape(-1), arange[whole * group_size:]])
+
+
 def _check_settings(bits: int, group_size: int, damp_percent: float = 0.01, block_size: int = 1) -> None:
     if bits not in BITS:
         raise UsageError(f"bits must be one of {BITS}, got {bits}")
@@ -210,7 +227,8 @@ def _check_settings(bits: int, group_size: int, damp_percent: float = 0.01, bloc
 
 
 def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True,
-                    desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
+                    desc_act: bool = False, static_groups: bool = False, act_group_aware: bool = False,
+                    damp_percent: float = 0.01,
                     mse: bool = False, block_size: int = 128, block_fn: BlockFn = quantize_block
                     ) -> QuantizedWeight:
     """GPTQ-quantize W [N, K] with the Hessian H [K, K] of its inputs (SPEC §3). Inputs are not modified.
@@ -235,12 +253,15 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
             for j in range(n_groups):
                 scales[:, j], zeros[:, j] = find_params(W[:, j * g:(j + 1) * g], bits, sym, mse)
 
-        if desc_act:   # most important inputs first; stable so that ties keep a fixed order
-            perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        if desc_act or (act_group_aware and group_size != -1):
+            perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act
+                    else group_aware_order(H.diagonal(), g))
             W, H = W[:, perm], H[perm][:, perm]
         else:
             perm = torch.arange(K, device=W.device)
-        group_of_pos = perm // g if static_groups else torch.arange(K, device=W.device) // g
+        # Which group each position belongs to: act-order makes groups of consecutive positions; static
+        # groups and group-aware order keep each column in its original group (g_idx = k // g).
+        group_of_pos = perm // g if static_groups or not desc_act else torch.arange(K, device=W.device) // g
 
         Hinv, damp = inverse_hessian_factor(H, damp_percent)
         codes = torch.zeros(N, K, dtype=torch.int32, device=W.device)
@@ -252,7 +273,7 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
                 new_group = (cols % g == 0) & ((cols + g).clamp(max=K) <= end)
                 if start % g == 0 and min(start + g, K) > end:
                     # a group wider than this block: at the block start all its columns are fully updated
-                    j = start // g
+                    j = int(group_of_pos[start])
                     scales[:, j], zeros[:, j] = find_params(W[:, start:start + g], bits, sym, mse)
             block = W[:, start:end].contiguous()
             with single_thread_on_cpu(W.device):

@@ -50,8 +50,8 @@ def unrounded_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor,
 
 
 def reference_gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, sym: bool,
-                   desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
-                   mse: bool = False) -> dict[str, torch.Tensor | float]:
+                   desc_act: bool = False, static_groups: bool = False, act_group_aware: bool = False,
+                   damp_percent: float = 0.01, mse: bool = False) -> dict[str, torch.Tensor | float]:
     """Column-by-column GPTQ. Returns codes [N, K] (original order), dequantized Q [N, K], g_idx [K],
     scales/zeros [G, N] and the loss Σ (w - q)² / Hinv[i,i]² / 2."""
     W, H = W.clone().float(), H.clone().float()
@@ -68,8 +68,14 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: i
     static = [reference_params(W[:, j * g:(j + 1) * g], bits, sym, mse) for j in range(n_groups)]
 
     order = list(range(K))
+    group_aware = act_group_aware and not desc_act and group_size != -1
     if desc_act:
         order = sorted(range(K), key=lambda k: -H[k, k].item())   # Python's sort is stable
+    elif group_aware:   # whole groups, by their largest diagonal entry; inside a group by diagonal; tail last
+        whole = K // g
+        groups = sorted(range(whole), key=lambda j: -max(H[k, k].item() for k in range(j * g, (j + 1) * g)))
+        order = [k for j in groups for k in sorted(range(j * g, (j + 1) * g), key=lambda k: -H[k, k].item())]
+        order += list(range(whole * g, K))
     W, H = W[:, order], H[order][:, order]
 
     damp = damp_percent
@@ -93,7 +99,7 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: i
             group = order[i] // g
             scale, zero = static[group]
         else:
-            group = i // g
+            group = order[i] // g if group_aware else i // g
             if i % g == 0:
                 scale, zero = reference_params(W[:, i:i + g], bits, sym, mse)
                 raw_scales[group], raw_zeros[group] = unrounded_grid(W[:, i:i + g], bits, sym)

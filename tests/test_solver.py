@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gptq_cli.errors import GptqError, UsageError
-from gptq_cli.solver import (accumulate_hessian, block_ranges, quantization_loss, quantize_block, quantize_rtn,
-                             quantize_weight)
+from gptq_cli.solver import (accumulate_hessian, block_ranges, group_aware_order, quantization_loss, quantize_block,
+                             quantize_rtn, quantize_weight)
 from tests.reference_gptq import reference_gptq, reference_params
 
 MODES = [(False, False), (True, False), (True, True)]   # (desc_act, static_groups)
@@ -103,6 +103,20 @@ def test_groups_spanning_blocks_match_reference(K: int, group_size: int, block_s
 def test_mse_clip_search_matches_reference(sym: bool, desc_act: bool) -> None:
     W, H = correlated_problem(24, 72, seed=7)
     assert_matches_reference(W, H, bits=3, group_size=32, sym=sym, desc_act=desc_act, mse=True)
+
+
+@pytest.mark.parametrize("K, group_size, bits", [(200, 32, 4), (256, 128, 3), (300, 128, 2)])
+def test_group_aware_order_matches_reference(K: int, group_size: int, bits: int) -> None:
+    W, H = correlated_problem(40, K, seed=K + bits)
+    assert_matches_reference(W, H, bits=bits, group_size=group_size, sym=bits != 3, act_group_aware=True)
+    qw = quantize_weight(W, H, bits=bits, group_size=group_size, act_group_aware=True)
+    assert torch.equal(qw.g_idx.long(), torch.arange(K) // group_size)   # loaders see plain groups
+
+
+def test_group_aware_order_keeps_groups_whole() -> None:
+    diag = torch.tensor([1., 9, 3, 2, 8, 8, 0, 5, 7, 4])
+    perm = group_aware_order(diag, 3)   # groups {0,1,2} max 9, {3,4,5} max 8, {6,7,8} max 7; tail {9}
+    assert perm.tolist() == [1, 2, 0, 4, 5, 3, 8, 7, 6, 9]
 
 
 def test_block_ranges_keep_groups_whole() -> None:

@@ -15,7 +15,8 @@ from gptq_cli.errors import GptqError, UsageError
 from gptq_cli.format.config import QuantConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-QUANT_KEYS = ("bits", "group_size", "desc_act", "sym", "static_groups", "true_sequential", "damp_percent", "mse")
+QUANT_KEYS = ("bits", "group_size", "desc_act", "sym", "static_groups", "act_group_aware", "true_sequential",
+              "damp_percent", "mse")
 RUN_KEYS = ("dataset", "nsamples", "seqlen", "batch_size", "seed")
 
 EXAMPLES = """
@@ -67,6 +68,10 @@ def quantize(
                                        "is written as gptq_v2."),
     static_groups: Optional[bool] = typer.Option(None, "--static-groups/--no-static-groups",
                                                  help="With act-order, find group params before reordering."),
+    act_group_aware: Optional[bool] = typer.Option(None, "--act-group-aware/--no-act-group-aware",
+                                                   help="Without --desc-act: solve groups (and columns in them) "
+                                                        "by decreasing Hessian diagonal, keeping g_idx = k // g "
+                                                        "(default on)."),
     true_sequential: Optional[bool] = typer.Option(None, "--true-sequential/--no-true-sequential",
                                                    help="Quantize q/k/v → o → gate/up → down in turn (default on)."),
     damp_percent: Optional[float] = typer.Option(None, "--damp-percent", help="Relative damping (default 0.01), "
@@ -97,7 +102,7 @@ def quantize(
 ) -> None:
     """Quantize a causal LM with GPTQ and write a GPTQ checkpoint that transformers, GPTQModel and vLLM load."""
     flags = dict(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, static_groups=static_groups,
-                 true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, dataset=dataset,
+                 act_group_aware=act_group_aware, true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, dataset=dataset,
                  nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, seed=seed, format=fmt)
 
     def work():

@@ -19,6 +19,7 @@ class QuantConfig:
     desc_act: bool = False
     sym: bool = True
     static_groups: bool = False
+    act_group_aware: bool = True   # group-aware act-order when desc_act is off (g_idx stays k // g)
     true_sequential: bool = True
     damp_percent: float = 0.01
     mse: bool = False
@@ -39,9 +40,13 @@ class QuantConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The quantization_config dict, as transformers / GPTQModel / AutoGPTQ / vLLM read it."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("mse", "meta")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("mse", "act_group_aware", "meta")}
         d.update(quant_method="gptq", lm_head=False, pack_dtype="int32")
-        d["meta"] = {"quantizer": [f"gptq_cli:{__version__}"], "mse": self.mse, **self.meta}
+        # How the columns were ordered while solving changes nothing a loader reads: it goes in meta, where
+        # GPTQModel records it too (act-order proper is desc_act, which loaders do read).
+        d["meta"] = {"quantizer": [f"gptq_cli:{__version__}"], "mse": self.mse,
+                     "act_group_aware": self.act_group_aware and not self.desc_act and self.group_size != -1,
+                     **self.meta}
         return d
 
     @classmethod
@@ -60,10 +65,11 @@ class QuantConfig:
             raise ValueError(f"checkpoint_format {fmt!r} is not a GPTQ format this tool reads ({', '.join(FORMATS)})")
         # sym=False with a v1 label is legal to read (older tools wrote it); only writing forces v2, so the
         # object is built symmetric and sym is set afterwards, past __post_init__.
+        kwargs["act_group_aware"] = bool(merged.get("act_group_aware", False))   # absent: plain order
         cfg = cls(**kwargs, sym=True, checkpoint_format=fmt, mse=bool(merged.get("mse", False)), meta=dict(meta))
         cfg.sym = bool(merged.get("sym", True))
         return cfg
 
 
 # Settings GPTQModel 7 writes under quantization_config["meta"] rather than at the top level.
-_META_SETTINGS = ("damp_percent", "static_groups", "true_sequential", "mse")
+_META_SETTINGS = ("damp_percent", "static_groups", "true_sequential", "mse", "act_group_aware")
