@@ -202,7 +202,15 @@ def _write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: M
                                           quantization_config["checkpoint_format"], checkpoint_format,
                                           name=r["name"])
         quantization_config = relabel_format(quantization_config, checkpoint_format)
-    tensors.update(_unquantized_tensors(sm, ref, {r["name"] for r in rows}))
+    unquantized = _unquantized_tensors(sm, ref, {r["name"] for r in rows})
+    tensors.update(unquantized)
+    # config.json must describe the files, not the in-memory model (which holds the activation dtype): the
+    # dtype the unquantized tensors are stored in, and the class name loaders such as vLLM dispatch on
+    # (configs made from GGUF files lack it).
+    config = sm.model.config
+    config.dtype = next((t.dtype for t in unquantized.values() if t.is_floating_point()), torch.float16)
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(sm.model).__name__]
     log = {"model": plan["model"], "tool": f"gptq_cli:{__version__}", "command": command,
            "config": quantization_config,
            "calibration": {"dataset": plan["dataset"], "nsamples": plan["nsamples"], "seqlen": plan["seqlen"],
@@ -211,7 +219,7 @@ def _write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: M
            "platform": platform.platform(),
            "seconds": round(seconds, 2),  # time spent on the blocks, summed over interrupted runs
            "modules": rows}
-    write_checkpoint(out, tensors, sm.model.config, quantization_config, src_dir=_tokenizer_dir(ref, tokenizer),
+    write_checkpoint(out, tensors, config, quantization_config, src_dir=_tokenizer_dir(ref, tokenizer),
                      max_shard_size=max_shard_size,
                      extra_files={"quant_log.json": json.dumps(log, indent=2).encode()})
     return rows

@@ -149,3 +149,13 @@ def test_singular_hessian_from_duplicated_and_dead_inputs(tmp_path, calib_file):
     with torch.no_grad():
         logits = load_quantized_model(out, dtype=torch.float32)(random_input_ids(1, 16)).logits
     assert torch.isfinite(logits).all()
+
+
+def test_config_describes_the_stored_files(tmp_path, calib_file):
+    """Quantized in float32 activations from an fp16 model: config.json still says float16 (what the files
+    hold) and names the model class."""
+    model_dir = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float16)
+    out = run_quantize(model_dir, tmp_path / "out", calib_file, bits=4, group_size=64).output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "float16"
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
