@@ -1,9 +1,9 @@
-"""The plain Python API under the CLI: `quantize(...)` (and `evaluate`, re-exported from evaluate.py).
+"""The plain Python API under the CLI: `quantize(...)`, and `evaluate(...)` re-exported from evaluate.py.
 
-    from gptq_cli import api
-    from gptq_cli.format.config import QuantConfig
-    result = api.quantize("smollm2-135m", QuantConfig(bits=4, group_size=128), dataset="builtin",
-                          nsamples=128, seqlen=512, output="smollm2-gptq")
+    from gptq_cli.api import QuantConfig, evaluate, quantize
+    result = quantize("smollm2-135m", QuantConfig(bits=4, group_size=128), dataset="builtin",
+                      nsamples=128, seqlen=512, output="smollm2-gptq")
+    print(evaluate(str(result.output), dataset="wikitext2", limit=40)["ppl"])
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from gptq_cli.arch import Arch, resolve_arch
 from gptq_cli.engine import ModuleResult, capture_inputs, quantize_blocks, replay_block
 from gptq_cli.errors import UsageError
 from gptq_cli.format.checkpoint import parse_size
+from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is quantize + evaluate)
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.modelio import (ModelRef, StreamingModel, load_streaming, load_tokenizer, resolve_device,
                              resolve_dtype, resolve_model)

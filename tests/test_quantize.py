@@ -159,3 +159,19 @@ def test_config_describes_the_stored_files(tmp_path, calib_file):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "float16"
     assert cfg["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_package_level_python_api(tmp_path, calib_file):
+    """`gptq_cli.quantize` and `gptq_cli.api.evaluate` are the plain Python API under the CLI."""
+    import gptq_cli
+    from gptq_cli.api import evaluate
+    model_dir = save_tiny_model(tmp_path / "model", "llama")
+    result = gptq_cli.quantize(str(model_dir), gptq_cli.QuantConfig(bits=8, group_size=128),
+                               dataset=str(calib_file), nsamples=NSAMPLES, seqlen=SEQLEN, device="cpu",
+                               output=tmp_path / "out")
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"w{i % 400}" for i in range(700)))
+    full = evaluate(str(model_dir), dataset=str(text), seqlen=64, device="cpu", dtype="float32")
+    quantized = evaluate(str(result.output), dataset=str(text), seqlen=64, device="cpu", dtype="float32")
+    assert quantized["quantized"] and not full["quantized"]
+    assert abs(quantized["ppl"] / full["ppl"] - 1) < 0.05   # 8-bit: close to the original
