@@ -166,10 +166,10 @@ def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, cal
                 hessians, recorded = collect_hessians({n: linears[n] for n in group}, passes, capture)
                 replay = (capture, recorded) if recorded is not None else None
                 for names, H, n_tokens in hessians:
-                    results += _solve(names, [linears[n] for n in names], H, n_tokens, quant, prefix, dtype)
-                    if on_module:
-                        for r in results[-len(names):]:
-                            on_module(r)
+                    solved = _solve(names, [linears[n] for n in names], H, n_tokens, quant, prefix, dtype)
+                    results += solved
+                    for r in solved if on_module else ():
+                        on_module(r)
                 del hessians
             del replay
             _advance(calib, block)
@@ -193,10 +193,7 @@ def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibr
     sm.materialize(prefix, device, dtype)
     with torch.no_grad():
         for name, module in linears.items():
-            qw = stored[name]
-            on_device = QuantizedWeight(qw.codes.to(device), qw.scales.to(device), qw.zeros.to(device),
-                                        qw.g_idx.to(device), qw.bits, qw.group_size)
-            set_linear_weight(module, on_device.dequantize(dtype))
+            set_linear_weight(module, stored[name].to(device).dequantize(dtype))
         _advance(calib, block)
     sm.release(block)
 
@@ -223,13 +220,6 @@ def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens
     for name, module, part in zip(names, modules, parts):
         # Later groups and blocks must see what the quantized model will compute.
         set_linear_weight(module, part.dequantize(dtype))
-        results.append(ModuleResult(prefix + name, _to_cpu(part), seconds * part.codes.shape[0] / total_rows,
+        results.append(ModuleResult(prefix + name, part.to("cpu"), seconds * part.codes.shape[0] / total_rows,
                                     n_tokens))
     return results
-
-
-def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
-    for f in ("codes", "scales", "zeros", "g_idx", "row_loss"):
-        if getattr(qw, f) is not None:
-            setattr(qw, f, getattr(qw, f).cpu())
-    return qw

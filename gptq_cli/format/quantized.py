@@ -39,6 +39,13 @@ class QuantizedWeight:
             start += size
         return parts
 
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same result with its tensors on `device` (a new object; this one is unchanged)."""
+        moved = {f: getattr(self, f).to(device) for f in ("codes", "scales", "zeros", "g_idx")}
+        row_loss = self.row_loss.to(device) if self.row_loss is not None else None
+        return QuantizedWeight(**moved, bits=self.bits, group_size=self.group_size, loss=self.loss,
+                               damp=self.damp, row_loss=row_loss)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         g = self.g_idx.long()
         scales = self.scales.to(torch.float32)[g].t()          # [N, K]
