@@ -87,7 +87,8 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     if resume and not wd.has_plan():
         raise UsageError(f"--resume: there is no work dir {wd.path} to continue; run without --resume to start, "
                          f"or pass the --work-dir an interrupted run left")
-    dev, cdtype = resolve_device(device), resolve_dtype(dtype, resolve_device(device))
+    dev = resolve_device(device)
+    cdtype = resolve_dtype(dtype, dev)
     torch.manual_seed(seed)
     t_start = time.perf_counter()
 
