@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -111,6 +113,8 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
         rows = _write_output(wd, plan, out, sm, ref, tokenizer, command=command)
     except KeyboardInterrupt:
         raise QuantizeInterrupted(wd.finished_blocks(), n_blocks, wd.path) from None
+    finally:
+        wd.close()
     wd.remove()
     return QuantizeResult(out, rows, time.perf_counter() - t_start, plan)
 
@@ -221,9 +225,9 @@ def _write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: M
            "platform": platform.platform(),
            "seconds": round(seconds, 2),  # time spent on the blocks, summed over interrupted runs
            "modules": rows}
-    write_checkpoint(out, tensors, config, quantization_config, src_dir=_tokenizer_dir(ref, tokenizer),
-                     max_shard_size=max_shard_size,
-                     extra_files={"quant_log.json": json.dumps(log, indent=2).encode()})
+    with _tokenizer_dir(ref, tokenizer) as src_dir:
+        write_checkpoint(out, tensors, config, quantization_config, src_dir=src_dir, max_shard_size=max_shard_size,
+                         extra_files={"quant_log.json": json.dumps(log, indent=2).encode()})
     return rows
 
 
@@ -253,11 +257,13 @@ def _unquantized_tensors(sm: StreamingModel, ref: ModelRef, quantized: set[str])
     return out
 
 
-def _tokenizer_dir(ref: ModelRef, tokenizer) -> Path:
-    """A directory holding the tokenizer files (a GGUF source has none on disk: save them to a temp dir)."""
+@contextmanager
+def _tokenizer_dir(ref: ModelRef, tokenizer) -> Iterator[Path]:
+    """A directory holding the tokenizer files (a GGUF source has none on disk: they are saved to a temporary
+    directory that is removed afterwards)."""
     if ref.gguf_file is None:
-        return ref.path
-    import tempfile
-    tmp = Path(tempfile.mkdtemp(prefix="gptq-tok-"))
-    tokenizer.save_pretrained(tmp)
-    return tmp
+        yield ref.path
+        return
+    with tempfile.TemporaryDirectory(prefix="gptq-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        yield Path(tmp)

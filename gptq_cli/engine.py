@@ -21,6 +21,7 @@ from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.kernels import gptq_block
 from gptq_cli.modelio import StreamingModel
+from gptq_cli.shortcuts import activate, deactivate, find_tails, fits_in_memory, record
 from gptq_cli.solver import accumulate_hessian, quantize_weight
 
 
@@ -145,7 +146,9 @@ def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, cal
 
     Passes are saved where the block's structure allows: group k+1 only needs to run from the smallest
     submodule holding it and group k (e.g. `mlp` for down_proj after gate/up). That submodule's inputs do not
-    depend on group k's weights, so they are recorded during group k's pass and replayed."""
+    depend on group k's weights, so they are recorded during group k's pass and replayed. And once the last
+    linear of an attention or MLP submodule is quantized, later passes compute that submodule as one matmul on
+    the inputs recorded in that linear's pass (shortcuts.py)."""
     layers = sm.model.get_submodule(layers_path)
     for i in range(start, len(layers)):
         block, prefix = layers[i], f"{layers_path}.{i}."
@@ -156,6 +159,7 @@ def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, cal
             run_first = lambda: block(calib.hidden[0], **calib.kwargs[0])  # noqa: E731
             groups = block_groups(block, arch, run_first, quant.true_sequential)
             replay = None   # (submodule, its recorded inputs) for the current group, if any
+            tails = find_tails(block, linears, groups, run_first)
             for k, group in enumerate(groups):
                 nxt = scope_of(group + groups[k + 1]) if k + 1 < len(groups) else ""
                 capture = block.get_submodule(nxt) if nxt and all(n.startswith(nxt + ".") for n in group) else None
@@ -163,16 +167,25 @@ def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, cal
                     passes = [lambda x=x, kw=kw: block(x, **kw) for x, kw in zip(calib.hidden, calib.kwargs)]
                 else:
                     passes = [lambda a=a, kw=kw, m=replay[0]: m(*a, **kw) for a, kw in replay[1]]
-                hessians, recorded = collect_hessians({n: linears[n] for n in group}, passes, capture)
+                tail = tails.get(group[0])
+                recording = record(tail, block) if tail and _inputs_fit(calib, linears[tail.last], device) else []
+                try:
+                    hessians, recorded = collect_hessians({n: linears[n] for n in group}, passes, capture)
+                finally:
+                    for h in recording:
+                        h.remove()
                 replay = (capture, recorded) if recorded is not None else None
                 for names, H, n_tokens in hessians:
                     solved = _solve(names, [linears[n] for n in names], H, n_tokens, quant, prefix, dtype)
                     results += solved
                     for r in solved if on_module else ():
                         on_module(r)
-                del hessians
+                del hessians, passes
+                if recording:
+                    activate(tail, block, len(calib.hidden))
             del replay
             _advance(calib, block)
+            deactivate(tails, block)
         sm.release(block)
         yield i, results
 
@@ -199,8 +212,16 @@ def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibr
 
 
 def _advance(calib: Calibration, block: nn.Module) -> None:
-    """Replace the block's inputs by its outputs: the next block's inputs."""
-    calib.hidden = [out[0] if isinstance(out, tuple) else out for out in calib.run(block)]
+    """Replace the block's inputs by its outputs, the next block's inputs, one batch at a time (so that at most
+    one batch is held twice)."""
+    for b, out in enumerate(calib.run(block)):
+        calib.hidden[b] = out[0] if isinstance(out, tuple) else out
+
+
+def _inputs_fit(calib: Calibration, last: nn.Module, device: torch.device) -> bool:
+    """Whether recording `last`'s inputs for every calibration batch fits in memory (shortcuts.fits_in_memory)."""
+    tokens = sum(x.shape[:-1].numel() for x in calib.hidden)
+    return fits_in_memory(tokens * linear_weight(last).shape[1] * calib.hidden[0].element_size(), device)
 
 
 def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens: int, quant: QuantConfig,

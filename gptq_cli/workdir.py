@@ -36,6 +36,7 @@ from gptq_cli.modelio import ModelRef
 
 PLAN_FILE = "plan.json"
 BLOCKS_DIR = "blocks"
+LOCK_FILE = ".lock"
 _BLOCK_FILE = re.compile(r"block-(\d{5})\.safetensors")
 # The plan fields that decide the result: a work dir made with any other value cannot be continued. The others
 # (the model as given and where it was found, the dataset's name, the command line) only describe the run.
@@ -117,6 +118,7 @@ class WorkDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.blocks_path = self.path / BLOCKS_DIR
+        self._lock = None
 
     def has_plan(self) -> bool:
         return (self.path / PLAN_FILE).is_file()
@@ -130,7 +132,8 @@ class WorkDir:
 
     def open(self, plan: dict[str, Any]) -> int:
         """Start a new work dir for `plan`, or continue one made with the same plan; return how many blocks are
-        already finished. UsageError when the directory is something else or was made with other settings."""
+        already finished. Holds the directory's lock until close(). UsageError when the directory is something
+        else, was made with other settings, or another run holds it."""
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"work dir {self.path} is a file; remove it or pass another --work-dir")
         if self.has_plan():
@@ -143,11 +146,34 @@ class WorkDir:
             if foreign:
                 raise UsageError(f"work dir {self.path} already holds other files ({foreign[0]}, ...) and no "
                                  f"{PLAN_FILE}; pass an empty or new --work-dir")
-            self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        if not self.has_plan():
             shutil.rmtree(self.blocks_path, ignore_errors=True)  # blocks without their plan cannot be trusted
             write_atomic(self.path / PLAN_FILE, (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode())
         self.blocks_path.mkdir(exist_ok=True)
         return self.finished_blocks()
+
+    def _acquire_lock(self) -> None:
+        """An exclusive flock on .lock: two runs writing one work dir would interleave their block files. The OS
+        drops it when the process ends, however it ends (SIGKILL included), so a lock is never left stale."""
+        try:
+            import fcntl
+        except ImportError:   # not POSIX: no locking
+            return
+        self._lock = open(self.path / LOCK_FILE, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise UsageError(f"work dir {self.path} is in use by another gptq run; wait for it to finish, or "
+                             f"pass another --work-dir") from None
+
+    def close(self) -> None:
+        """Release the lock taken by open()."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def block_file(self, index: int) -> Path:
         return self.blocks_path / f"block-{index:05d}.safetensors"
@@ -187,7 +213,9 @@ class WorkDir:
                             f"command to redo that block") from e
 
     def remove(self) -> None:
-        """Delete what the run wrote (plan, blocks); the directory itself too unless something else is in it."""
+        """Delete what the run wrote (plan, blocks, lock); the directory itself too unless something else is in
+        it."""
+        self.close()
         shutil.rmtree(self.blocks_path, ignore_errors=True)
         for p in self.path.iterdir():
             if _is_ours(p.name) and p.is_file():
@@ -197,8 +225,8 @@ class WorkDir:
 
 
 def _is_ours(name: str) -> bool:
-    """plan.json, blocks/, or a temporary file that a killed write of plan.json left behind."""
-    return name in (PLAN_FILE, BLOCKS_DIR) or (name.startswith(f".{PLAN_FILE}.") and name.endswith(".tmp"))
+    """plan.json, blocks/, .lock, or a temporary file that a killed write of plan.json left behind."""
+    return name in (PLAN_FILE, BLOCKS_DIR, LOCK_FILE) or (name.startswith(f".{PLAN_FILE}.") and name.endswith(".tmp"))
 
 
 def stored_weights(tensors: dict[str, torch.Tensor], quant: QuantConfig) -> dict[str, QuantizedWeight]:

@@ -175,3 +175,40 @@ def test_package_level_python_api(tmp_path, calib_file):
     quantized = evaluate(str(result.output), dataset=str(text), seqlen=64, device="cpu", dtype="float32")
     assert quantized["quantized"] and not full["quantized"]
     assert abs(quantized["ppl"] / full["ppl"] - 1) < 0.05   # 8-bit: close to the original
+
+
+def test_a_gguf_sources_tokenizer_files_are_staged_in_a_directory_that_is_removed(tmp_path):
+    """A GGUF file carries its tokenizer inside: its files are saved to a temporary directory for the
+    checkpoint writer to copy, and that directory is gone afterwards."""
+    from gptq_cli.modelio import ModelRef
+    from tests.tiny_models import make_tiny_tokenizer
+    with api._tokenizer_dir(ModelRef(path=tmp_path, gguf_file="model.gguf"), make_tiny_tokenizer()) as staged:
+        assert staged != tmp_path and (staged / "tokenizer_config.json").is_file()
+    assert not staged.exists()
+    with api._tokenizer_dir(ModelRef(path=tmp_path), make_tiny_tokenizer()) as plain:
+        assert plain == tmp_path   # a directory source already has its tokenizer files
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "phi3"])
+def test_tail_shortcuts_skip_recomputation_and_change_no_byte(arch, tmp_path, calib_file, monkeypatch):
+    """Once an attention or MLP submodule's last linear is quantized, later passes compute that submodule as
+    one matmul on its recorded inputs (shortcuts.py): fewer linear calls, byte-identical checkpoint."""
+    from gptq_cli import engine
+    model_dir = save_tiny_model(tmp_path / "model", arch)
+    calls = []
+    counting = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, _a, _o: calls.append(1) if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D" else None)
+    digests, linear_calls = [], []
+    try:
+        for use in (True, False):
+            if not use:
+                monkeypatch.setattr(engine, "find_tails", lambda *a, **k: {})
+            calls.clear()
+            out = run_quantize(model_dir, tmp_path / f"out-{use}", calib_file, bits=4, group_size=32).output
+            linear_calls.append(len(calls))
+            digests.append(hashlib.sha256(b"".join(f.read_bytes() for f in sorted(out.glob("*.safetensors")))).digest())
+    finally:
+        counting.remove()
+    assert digests[0] == digests[1]
+    # fewer even with the one-batch probe that finds the shortcuts (a large share here: only two batches)
+    assert linear_calls[0] < linear_calls[1], linear_calls

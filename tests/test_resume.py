@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from gptq_cli import api
 from gptq_cli.cli import app
 from gptq_cli.convert import convert_checkpoint
+from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
 from tests.tiny_models import random_input_ids, save_tiny_model
 
@@ -208,3 +209,28 @@ def test_work_dir_block_files_hold_the_checkpoint_tensors(finished_work_dir, ref
         stored = load_file(finished_work_dir / "blocks" / f"block-{i:05d}.safetensors")
         assert {k.rsplit(".", 2)[0] for k in stored} == {f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"}
         assert all(torch.equal(t, final[k]) for k, t in stored.items())
+
+
+def test_a_work_dir_in_use_by_another_run_is_refused(tmp_path, model_dir, calib_file):
+    """Two runs on one work dir would interleave their block files: the second is refused with one line,
+    exit 2, and nothing in the directory changes; once the first is done the dir is usable again."""
+    import fcntl
+
+    from gptq_cli.workdir import WorkDir
+    work = tmp_path / "out.work"
+    work.mkdir()
+    with open(work / ".lock", "a") as held:   # what a running quantize holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = CliRunner().invoke(app, run_args(model_dir, calib_file, tmp_path / "out"))
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.stderr
+        assert "in use by another gptq run" in lines[0] and "--work-dir" in lines[0]
+        assert sorted(p.name for p in work.iterdir()) == [".lock"] and not (tmp_path / "out").exists()
+    plan = {"model_fingerprint": "m", "config": {"bits": 4}}
+    first, second = WorkDir(work), WorkDir(work)
+    assert first.open(plan) == 0
+    with pytest.raises(UsageError, match="in use"):
+        second.open(plan)
+    first.close()
+    assert second.open(plan) == 0   # released: the next run takes it
+    second.close()
