@@ -153,41 +153,51 @@ def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, cal
     for i in range(start, len(layers)):
         block, prefix = layers[i], f"{layers_path}.{i}."
         sm.materialize(prefix, device, dtype)
-        linears = block_linears(block)
-        results: list[ModuleResult] = []
         with torch.no_grad():
-            run_first = lambda: block(calib.hidden[0], **calib.kwargs[0])  # noqa: E731
-            groups = block_groups(block, arch, run_first, quant.true_sequential)
-            replay = None   # (submodule, its recorded inputs) for the current group, if any
-            tails = find_tails(block, linears, groups, run_first)
-            for k, group in enumerate(groups):
-                nxt = scope_of(group + groups[k + 1]) if k + 1 < len(groups) else ""
-                capture = block.get_submodule(nxt) if nxt and all(n.startswith(nxt + ".") for n in group) else None
-                if replay is None:
-                    passes = [lambda x=x, kw=kw: block(x, **kw) for x, kw in zip(calib.hidden, calib.kwargs)]
-                else:
-                    passes = [lambda a=a, kw=kw, m=replay[0]: m(*a, **kw) for a, kw in replay[1]]
-                tail = tails.get(group[0])
-                recording = record(tail, block) if tail and _inputs_fit(calib, linears[tail.last], device) else []
-                try:
-                    hessians, recorded = collect_hessians({n: linears[n] for n in group}, passes, capture)
-                finally:
-                    for h in recording:
-                        h.remove()
-                replay = (capture, recorded) if recorded is not None else None
-                for names, H, n_tokens in hessians:
-                    solved = _solve(names, [linears[n] for n in names], H, n_tokens, quant, prefix, dtype)
-                    results += solved
-                    for r in solved if on_module else ():
-                        on_module(r)
-                del hessians, passes
-                if recording:
-                    activate(tail, block, len(calib.hidden))
-            del replay
-            _advance(calib, block)
-            deactivate(tails, block)
+            results = _quantize_block(block, prefix, arch, calib, quant, device, dtype, on_module)
         sm.release(block)
         yield i, results
+
+
+def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Calibration, quant: QuantConfig,
+                    device: torch.device, dtype: torch.dtype, on_module: Callable[[ModuleResult], None] | None
+                    ) -> list[ModuleResult]:
+    """One block of quantize_blocks: its groups in order, then `calib` advanced to the next block's inputs."""
+    linears = block_linears(block)
+    results: list[ModuleResult] = []
+    run_first = lambda: block(calib.hidden[0], **calib.kwargs[0])  # noqa: E731
+    groups = block_groups(block, arch, run_first, quant.true_sequential)
+    replay = None   # (submodule, its recorded inputs) for the current group, if any
+    tails = find_tails(block, linears, groups, run_first)
+    try:
+        for k, group in enumerate(groups):
+            nxt = scope_of(group + groups[k + 1]) if k + 1 < len(groups) else ""
+            capture = block.get_submodule(nxt) if nxt and all(n.startswith(nxt + ".") for n in group) else None
+            if replay is None:
+                passes = [lambda x=x, kw=kw: block(x, **kw) for x, kw in zip(calib.hidden, calib.kwargs)]
+            else:
+                passes = [lambda a=a, kw=kw, m=replay[0]: m(*a, **kw) for a, kw in replay[1]]
+            tail = tails.get(group[0])
+            recording = record(tail, block) if tail and _inputs_fit(calib, linears[tail.last], device) else []
+            try:
+                hessians, recorded = collect_hessians({n: linears[n] for n in group}, passes, capture)
+            finally:
+                for h in recording:
+                    h.remove()
+            replay = (capture, recorded) if recorded is not None else None
+            for names, H, n_tokens in hessians:
+                solved = _solve(names, [linears[n] for n in names], H, n_tokens, quant, prefix, dtype)
+                results += solved
+                for r in solved if on_module else ():
+                    on_module(r)
+            del hessians, passes
+            if recording:
+                activate(tail, block, len(calib.hidden))
+        del replay
+        _advance(calib, block)
+    finally:
+        deactivate(tails, block)
+    return results
 
 
 def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibration,

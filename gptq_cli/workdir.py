@@ -5,6 +5,7 @@
     blocks/block-00007.safetensors   one per finished decoder block: its quantized linears' checkpoint tensors
                                      (qweight/qzeros/scales/g_idx under the full module names) and, as
                                      safetensors metadata, the quant_log rows of its modules
+    .lock                            flock-ed by the run using the directory (a second run is refused)
 
 Every file is written to a temporary name in its own directory and renamed into place, so a run killed at
 any moment leaves only whole files behind. A rerun continues after the last finished block.
