@@ -178,7 +178,7 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
             else:
                 passes = [lambda a=a, kw=kw, m=replay[0]: m(*a, **kw) for a, kw in replay[1]]
             tail = tails.get(group[0])
-            recording = record(tail, block) if tail and _inputs_fit(calib, linears[tail.last], device) else []
+            recording = record(tail) if tail and _inputs_fit(calib, tail.last, device) else []
             try:
                 hessians, recorded = collect_hessians({n: linears[n] for n in group}, passes, capture)
             finally:
@@ -192,11 +192,11 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
                     on_module(r)
             del hessians, passes
             if recording:
-                activate(tail, block, len(calib.hidden))
+                activate(tail, len(calib.hidden))
         del replay
         _advance(calib, block)
     finally:
-        deactivate(tails, block)
+        deactivate(tails)
     return results
 
 

@@ -26,8 +26,8 @@ MEMORY_SHARE = 0.25
 class Tail:
     """A child of the block whose return value is its last linear's output, alone (extra = -1) or followed by
     `extra` Nones (attention modules return (output, None))."""
-    scope: str
-    last: str
+    scope: nn.Module
+    last: nn.Module
     extra: int
     inputs: list[torch.Tensor] = field(default_factory=list)        # last's input, per calibration batch
     fingerprints: list[tuple] = field(default_factory=list)         # of the scope's arguments, per batch
@@ -68,7 +68,7 @@ def find_tails(block: nn.Module, linears: dict[str, nn.Module], groups: list[lis
         others = [n for n in linears if n.startswith(scope + ".") and n != last]
         if [n for n, _ in inside].count(last) == 1 and groups[group_of[last]] == [last] and all(
                 group_of[n] < group_of[last] for n in others):
-            tails[last] = Tail(scope, last, extra)
+            tails[last] = Tail(scopes[scope], linears[last], extra)
     return tails
 
 
@@ -103,41 +103,36 @@ def fingerprint(args: tuple, kwargs: dict) -> tuple:
     return tuple(flat)
 
 
-def record(tail: Tail, block: nn.Module) -> list:
+def record(tail: Tail) -> list:
     """Hooks that record the tail's inputs and its scope's argument fingerprints during its own pass."""
-    scope, last = block.get_submodule(tail.scope), block.get_submodule(tail.last)
-    tail.inputs.clear()
-    tail.fingerprints.clear()
-    return [scope.register_forward_pre_hook(lambda _m, a, kw: tail.fingerprints.append(fingerprint(a, kw)),
-                                            with_kwargs=True),
-            last.register_forward_pre_hook(lambda _m, a: tail.inputs.append(a[0]))]
+    return [tail.scope.register_forward_pre_hook(lambda _m, a, kw: tail.fingerprints.append(fingerprint(a, kw)),
+                                                 with_kwargs=True),
+            tail.last.register_forward_pre_hook(lambda _m, a: tail.inputs.append(a[0]))]
 
 
-def activate(tail: Tail, block: nn.Module, batches: int) -> None:
+def activate(tail: Tail, batches: int) -> None:
     """From now on the scope's calls are answered from the recorded inputs (in batch order, once per batch
     in every pass); a call whose arguments do not match the recording runs the real forward instead. Nothing
     changes unless the tail's pass recorded every one of the `batches`."""
     if not len(tail.inputs) == len(tail.fingerprints) == batches:
         return
-    scope, last = block.get_submodule(tail.scope), block.get_submodule(tail.last)
-    real = scope.forward
+    real = tail.scope.forward
     calls = itertools.count()
 
     def forward(*args, **kwargs):
         i = next(calls) % batches
         if fingerprint(args, kwargs) != tail.fingerprints[i]:
             return real(*args, **kwargs)
-        out = last(tail.inputs[i])
+        out = tail.last(tail.inputs[i])
         return out if tail.extra < 0 else (out, *([None] * tail.extra))
 
-    scope.forward = forward
+    tail.scope.forward = forward
 
 
-def deactivate(tails: dict[str, Tail], block: nn.Module) -> None:
+def deactivate(tails: dict[str, Tail]) -> None:
     """Give every scope its own forward back and free the recorded inputs."""
     for tail in tails.values():
-        scope = block.get_submodule(tail.scope)
-        if "forward" in vars(scope):
-            del scope.forward
+        if "forward" in vars(tail.scope):
+            del tail.scope.forward
         tail.inputs.clear()
         tail.fingerprints.clear()

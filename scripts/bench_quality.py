@@ -53,9 +53,10 @@ def cpu_info() -> str:
 
 
 def fast_cpu_dtype() -> str:
-    """bfloat16 where the CPU computes in it (AVX512-BF16 / AMX), else float32: what `--dtype auto` picks for
-    us, and GPTQModel's fastest dtype on such a CPU (fp16 has no CPU arithmetic and is many times slower)."""
-    return "bfloat16" if ("avx512_bf16" in cpu_info() or "amx_bf16" in cpu_info()) else "float32"
+    """What `--dtype auto` picks for us on this CPU (bf16 with AVX512-BF16/AMX, else fp32): also GPTQModel's
+    fastest dtype on it (fp16 has no CPU arithmetic and is many times slower)."""
+    from gptq_cli.modelio import resolve_dtype
+    return str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
