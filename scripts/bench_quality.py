@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,17 @@ def cpu_info() -> str:
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{os.cpu_count()}-core {name} ({', '.join(isa) or 'no AVX2'})"
+
+
+def cpu_slug() -> str:
+    """A short name for the kind of CPU (vendor, family, the fastest matmul extension), so that each kind keeps
+    its own report: e.g. amd-epyc-avx512bf16, intel-xeon-amx."""
+    info = cpu_info()
+    words = re.findall(r"[a-z0-9]+", info.split(" (")[0].split("-core ", 1)[-1].lower())
+    words = [w for w in words if w not in ("r", "tm", "cpu", "processor")][:2]
+    isa = next((tag for flag, tag in (("amx_bf16", "amx"), ("avx512_bf16", "avx512bf16"), ("avx512f", "avx512"),
+                                       ("avx2", "avx2")) if flag in info), "noavx2")
+    return "-".join([*words, isa])
 
 
 def fast_cpu_dtype() -> str:
@@ -154,13 +166,13 @@ def main() -> None:
     ap.add_argument("--retime", help="setting to re-run GPTQModel for (first seed) even if an earlier run is kept, "
                                      "so that its wall time is measured side by side with ours")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_quality"))
-    ap.add_argument("--out", type=Path, help="default: bench/quality_smollm2_<eval dtype>.json (one report per "
-                                             "kind of CPU: bf16-capable ones and the rest)")
+    ap.add_argument("--out", type=Path, help="default: bench/quality_smollm2_<cpu kind>_<eval dtype>.json (one report "
+                                             "per kind of CPU and eval dtype)")
     ap.add_argument("--ppl-cache", type=Path, default=Path("/tmp/bench_quality/ppl_cache.json"),
                     help="perplexities already measured, keyed by the weights' sha256 (our output is "
                          "deterministic, so a rerun for timing need not evaluate again)")
     args = ap.parse_args()
-    args.out = args.out or ROOT / "bench" / f"quality_smollm2_{args.eval_dtype}.json"
+    args.out = args.out or ROOT / "bench" / f"quality_smollm2_{cpu_slug()}_{args.eval_dtype}.json"
 
     from transformers import AutoModelForCausalLM
 
