@@ -43,25 +43,27 @@ SETTINGS = {  # name -> (flags of both tools, name in a gptqmodel runs directory
 }
 
 
-def cpu_info() -> str:
-    """The CPU's model name and the vector extensions that decide matmul speed here."""
+def cpu_model_and_isa() -> tuple[str, list[str]]:
+    """The CPU's model name and the vector extensions that decide matmul speed here (slowest first)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 platform.machine())
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return name, [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+
+
+def cpu_info() -> str:
+    name, isa = cpu_model_and_isa()
     return f"{os.cpu_count()}-core {name} ({', '.join(isa) or 'no AVX2'})"
 
 
 def cpu_slug() -> str:
     """A short name for the kind of CPU (vendor, family, the fastest matmul extension), so that each kind keeps
     its own report: e.g. amd-epyc-avx512bf16, intel-xeon-amx."""
-    info = cpu_info()
-    words = re.findall(r"[a-z0-9]+", info.split(" (")[0].split("-core ", 1)[-1].lower())
-    words = [w for w in words if w not in ("r", "tm", "cpu", "processor")][:2]
-    isa = next((tag for flag, tag in (("amx_bf16", "amx"), ("avx512_bf16", "avx512bf16"), ("avx512f", "avx512"),
-                                       ("avx2", "avx2")) if flag in info), "noavx2")
-    return "-".join([*words, isa])
+    name, isa = cpu_model_and_isa()
+    words = [w for w in re.findall(r"[a-z0-9]+", name.lower()) if w not in ("r", "tm", "cpu", "processor")][:2]
+    tags = {"avx2": "avx2", "avx512f": "avx512", "avx512_bf16": "avx512bf16", "amx_bf16": "amx"}
+    return "-".join([*words, tags[isa[-1]] if isa else "noavx2"])
 
 
 def fast_cpu_dtype() -> str:
