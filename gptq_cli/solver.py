@@ -202,7 +202,8 @@ def group_aware_order(diag: Tensor, group_size: int) -> Tensor:
     """Group-aware act-order (GPTQModel's "GAR"): act-order's benefit without its scattered g_idx. Groups of
     consecutive columns stay whole, so g_idx stays k // g; the groups are solved in decreasing order of their
     largest Hessian diagonal entry and, inside each group, columns in decreasing diagonal order. Columns past
-    the last whole group keep their places at the end. Stable sorts: ties keep a fixed order."""
+    the last whole group keep their places at the end. Stable sorts: ties keep a fixed order. Per channel
+    (group_size = K) this is act-order itself, and costs loaders nothing: g_idx is all zeros either way."""
     K = diag.numel()
     whole = K // group_size
     arange = torch.arange(K, device=diag.device)
@@ -253,7 +254,7 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
             for j in range(n_groups):
                 scales[:, j], zeros[:, j] = find_params(W[:, j * g:(j + 1) * g], bits, sym, mse)
 
-        if desc_act or (act_group_aware and group_size != -1):
+        if desc_act or act_group_aware:
             perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act
                     else group_aware_order(H.diagonal(), g))
             W, H = W[:, perm], H[perm][:, perm]

@@ -68,7 +68,7 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: i
     static = [reference_params(W[:, j * g:(j + 1) * g], bits, sym, mse) for j in range(n_groups)]
 
     order = list(range(K))
-    group_aware = act_group_aware and not desc_act and group_size != -1
+    group_aware = act_group_aware and not desc_act
     if desc_act:
         order = sorted(range(K), key=lambda k: -H[k, k].item())   # Python's sort is stable
     elif group_aware:   # whole groups, by their largest diagonal entry; inside a group by diagonal; tail last

@@ -105,12 +105,22 @@ def test_mse_clip_search_matches_reference(sym: bool, desc_act: bool) -> None:
     assert_matches_reference(W, H, bits=3, group_size=32, sym=sym, desc_act=desc_act, mse=True)
 
 
-@pytest.mark.parametrize("K, group_size, bits", [(200, 32, 4), (256, 128, 3), (300, 128, 2)])
+@pytest.mark.parametrize("K, group_size, bits", [(200, 32, 4), (256, 128, 3), (300, 128, 2), (160, -1, 4)])
 def test_group_aware_order_matches_reference(K: int, group_size: int, bits: int) -> None:
     W, H = correlated_problem(40, K, seed=K + bits)
     assert_matches_reference(W, H, bits=bits, group_size=group_size, sym=bits != 3, act_group_aware=True)
     qw = quantize_weight(W, H, bits=bits, group_size=group_size, act_group_aware=True)
-    assert torch.equal(qw.g_idx.long(), torch.arange(K) // group_size)   # loaders see plain groups
+    g = K if group_size == -1 else group_size
+    assert torch.equal(qw.g_idx.long(), torch.arange(K) // g)   # loaders see plain groups (per channel: zeros)
+
+
+def test_group_aware_order_per_channel_is_act_order() -> None:
+    W, H = correlated_problem(24, 96, seed=5)
+    gar = quantize_weight(W, H, bits=4, group_size=-1, act_group_aware=True)
+    act = quantize_weight(W, H, bits=4, group_size=-1, desc_act=True)
+    plain = quantize_weight(W, H, bits=4, group_size=-1)
+    assert torch.equal(gar.codes, act.codes) and torch.equal(gar.scales, act.scales)
+    assert torch.equal(gar.g_idx, plain.g_idx) and not torch.equal(gar.codes, plain.codes)
 
 
 def test_group_aware_order_keeps_groups_whole() -> None:

@@ -71,7 +71,7 @@ def quantize(
     act_group_aware: Optional[bool] = typer.Option(None, "--act-group-aware/--no-act-group-aware",
                                                    help="Without --desc-act: solve groups (and columns in them) "
                                                         "by decreasing Hessian diagonal, keeping g_idx = k // g "
-                                                        "(default on)."),
+                                                        "(per channel: act-order at no cost; default on)."),
     true_sequential: Optional[bool] = typer.Option(None, "--true-sequential/--no-true-sequential",
                                                    help="Quantize q/k/v → o → gate/up → down in turn (default on)."),
     damp_percent: Optional[float] = typer.Option(None, "--damp-percent", help="Relative damping (default 0.01), "

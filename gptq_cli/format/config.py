@@ -45,7 +45,7 @@ class QuantConfig:
         # How the columns were ordered while solving changes nothing a loader reads: it goes in meta, where
         # GPTQModel records it too (act-order proper is desc_act, which loaders do read).
         d["meta"] = {"quantizer": [f"gptq_cli:{__version__}"], "mse": self.mse,
-                     "act_group_aware": self.act_group_aware and not self.desc_act and self.group_size != -1,
+                     "act_group_aware": self.act_group_aware and not self.desc_act,
                      **self.meta}
         return d
 
