@@ -85,12 +85,14 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
                      ) -> tuple[list[tuple[list[str], torch.Tensor, int]], list[tuple[tuple, dict]] | None]:
     """The Hessians 2/n ΣxxT of the modules' inputs over the calibration passes, as (module names, H, n):
     modules that read the very same input tensor (q/k/v, gate/up) share one. Each pass is cut short once
-    every module has been seen. With `capture`, also returns that submodule's (args, kwargs) of each pass
-    (None unless it ran exactly once per pass)."""
+    every module has been seen; after the first pass, which shows who shares, once every distinct input has
+    been seen (so k/v and gate, whose inputs q and up already gave, are not computed again). With `capture`,
+    also returns that submodule's (args, kwargs) of each pass (None unless it ran exactly once per pass)."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {}
     shares: dict[str, str] = {}
     seen: list[tuple[str, torch.Tensor]] = []
     captured: list[list[tuple[tuple, dict]]] = []
+    owners: set[str] = set(modules)   # the modules whose inputs a pass must reach: all of them at first
 
     def hook_for(name: str):
         def hook(_module, args):
@@ -101,7 +103,7 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
                 shares[name] = shares.get(earlier, earlier)
             else:
                 acc[name] = accumulate_hessian(*acc.get(name, (None, 0)), x)
-            if len(seen) == len(modules):
+            if owners <= {n for n, _ in seen}:
                 raise _StopForward
         return hook
 
@@ -117,6 +119,7 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
                 run_pass()
             except _StopForward:
                 pass
+            owners = set(acc) if len(acc) + len(shares) == len(modules) else owners
     finally:
         for h in handles:
             h.remove()

@@ -18,7 +18,7 @@ from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
 from gptq_cli.loader import load_quantized_model
 from gptq_cli.modelio import load_streaming, resolve_model
-from gptq_cli.solver import quantization_loss, quantize_rtn, quantize_weight
+from gptq_cli.solver import accumulate_hessian, quantization_loss, quantize_rtn, quantize_weight
 from tests.tiny_models import make_tiny_model, random_input_ids, save_tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "gpt2"]
@@ -103,6 +103,41 @@ def test_gptq_loss_below_rtn_on_same_calibration(tmp_path, calib_file):
                 assert quantization_loss(W, H, gptq) < quantization_loss(W, H, rtn), (name, bits)
                 checked += 1
     assert checked == 2 * len(linears)
+
+
+def test_collect_hessians_stops_at_first_of_shared_input(tmp_path):
+    """q/k/v (and gate/up) read one tensor: once the first pass has shown that, later passes stop at q, so q and k
+    run in the first pass only, and the Hessians are exactly those of each module's own inputs."""
+    model_dir = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float32)
+    sm = load_streaming(resolve_model(str(model_dir)), torch.float32)
+    layers_path, _ = resolve_arch(sm.model)
+    batches = [random_input_ids(2, SEQLEN, seed=s) for s in (1, 2, 3)]
+    calib = capture_inputs(sm, layers_path, batches, torch.device("cpu"), torch.float32)
+    block = sm.model.get_submodule(layers_path)[0]
+    sm.materialize(f"{layers_path}.0.", torch.device("cpu"), torch.float32)
+    linears = block_linears(block)
+    passes = [lambda x=x, kw=kw: block(x, **kw) for x, kw in zip(calib.hidden, calib.kwargs)]
+    for group in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]):
+        inputs: dict[str, list[torch.Tensor]] = {n: [] for n in group}
+        handles = [linears[n].register_forward_pre_hook(lambda _m, a, n=n: inputs[n].append(a[0])) for n in group]
+        for run_pass in passes:
+            run_pass()
+        for h in handles:
+            h.remove()
+        calls = {n: 0 for n in group}
+        handles = [linears[n].register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1))
+                   for n in group]
+        hessians, _ = collect_hessians({n: linears[n] for n in group}, passes)
+        for h in handles:
+            h.remove()
+        assert calls == {n: int(n != group[-1]) for n in group}, calls   # the first pass only, cut at the last
+        [(names, H, n)] = hessians
+        assert names == group and n == 3 * 2 * SEQLEN
+        for name in group:
+            ref = (None, 0)
+            for x in inputs[name]:
+                ref = accumulate_hessian(*ref, x)
+            assert torch.equal(H, ref[0]), name
 
 
 def test_act_order_static_groups_monotone_g_idx(tmp_path, calib_file):
