@@ -86,7 +86,7 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
     """The Hessians 2/n ΣxxT of the modules' inputs over the calibration passes, as (module names, H, n):
     modules that read the very same input tensor (q/k/v, gate/up) share one. Each pass is cut short once
     every module has been seen; after the first pass, which shows who shares, once every distinct input has
-    been seen (so k/v and gate, whose inputs q and up already gave, are not computed again). With `capture`,
+    been seen (so q and k, run only to reach v, and gate, run only to reach up, are not computed again). With `capture`,
     also returns that submodule's (args, kwargs) of each pass (None unless it ran exactly once per pass)."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {}
     shares: dict[str, str] = {}
