@@ -21,7 +21,7 @@ import torch
 from gptq_cli import __version__
 from gptq_cli.arch import Arch, resolve_arch
 from gptq_cli.engine import ModuleResult, capture_inputs, quantize_blocks, replay_block
-from gptq_cli.errors import UsageError
+from gptq_cli.errors import UsageError, noting_interrupts
 from gptq_cli.format.checkpoint import parse_size
 from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is quantize + evaluate)
 from gptq_cli.format.config import QuantConfig
@@ -105,16 +105,21 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=seqlen, seed=seed, batch_size=batch_size,
                       device=dev, dtype=cdtype, blocks=n_blocks, command=command)
     done = wd.open(plan)
-    try:
-        if done < n_blocks:
-            if done and progress:
-                progress("resume", done, n_blocks, wd.path)
-            _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, done, progress)
-        rows = _write_output(wd, plan, out, sm, ref, tokenizer, command=command)
-    except KeyboardInterrupt:
-        raise QuantizeInterrupted(wd.finished_blocks(), n_blocks, wd.path) from None
-    finally:
-        wd.close()
+    with noting_interrupts() as interrupted:
+        try:
+            if done < n_blocks:
+                if done and progress:
+                    progress("resume", done, n_blocks, wd.path)
+                _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, done, progress)
+            rows = _write_output(wd, plan, out, sm, ref, tokenizer, command=command)
+        except Exception as e:
+            if not interrupted():
+                raise
+            raise QuantizeInterrupted(wd.finished_blocks(), n_blocks, wd.path) from e
+        except KeyboardInterrupt:
+            raise QuantizeInterrupted(wd.finished_blocks(), n_blocks, wd.path) from None
+        finally:
+            wd.close()
     wd.remove()
     return QuantizeResult(out, rows, time.perf_counter() - t_start, plan)
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gptq_cli.errors import GptqError
+from gptq_cli.errors import GptqError, noting_interrupts
 
 # Progress, tables and logs go to stderr so that stdout carries only the --json object.
 console = Console(stderr=True)
@@ -22,22 +22,27 @@ DEBUG_OPTION = typer.Option(False, "--debug", help="Show the full traceback on e
 
 def run(work: Callable[[], Any], *, debug: bool = False) -> Any:
     """Run a command body; turn our errors into one stderr line and the right exit code."""
-    try:
-        return work()
-    except GptqError as e:
-        if debug:
-            raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]")
-        raise typer.Exit(130)
-    except Exception as e:  # an unexpected failure of the work: one line unless --debug
-        if debug:
-            raise
-        console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                      highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+    with noting_interrupts() as interrupted:
+        try:
+            return work()
+        except GptqError as e:
+            if debug:
+                raise
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130)
+        except Exception as e:
+            if interrupted():  # Ctrl-C that landed in a C extension and came out as that extension's error
+                console.print("[bold red]interrupted[/]")
+                raise typer.Exit(130)
+            if debug:
+                raise
+            # an unexpected failure of the work: one line unless --debug
+            console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
 
 
 def emit_json(obj: Any) -> None:
