@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 ARCH_FLAGS = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ("80", "89", "90")] + [
@@ -38,6 +39,18 @@ def cuda_build() -> tuple[dict, str]:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}, ""
 
 
+class BuildPyWithPresets(build_py):
+    """Also ships configs/*.json (the --config presets) inside the package as gptq_cli/presets/, so that a wheel
+    install finds them; an editable install reads configs/ where it is."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "gptq_cli" / "presets"
+        target.mkdir(parents=True, exist_ok=True)
+        for preset in sorted((ROOT / "configs").glob("*.json")):
+            self.copy_file(str(preset), str(target / preset.name))
+
+
 def extension_args() -> dict:
     mode = os.environ.get("GPTQ_BUILD_EXT", "")
     if mode == "0":
@@ -50,4 +63,5 @@ def extension_args() -> dict:
     return args
 
 
-setup(**extension_args())
+args = extension_args()
+setup(**{**args, "cmdclass": {**args.get("cmdclass", {}), "build_py": BuildPyWithPresets}})

@@ -3,7 +3,9 @@
 (a) GPTQModel quantizes it and writes a checkpoint; our loader's logits match GPTQModel's own forward;
 (b) we write a checkpoint from known random codes; transformers + optimum + gptqmodel load it and their
     logits match our QuantLinear model's;
-(c) GPTQModel's TorchLinear dequantizes our packing of 2/3/4/8-bit weights to exactly our weights.
+(c) GPTQModel's TorchLinear dequantizes our packing of 2/3/4/8-bit weights to exactly our weights;
+(d) for every registered architecture, `quantize`'s own output loads in transformers + optimum + gptqmodel with
+    the logits of our loader.
 
 Everything GPTQModel does runs in one child process (this file run as a script, see `worker`), so its
 import-time patches of transformers/safetensors and its logging never touch the rest of the test session.
@@ -27,6 +29,11 @@ HAS_GPTQMODEL = importlib.util.find_spec("gptqmodel") is not None and importlib.
 pytestmark = pytest.mark.skipif(not HAS_GPTQMODEL, reason="gptqmodel and optimum are not installed")
 
 DESC_ACT = [False, True]
+# every architecture the registry names (tests/test_quantize.py quantizes the same list)
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]
+# transformers 5.25 + gptqmodel 7.7 cannot load any GPT-2 GPTQ checkpoint, GPTQModel's own included (GPT-2's
+# _init_weights calls normal_ on the replaced c_proj weight): GPTQModel's loader reads ours instead.
+GPTQMODEL_LOADS_ONLY = {"gpt2"}
 DEQUANT_BITS = [2, 3, 4, 8]
 COSINE = 0.9999
 
@@ -56,6 +63,8 @@ def gptqmodel_side(tmp_path_factory, tiny_llama_dir):
                for b in DEQUANT_BITS}
     torch.save({b: qw.to_tensors("gptq_v2") for b, qw in weights.items()}, root / "packed.pt")
 
+    quantized = {arch: _quantize_with_us(root / arch, arch, desc_act=i % 2 == 1) for i, arch in enumerate(ARCHS)}
+
     ids = input_ids().tolist()
     calibration = random_input_ids(8, 64, seed=1).tolist()
     jobs = [{"kind": "quantize", "name": f"quantize{int(d)}", "src": str(tiny_llama_dir), "out": str(theirs[d]),
@@ -64,6 +73,8 @@ def gptqmodel_side(tmp_path_factory, tiny_llama_dir):
              for d in DESC_ACT]
     jobs += [{"kind": "transformers_logits", "name": f"transformers{int(d)}", "path": str(ours[d].path), "ids": ids}
              for d in DESC_ACT]
+    jobs += [{"kind": "gptqmodel_logits" if arch in GPTQMODEL_LOADS_ONLY else "transformers_logits",
+              "name": f"loaded_{arch}", "path": str(path), "ids": ids} for arch, path in quantized.items()]
     jobs += [{"kind": "torch_linear_dequant", "name": f"dequant{b}", "packed": str(root / "packed.pt"), "bits": b,
               "group_size": 64, "in_features": 256, "out_features": 64} for b in DEQUANT_BITS]
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -73,7 +84,21 @@ def gptqmodel_side(tmp_path_factory, tiny_llama_dir):
                           env=env, cwd=root, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"GPTQModel worker failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return torch.load(root / "results.pt"), theirs, ours, weights
+    return torch.load(root / "results.pt"), theirs, ours, weights, quantized
+
+
+def _quantize_with_us(root: Path, arch: str, *, desc_act: bool) -> Path:
+    """`quantize` (the API under the CLI) on a tiny random fp16 model of `arch`: its checkpoint directory."""
+    from gptq_cli import api
+    from gptq_cli.format.config import QuantConfig
+    from tests.tiny_models import random_input_ids, save_tiny_model
+
+    model_dir = save_tiny_model(root / "model", arch, dtype=torch.float16)
+    calib = root / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in random_input_ids(8, 32, seed=2).tolist()))
+    result = api.quantize(str(model_dir), QuantConfig(bits=4, group_size=64, desc_act=desc_act), dataset=str(calib),
+                          nsamples=8, seqlen=32, batch_size=4, device="cpu", dtype="float32", output=root / "gptq")
+    return result.output
 
 
 @pytest.mark.parametrize("desc_act", DESC_ACT)
@@ -81,7 +106,7 @@ def test_our_loader_matches_gptqmodel_forward_on_its_checkpoint(gptqmodel_side, 
     from gptq_cli.loader import load_quantized_model
     from gptq_cli.quant_linear import QuantLinear
 
-    results, theirs, _, _ = gptqmodel_side
+    results, theirs, _, _, _ = gptqmodel_side
     path = theirs[desc_act]
     model = load_quantized_model(path, dtype=torch.float32)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
@@ -106,7 +131,7 @@ def test_gptqmodel_checkpoint_reads_and_inspects_cleanly(gptqmodel_side, desc_ac
     from gptq_cli.format.checkpoint import read_quant_config
     from gptq_cli.inspect import inspect_checkpoint, plot_losses, read_quant_log
 
-    _, theirs, _, _ = gptqmodel_side
+    _, theirs, _, _, _ = gptqmodel_side
     quant = read_quant_config(theirs[desc_act])
     assert (quant.bits, quant.group_size, quant.desc_act, quant.sym, quant.checkpoint_format) == (4, 128, desc_act, True, "gptq")
     report = inspect_checkpoint(theirs[desc_act])
@@ -123,7 +148,7 @@ def test_gptqmodel_checkpoint_reads_and_inspects_cleanly(gptqmodel_side, desc_ac
 def test_transformers_with_gptqmodel_loads_our_checkpoint(gptqmodel_side, desc_act):
     from gptq_cli.loader import load_quantized_model
 
-    results, _, ours, _ = gptqmodel_side
+    results, _, ours, _, _ = gptqmodel_side
     theirs = results[f"transformers{int(desc_act)}"]
     assert theirs["quant_modules"] and not any("gptq_cli" in k for k in theirs["quant_modules"])
     with torch.no_grad():
@@ -133,9 +158,21 @@ def test_transformers_with_gptqmodel_loads_our_checkpoint(gptqmodel_side, desc_a
     assert cosine(theirs["logits"], reference) > COSINE
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_with_gptqmodel_loads_what_quantize_writes(gptqmodel_side, arch):
+    from gptq_cli.loader import load_quantized_model
+
+    results, _, _, _, quantized = gptqmodel_side
+    theirs = results[f"loaded_{arch}"]
+    assert theirs["quant_modules"] and not any("gptq_cli" in k for k in theirs["quant_modules"])
+    with torch.no_grad():
+        ours_logits = load_quantized_model(quantized[arch], dtype=torch.float16)(input_ids()).logits.float()
+    assert cosine(theirs["logits"], ours_logits) > COSINE
+
+
 @pytest.mark.parametrize("bits", DEQUANT_BITS)
 def test_gptqmodel_torch_linear_dequantizes_our_packing_exactly(gptqmodel_side, bits):
-    results, _, _, weights = gptqmodel_side
+    results, _, _, weights, _ = gptqmodel_side
     theirs = results[f"dequant{bits}"]["weight"]                       # [K, N] fp16
     assert torch.equal(theirs.t(), weights[bits].dequantize(torch.float16))
 
@@ -145,6 +182,10 @@ def test_gptqmodel_torch_linear_dequantizes_our_packing_exactly(gptqmodel_side, 
 def _logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.float()
+
+
+def _quant_module_kinds(model) -> list[str]:
+    return sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if hasattr(m, "qweight")})
 
 
 def _job(job: dict) -> dict:
@@ -159,15 +200,14 @@ def _job(job: dict) -> dict:
         return {}
     if job["kind"] == "gptqmodel_logits":
         model = GPTQModel.load(job["path"], device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
-        return {"logits": _logits(model.model, job["ids"])}
+        return {"logits": _logits(model.model, job["ids"]), "quant_modules": _quant_module_kinds(model.model)}
     if job["kind"] == "transformers_logits":
         from transformers import AutoModelForCausalLM, GPTQConfig
 
         # gptq_torch: the CPU auto-choice would JIT-compile a C++ kernel for minutes first
         model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=torch.float16, device_map="cpu",
                                                      quantization_config=GPTQConfig(bits=4, backend="gptq_torch"))
-        kinds = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if hasattr(m, "qweight")})
-        return {"logits": _logits(model, job["ids"]), "quant_modules": kinds}
+        return {"logits": _logits(model, job["ids"]), "quant_modules": _quant_module_kinds(model)}
     if job["kind"] == "torch_linear_dequant":
         from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 

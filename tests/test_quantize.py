@@ -21,7 +21,7 @@ from gptq_cli.modelio import load_streaming, resolve_model
 from gptq_cli.solver import accumulate_hessian, quantization_loss, quantize_rtn, quantize_weight
 from tests.tiny_models import make_tiny_model, random_input_ids, save_tiny_model
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "gpt2"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]
 NSAMPLES, SEQLEN = 8, 32
 
 

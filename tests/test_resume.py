@@ -254,3 +254,16 @@ def test_ctrl_c_inside_a_c_extension_is_an_interrupt_not_a_failure(tmp_path, mod
     monkeypatch.setattr(api, "_solve_into", lambda *a, **k: (_ for _ in ()).throw(ValueError("a real failure")))
     result = CliRunner().invoke(app, run_args(model_dir, calib_file, tmp_path / "out"))
     assert result.exit_code == 1 and "ValueError: a real failure" in result.stderr
+
+
+def test_without_a_terminal_each_block_is_one_log_line(tmp_path, model_dir, calib_file, reference):
+    """No TTY (a pipeline, nohup, CI): no bars, but a line per finished block; --quiet silences them."""
+    args = [a for a in run_args(model_dir, calib_file, tmp_path / "out") if a != "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("block ")]
+    assert [line.split(" quantized")[0] for line in lines] == [f"block {i}/{BLOCKS}" for i in range(1, BLOCKS + 1)]
+    assert digests(tmp_path / "out") == digests(reference)
+
+    result = CliRunner().invoke(app, run_args(model_dir, calib_file, tmp_path / "quiet"))
+    assert result.exit_code == 0 and "block " not in result.stderr

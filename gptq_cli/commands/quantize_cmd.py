@@ -4,17 +4,22 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from gptq_cli.commands.common import DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, progress_bar, run
+from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, progress_bar, run,
+                                      show_progress)
 from gptq_cli.errors import GptqError, UsageError
 from gptq_cli.format.config import QuantConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+_PACKAGE = Path(__file__).resolve().parents[1]
+# The --config presets: shipped inside the package by setup.py's build_py (a wheel install), else the source
+# tree's configs/ (a checkout or an editable install).
+CONFIG_DIR = next((d for d in (_PACKAGE / "presets", _PACKAGE.parent / "configs") if d.is_dir()), _PACKAGE / "presets")
 QUANT_KEYS = ("bits", "group_size", "desc_act", "sym", "static_groups", "act_group_aware", "true_sequential",
               "damp_percent", "mse")
 RUN_KEYS = ("dataset", "nsamples", "seqlen", "batch_size", "seed")
@@ -128,9 +133,15 @@ def quantize(
         with progress_bar(quiet or json_out) as bar:
             blocks = bar.add_task("blocks", total=None)
 
+            plain_lines = not (quiet or json_out or show_progress(quiet))  # a log, not a terminal: a line a block
+            t0 = time.perf_counter()
+
             def on_progress(kind, *args):
                 if kind == "block":
                     bar.update(blocks, completed=args[0], total=args[1])
+                    if plain_lines and args[0]:
+                        console.print(f"block {args[0]}/{args[1]} quantized ({time.perf_counter() - t0:.0f} s)",
+                                      highlight=False)
                 elif kind == "module":
                     bar.update(blocks, description=f"blocks · {args[0].name}")
                 elif kind == "resume" and not (quiet or json_out):
