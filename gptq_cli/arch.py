@@ -42,6 +42,11 @@ ARCHS: dict[str, Arch] = {
     "gemma3_text": Arch("model.layers", _LLAMA_GROUPS),
     "phi3": Arch("model.layers", (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
                                   ("mlp.down_proj",))),
+    # Sparse MoE, experts defused by moe.py; "*" stands for every expert index. Every expert's gate/up read the
+    # same (all-token) input during calibration, so they share one Hessian and are solved as one matrix.
+    "mixtral": Arch("model.layers", (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                     ("self_attn.o_proj",), ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
+                                     ("mlp.experts.*.down_proj",))),
     "opt": Arch("model.decoder.layers", (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                                          ("self_attn.out_proj",), ("fc1",), ("fc2",))),
     "gpt2": Arch("transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))),
@@ -53,15 +58,14 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
 
 
 def find_layers_path(model: nn.Module) -> str:
-    """The decoder ModuleList: the longest ModuleList whose blocks contain linears (generic fallback)."""
-    best, best_len = None, 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > best_len and any(
-                isinstance(m, QUANTIZABLE) for m in mod[0].modules()):
-            best, best_len = name, len(mod)
-    if best is None:
+    """The decoder ModuleList (generic fallback): the longest ModuleList whose blocks contain linears and which
+    is not inside another such list (a block's list of MoE experts can be longer than the list of blocks)."""
+    lists = [(name, len(mod)) for name, mod in model.named_modules()
+             if isinstance(mod, nn.ModuleList) and len(mod) and any(isinstance(m, QUANTIZABLE) for m in mod[0].modules())]
+    outer = [(name, n) for name, n in lists if not any(name.startswith(other + ".") for other, _ in lists)]
+    if not outer:
         raise ValueError("no decoder block list found: the model has no nn.ModuleList of blocks with linears")
-    return best
+    return max(outer, key=lambda item: item[1])[0]
 
 
 def resolve_arch(model: nn.Module) -> tuple[str, Arch | None]:
@@ -77,7 +81,11 @@ def resolve_arch(model: nn.Module) -> tuple[str, Arch | None]:
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in block.named_modules() if isinstance(m, QUANTIZABLE)}
+    """The linears of a block that get quantized: all but those whose outputs cannot be packed (SPEC §2 packs
+    zero points along N, 32/bits to a word, so N must be a multiple of 32 for 3-bit): in practice the 1-output
+    gates of some MoE blocks (Qwen2-MoE's shared_expert_gate), which GPTQModel leaves unquantized too."""
+    return {name: m for name, m in block.named_modules()
+            if isinstance(m, QUANTIZABLE) and linear_weight(m).shape[0] % 32 == 0}
 
 
 def block_groups(block: nn.Module, arch: Arch | None, run_block, true_sequential: bool = True) -> list[list[str]]:
@@ -87,13 +95,24 @@ def block_groups(block: nn.Module, arch: Arch | None, run_block, true_sequential
     read the very same input tensor form one group, in the order they are first called.
     """
     linears = block_linears(block)
-    if arch is not None and all(n in linears for g in arch.groups for n in g):
-        groups = [list(g) for g in arch.groups]
+    table = [[n for pattern in g for n in _expand(pattern, linears)] for g in arch.groups] if arch else []
+    if arch is not None and all(table) and all(n in linears for g in table for n in g):
+        groups = table
         covered = {n for g in groups for n in g}
         groups += [[n] for n in linears if n not in covered]   # e.g. extra projections some variants add
     else:
         groups = _trace_groups(block, linears, run_block)
     return groups if true_sequential else [[n for g in groups for n in g]]
+
+
+def _expand(pattern: str, linears: dict[str, nn.Module]) -> list[str]:
+    """The linears a table entry names: itself, or with "*" every index there, in numeric order."""
+    if "*" not in pattern:
+        return [pattern]
+    head, _, tail = pattern.partition("*")
+    found = [(int(idx), n) for n in linears if n.startswith(head) and n.endswith(tail)
+             and (idx := n[len(head):len(n) - len(tail)]).isdigit()]
+    return [n for _, n in sorted(found)]
 
 
 class _StopForward(Exception):

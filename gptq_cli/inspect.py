@@ -21,6 +21,7 @@ from gptq_cli.format.checkpoint import CheckpointTensors, read_quant_config, rea
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import packed_len, unpack_last
 from gptq_cli.loader import check_model_dir, quantized_module_names
+from gptq_cli.moe import defuse_experts
 
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -146,6 +147,7 @@ def _model_linear_shapes(path: Path) -> dict[str, tuple[int, int]] | None:
             model = AutoModelForCausalLM.from_config(config)
     except Exception:  # an architecture this transformers does not know, custom code...: fall back, not fail
         return None
+    defuse_experts(model)
     shapes = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):

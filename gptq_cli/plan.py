@@ -6,6 +6,7 @@ import torch
 from gptq_cli.arch import block_linears, linear_weight, resolve_arch
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.modelio import resolve_device, resolve_dtype, resolve_model
+from gptq_cli.moe import defuse_experts
 
 # Sustained matmul throughput assumed for the time estimate (FLOP/s); measured on this project's machines
 # (2-core AMX CPU: ~400 GFLOP/s bf16, ~80 fp32) or a conservative share of a datacenter GPU's peak.
@@ -26,6 +27,7 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     config = AutoConfig.from_pretrained(ref.path, **kwargs)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
+    defuse_experts(skeleton)
     layers_path, arch = resolve_arch(skeleton)
     layers = skeleton.get_submodule(layers_path)
     linears = block_linears(layers[0])

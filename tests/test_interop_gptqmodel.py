@@ -29,11 +29,14 @@ HAS_GPTQMODEL = importlib.util.find_spec("gptqmodel") is not None and importlib.
 pytestmark = pytest.mark.skipif(not HAS_GPTQMODEL, reason="gptqmodel and optimum are not installed")
 
 DESC_ACT = [False, True]
-# every architecture the registry names (tests/test_quantize.py quantizes the same list)
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]
-# transformers 5.25 + gptqmodel 7.7 cannot load any GPT-2 GPTQ checkpoint, GPTQModel's own included (GPT-2's
-# _init_weights calls normal_ on the replaced c_proj weight): GPTQModel's loader reads ours instead.
-GPTQMODEL_LOADS_ONLY = {"gpt2"}
+# every architecture the registry names (tests/test_quantize.py and test_moe.py quantize them too)
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2", "mixtral",
+         "qwen2_moe"]
+# transformers 5.25 + gptqmodel 7.7 load no GPTQ checkpoint of these, GPTQModel's own included (checked for GPT-2
+# and Mixtral): GPT-2's _init_weights calls normal_ on the replaced c_proj weight; MoE models keep their experts
+# fused and leave every per-expert tensor unused (GPTQModel.load defuses them first). GPTQModel's own loader
+# reads ours instead.
+GPTQMODEL_LOADS_ONLY = {"gpt2", "mixtral", "qwen2_moe"}
 DEQUANT_BITS = [2, 3, 4, 8]
 COSINE = 0.9999
 
