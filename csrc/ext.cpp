@@ -1,5 +1,5 @@
-// torch bindings of the CUDA kernels: the operators torch.ops.gptq_cli.gptq_block and
-// torch.ops.gptq_cli.gemv_4bit (CUDA dispatch key), plus an empty Python module so that the library can be
+// torch bindings of the CUDA kernels: the operators torch.ops.gptq_cli.gptq_block,
+// torch.ops.gptq_cli.gemv_4bit and torch.ops.gptq_cli.dequantize_4bit (CUDA dispatch key), plus an empty Python module so that the library can be
 // built and imported as `gptq_cli._C`. Every tensor is checked here (device, dtype, contiguity, shape, alignment)
 // before any raw pointer reaches a kernel; the checks raise RuntimeError with what was expected.
 //
@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include "kernels.h"
@@ -94,57 +95,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gptq_block(at::Tensor W, const at
   return {codes, errors, losses};
 }
 
-// x [M, K] fp16 (M <= 8) times a 4-bit GPTQ weight -> [M, N] fp16. zero_offset: 1 for format gptq, 0 for v2.
-at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const at::Tensor& qzeros, const at::Tensor& g_idx, int64_t zero_offset) {
-  const at::Device device = x.device();
-  check_cuda_tensor(x, "x", at::kHalf, device);
+// The checks shared by the 4-bit ops: a layer in the kernels' layout (kernels.h, Layer4bit).
+gptq::Layer4bit check_layer_4bit(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& qzeros,
+                                 int64_t group_size, int64_t zero_offset) {
+  const at::Device device = qweight.device();
   check_cuda_tensor(qweight, "qweight", at::kInt, device);
   check_cuda_tensor(scales, "scales", at::kHalf, device);
   check_cuda_tensor(qzeros, "qzeros", at::kInt, device);
-  check_cuda_tensor(g_idx, "g_idx", at::kInt, device);
-  check_contiguous(x, "x");
   check_contiguous(qweight, "qweight");
   check_contiguous(scales, "scales");
   check_contiguous(qzeros, "qzeros");
-  check_contiguous(g_idx, "g_idx");
-  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && scales.dim() == 2 && qzeros.dim() == 2 && g_idx.dim() == 1,
-              "expected x [M, K], qweight [K/8, N], scales [G, N], qzeros [G, N/8], g_idx [K]");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(1), G = scales.size(0);
-  TORCH_CHECK(K <= INT32_MAX && N <= INT32_MAX, "the layer is too large: K = ", K, ", N = ", N);
-  TORCH_CHECK(gptq::gemv_4bit_supports(static_cast<int>(M), static_cast<int>(K), static_cast<int>(N)),
-              "gemv_4bit needs 1 <= M <= ", gptq::kGemvMaxBatch, ", K % 8 == 0 and N % 4 == 0; got M = ", M,
-              ", K = ", K, ", N = ", N);
-  TORCH_CHECK(qweight.size(0) == K / 8, "qweight must be [", K / 8, ", ", N, "] for K = ", K, ", got ",
-              qweight.sizes());
-  TORCH_CHECK(scales.size(1) == N && G >= 1, "scales must be [G, ", N, "], got ", scales.sizes());
+  TORCH_CHECK(qweight.dim() == 2 && scales.dim() == 2 && qzeros.dim() == 2,
+              "expected qweight [K/8, N], scales [G, N], qzeros [G, N/8]");
+  const int64_t K = qweight.size(0) * 8, N = qweight.size(1), G = scales.size(0);
+  TORCH_CHECK(K <= INT32_MAX && N <= INT32_MAX && group_size <= INT32_MAX, "the layer is too large: K = ", K,
+              ", N = ", N);
+  TORCH_CHECK(gptq::layer_4bit_supported(static_cast<int>(K), static_cast<int>(N), static_cast<int>(group_size)),
+              "the 4-bit kernels need N % 4 == 0 and a group size that is K or a multiple of 32; got K = ", K,
+              ", N = ", N, ", group_size = ", group_size);
+  TORCH_CHECK(G == (K + group_size - 1) / group_size && scales.size(1) == N, "scales must be [",
+              (K + group_size - 1) / group_size, ", ", N, "], got ", scales.sizes());
   TORCH_CHECK(qzeros.size(0) == G && qzeros.size(1) == (N + 7) / 8, "qzeros must be [", G, ", ", (N + 7) / 8,
               "], got ", qzeros.sizes());
-  TORCH_CHECK(g_idx.size(0) == K, "g_idx must have K = ", K, " entries, got ", g_idx.size(0));
   TORCH_CHECK(zero_offset == 0 || zero_offset == 1, "zero_offset must be 1 (gptq) or 0 (gptq_v2), got ",
               zero_offset);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0, "qweight must be 16-byte aligned");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(scales.data_ptr()) % 8 == 0, "scales must be 8-byte aligned");
+  return {qweight.data_ptr<int32_t>(), reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()),
+          qzeros.data_ptr<int32_t>(), static_cast<int>(K), static_cast<int>(N), static_cast<int>(group_size),
+          static_cast<int>(zero_offset)};
+}
 
+gptq::Act act_of(at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "activations must be float16 or bfloat16, got ", dtype);
+  return dtype == at::kHalf ? gptq::Act::kHalf : gptq::Act::kBFloat16;
+}
+
+// x [M, K] fp16 or bf16 (M <= 8) times a 4-bit layer in kernel order -> [M, N] in x's dtype. perm: the input
+// column of each kernel-order row (act-order), or None.
+at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& qzeros, int64_t group_size, int64_t zero_offset,
+                     const std::optional<at::Tensor>& perm) {
+  const gptq::Layer4bit layer = check_layer_4bit(qweight, scales, qzeros, group_size, zero_offset);
+  const at::Device device = qweight.device();
+  const gptq::Act act = act_of(x.scalar_type());
+  check_cuda_tensor(x, "x", x.scalar_type(), device);
+  check_contiguous(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == layer.K, "x must be [M, ", layer.K, "], got ", x.sizes());
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M >= 1 && M <= gptq::kGemvMaxBatch, "gemv_4bit takes 1 to ", gptq::kGemvMaxBatch, " rows, got ", M);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  const int32_t* perm_ptr = nullptr;
+  if (perm.has_value()) {
+    check_cuda_tensor(*perm, "perm", at::kInt, device);
+    check_contiguous(*perm, "perm");
+    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == layer.K, "perm must have K = ", layer.K, " entries");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(perm->data_ptr()) % 16 == 0, "perm must be 16-byte aligned");
+    perm_ptr = perm->data_ptr<int32_t>();
+  }
   const c10::cuda::CUDAGuard guard(device);
-  at::Tensor out = at::empty({M, N}, x.options());
-  const int64_t workspace_floats =
-      gptq::gemv_4bit_workspace_floats(static_cast<int>(M), static_cast<int>(K), static_cast<int>(N));
-  at::Tensor workspace = at::empty({workspace_floats}, x.options().dtype(at::kFloat));
-  gptq::Gemv4bitArgs args;
-  args.x = reinterpret_cast<const __half*>(x.data_ptr<at::Half>());
-  args.qweight = qweight.data_ptr<int32_t>();
-  args.scales = reinterpret_cast<const __half*>(scales.data_ptr<at::Half>());
-  args.qzeros = qzeros.data_ptr<int32_t>();
-  args.g_idx = g_idx.data_ptr<int32_t>();
-  args.out = reinterpret_cast<__half*>(out.data_ptr<at::Half>());
-  args.workspace = workspace_floats > 0 ? workspace.data_ptr<float>() : nullptr;
-  args.M = static_cast<int>(M);
-  args.K = static_cast<int>(K);
-  args.N = static_cast<int>(N);
-  args.zero_offset = static_cast<int>(zero_offset);
+  at::Tensor out = at::empty({M, layer.N}, x.options());
+  const gptq::Gemv4bitArgs args{layer, x.data_ptr(), perm_ptr, out.data_ptr(), static_cast<int>(M), act};
   check_launch(gptq::launch_gemv_4bit(args, c10::cuda::getCurrentCUDAStream(device.index()).stream()),
                "gemv_4bit");
+  return out;
+}
+
+// W [K, N] (kernel order) in float16 (act 0) or bfloat16 (act 1): the torch twin's dequantize_4bit.
+at::Tensor dequantize_4bit(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& qzeros,
+                           int64_t group_size, int64_t zero_offset, int64_t act) {
+  const gptq::Layer4bit layer = check_layer_4bit(qweight, scales, qzeros, group_size, zero_offset);
+  TORCH_CHECK(act == 0 || act == 1, "act must be 0 (float16) or 1 (bfloat16), got ", act);
+  const at::Device device = qweight.device();
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor out = at::empty({layer.K, layer.N}, qweight.options().dtype(act == 0 ? at::kHalf : at::kBFloat16));
+  const gptq::Dequant4bitArgs args{layer, out.data_ptr(), static_cast<gptq::Act>(act)};
+  check_launch(gptq::launch_dequantize_4bit(args, c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+               "dequantize_4bit");
   return out;
 }
 
@@ -153,12 +180,16 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& qweight, const at::T
 TORCH_LIBRARY(gptq_cli, m) {
   m.def("gptq_block(Tensor(a!) W, Tensor Hinv, Tensor(b!) scales, Tensor(c!) zeros, Tensor group_of_col, "
         "Tensor new_group, int bits, bool sym, bool mse, int group_size) -> (Tensor, Tensor, Tensor)");
-  m.def("gemv_4bit(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, Tensor g_idx, int zero_offset) -> Tensor");
+  m.def("gemv_4bit(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int group_size, int zero_offset, "
+        "Tensor? perm) -> Tensor");
+  m.def("dequantize_4bit(Tensor qweight, Tensor scales, Tensor qzeros, int group_size, int zero_offset, int act) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptq_cli, CUDA, m) {
   m.impl("gptq_block", &gptq_block);
   m.impl("gemv_4bit", &gemv_4bit);
+  m.impl("dequantize_4bit", &dequantize_4bit);
 }
 
 // `import gptq_cli._C` loads this library, whose static initialisers above register the operators.

