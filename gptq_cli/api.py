@@ -26,7 +26,7 @@ from gptq_cli.format.checkpoint import parse_size
 from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is quantize + evaluate)
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.modelio import (ModelRef, StreamingModel, load_streaming, load_tokenizer, resolve_device,
-                             resolve_dtype, resolve_model)
+                             resolve_dtype, resolve_model, storage_dtype)
 from gptq_cli.workdir import WorkDir, calibration_fingerprint, default_work_dir, model_fingerprint, stored_weights
 
 # Progress events: ("resume", finished blocks, total, work dir), ("block", done, total), ("module", ModuleResult)
@@ -90,11 +90,12 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
         raise UsageError(f"--resume: there is no work dir {wd.path} to continue; run without --resume to start, "
                          f"or pass the --work-dir an interrupted run left")
     dev = resolve_device(device)
-    cdtype = resolve_dtype(dtype, dev)
+    resolve_dtype(dtype, dev)   # a bad --dtype is refused before the model is looked for
     torch.manual_seed(seed)
     t_start = time.perf_counter()
 
     ref = resolve_model(model)
+    cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
     tokenizer = load_tokenizer(ref)
     samples = calibration_samples(tokenizer, dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                   dataset_path=dataset_path)
@@ -180,8 +181,7 @@ def _solve_into(wd: WorkDir, sm: StreamingModel, layers_path: str, arch: Arch | 
     t_block = time.perf_counter()
     for i, results in quantize_blocks(sm, layers_path, arch, calib, quant, dev, cdtype, start=done,
                                       on_module=(lambda r: progress("module", r)) if progress else None):
-        tensors = {f"{r.name}.{key}": value for r in results
-                   for key, value in r.qw.to_tensors(quant.checkpoint_format).items()}
+        tensors = {f"{r.name}.{key}": value for r in results for key, value in r.tensors.items()}
         wd.write_block(i, tensors, [_log_row(r, len(samples)) for r in results], time.perf_counter() - t_block)
         t_block = time.perf_counter()
         if progress:
@@ -237,7 +237,7 @@ def _write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: M
 
 
 def _log_row(r: ModuleResult, nsamples: int) -> dict:
-    return {"name": r.name, "loss": float(r.qw.loss), "damp": float(r.qw.damp), "seconds": round(r.seconds, 4),
+    return {"name": r.name, "loss": float(r.loss), "damp": float(r.damp), "seconds": round(r.seconds, 4),
             "samples": nsamples, "tokens": r.tokens}
 
 

@@ -32,7 +32,9 @@ class _StopForward(Exception):
 @dataclass
 class ModuleResult:
     name: str              # full module name in the model, e.g. model.layers.3.self_attn.q_proj
-    qw: QuantizedWeight
+    tensors: dict[str, torch.Tensor]   # its checkpoint tensors (qweight, qzeros, scales, g_idx) on the CPU
+    loss: float            # GPTQ loss (QuantizedWeight.loss)
+    damp: float            # damping fraction finally used
     seconds: float         # time spent solving this module
     tokens: int            # calibration tokens its Hessian saw
 
@@ -254,6 +256,8 @@ def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens
     for name, module, part in zip(names, modules, parts):
         # Later groups and blocks must see what the quantized model will compute.
         set_linear_weight(module, part.dequantize(dtype))
-        results.append(ModuleResult(prefix + name, part.to("cpu"), seconds * part.codes.shape[0] / total_rows,
-                                    n_tokens))
+        # Packed where it was solved: only the packed words (1/8 of the codes for 4-bit) cross to the host.
+        packed = {key: t.to("cpu") for key, t in part.to_tensors(quant.checkpoint_format).items()}
+        results.append(ModuleResult(prefix + name, packed, part.loss, part.damp,
+                                    seconds * part.codes.shape[0] / total_rows, n_tokens))
     return results

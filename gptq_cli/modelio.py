@@ -158,12 +158,14 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The dtype calibration activations are computed in ("auto": fp16 on GPU, bf16 on a CPU that has
-    fast bf16, else fp32). The solver itself always works in float32."""
+def resolve_dtype(dtype: str, device: torch.device, stored: torch.dtype = torch.float16) -> torch.dtype:
+    """The dtype calibration activations are computed in. "auto": on a GPU the model's stored dtype `stored`
+    (a bf16 model stays bf16: narrowing it to fp16 could overflow); on a CPU bf16 where the CPU has fast bf16,
+    else fp32 (CPUs have no fast fp16 matmul, and fp32 holds fp16 and bf16 values exactly). The solver itself
+    always works in float32."""
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.float16
+            return stored
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     if dtype not in ("float16", "bfloat16", "float32"):
         raise UsageError(f"--dtype must be auto, float16, bfloat16 or float32, got {dtype!r}")

@@ -5,7 +5,7 @@ import torch
 
 from gptq_cli.arch import block_linears, linear_weight, resolve_arch
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.modelio import resolve_device, resolve_dtype, resolve_model
+from gptq_cli.modelio import resolve_device, resolve_dtype, resolve_model, storage_dtype
 from gptq_cli.moe import defuse_experts
 
 # Sustained matmul throughput assumed for the time estimate (FLOP/s); measured on this project's machines
@@ -22,7 +22,7 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
 
     ref = resolve_model(model)
     dev = resolve_device(device)
-    cdtype = resolve_dtype(dtype, dev)
+    cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
     kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
     config = AutoConfig.from_pretrained(ref.path, **kwargs)
     with init_empty_weights():

@@ -20,6 +20,10 @@ from torch import nn
 
 # Recorded inputs may take at most this share of the memory free on their device (else no shortcut).
 MEMORY_SHARE = 0.25
+# On a GPU also at most this much per submodule: recomputing attention or an MLP there is cheap, and a 7B
+# quantize at 128 x 2048 tokens must stay under 8 GiB (down_proj's inputs alone would be 5.4 GiB in fp16,
+# o_proj's 2 GiB). Smaller models and calibration sets still take the shortcut.
+CUDA_RECORD_LIMIT = 1 << 30
 
 
 @dataclass
@@ -73,9 +77,10 @@ def find_tails(block: nn.Module, linears: dict[str, nn.Module], groups: list[lis
 
 
 def fits_in_memory(nbytes: int, device: torch.device) -> bool:
-    """Whether `nbytes` more stay within MEMORY_SHARE of what is free on `device` now."""
+    """Whether `nbytes` more stay within MEMORY_SHARE of what is free on `device` now (and, on a GPU, within
+    CUDA_RECORD_LIMIT)."""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free = min(torch.cuda.mem_get_info(device)[0], CUDA_RECORD_LIMIT / MEMORY_SHARE)
     else:
         try:
             with open("/proc/meminfo") as f:

@@ -30,14 +30,20 @@ BlockFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
 @contextmanager
-def no_tf32() -> Iterator[None]:
-    """Full float32 matmuls on CUDA (TF32 would cost ~3 decimal digits); the previous setting comes back."""
+def matmul_tf32(allowed: bool) -> Iterator[None]:
+    """CUDA float32 matmuls with TF32 tensor cores allowed or not; the previous setting comes back."""
     previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = allowed
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def tf32_is_exact(dtype: torch.dtype) -> bool:
+    """Whether TF32 tensor cores multiply values of `dtype` exactly: TF32 keeps 11 significant bits, as fp16
+    does (bf16 has 8); products are exact and sums are fp32, so the Hessian loses nothing (SPEC §3)."""
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 @contextmanager
@@ -60,6 +66,7 @@ def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None 
 
     mask [...] (X's leading dims) marks the tokens to keep, e.g. the attention mask, so padding is excluded.
     Returns (H, new token count n). H is None on the first call; it lives on X's device then.
+    On CUDA, fp16/bf16 activations use TF32 tensor cores (exact products, fp32 sums), fp32 ones do not.
     """
     X = X.reshape(-1, X.shape[-1])
     if mask is not None:
@@ -69,8 +76,9 @@ def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None 
     m = X.shape[0]
     if m == 0:
         return H, n
+    tensor_cores = tf32_is_exact(X.dtype)   # fp32 activations keep full fp32 products
     X = X.to(device=H.device, dtype=torch.float32)
-    with no_tf32():
+    with matmul_tf32(tensor_cores):
         H.mul_(n / (n + m)).addmm_(X.t(), X, alpha=2 / (n + m))
     return H, n + m
 
@@ -241,7 +249,7 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight shape {(N, K)}")
     g = K if group_size == -1 else group_size
     n_groups = math.ceil(K / g)
-    with no_tf32():
+    with matmul_tf32(False):   # TF32 would cost ~3 decimal digits of the solver's float32 values
         W = W.to(dtype=torch.float32, copy=True)
         H = H.to(device=W.device, dtype=torch.float32, copy=True)
         dead = H.diagonal() == 0   # inputs that are always 0: their weights cannot matter

@@ -33,8 +33,8 @@ def packed_len(length: int, bits: int) -> int:
 def pack_last(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2^bits) along the last dimension into int32 words."""
     per_chunk, words_per_chunk = _chunk(bits)
-    v = values.to(torch.int64)
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
+    v = values.to(torch.int64)   # exact integer ops on any device: the engine packs where it solved
+    if v.numel() and bool(((v < 0) | (v >= 1 << bits)).any()):   # one device sync, not two
         raise ValueError(f"codes out of range for {bits}-bit packing: [{int(v.min())}, {int(v.max())}]")
     length = v.shape[-1]
     pad = (-length) % per_chunk
