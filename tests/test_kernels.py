@@ -155,29 +155,29 @@ class Layer4bit:
     checkpoint_format: str
 
     def reference(self) -> tuple[Tensor, Tensor]:
-        """(x @ W in float64, |x| @ |W|: the scale of the accumulation's rounding)."""
-        x = self.x.double().cpu()
+        """(x @ W in float64, |x| @ |W|: the scale of the accumulation's rounding), on the layer's device."""
+        x = self.x.double()
         return x @ self.weight, x.abs() @ self.weight.abs()
 
 
 def random_layer(M: int, K: int, N: int, group_size: int, act_order: bool, checkpoint_format: str,
                  seed: int = 0, device: str = "cpu", x_dtype: torch.dtype = torch.float16) -> Layer4bit:
-    gen = torch.Generator().manual_seed(seed)
+    """Everything drawn and computed on `device` (layer shapes would take minutes on a CPU)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     g = K if group_size == -1 else group_size
     groups = math.ceil(K / g)
-    codes = torch.randint(0, 16, (K, N), generator=gen, dtype=torch.int32)
+    codes = torch.randint(0, 16, (K, N), generator=gen, dtype=torch.int32, device=device)
     low = 1 if checkpoint_format == "gptq" else 0          # v1 stores zero - 1: true zeros 1..16
-    zeros = torch.randint(low, low + 16, (groups, N), generator=gen, dtype=torch.int32)
-    scales = (torch.rand(groups, N, generator=gen) * 0.02 + 0.001).half()
-    g_idx = torch.arange(K, dtype=torch.int32) // g
+    zeros = torch.randint(low, low + 16, (groups, N), generator=gen, dtype=torch.int32, device=device)
+    scales = (torch.rand(groups, N, generator=gen, device=device) * 0.02 + 0.001).half()
+    g_idx = torch.arange(K, dtype=torch.int32, device=device) // g
     if act_order:
-        g_idx = g_idx[torch.randperm(K, generator=gen)].contiguous()
-    x = torch.randn(M, K, generator=gen).to(x_dtype)
+        g_idx = g_idx[torch.randperm(K, generator=gen, device=device)].contiguous()
+    x = torch.randn(M, K, generator=gen, device=device).to(x_dtype)
     weight = scales.double()[g_idx.long()] * (codes.double() - zeros.double()[g_idx.long()])
     stored_zeros = zeros - 1 if checkpoint_format == "gptq" else zeros
-    return Layer4bit(x.to(device), _pack_4bit_rows(codes).to(device), scales.to(device),
-                     _pack_4bit_rows(stored_zeros.t()).t().contiguous().to(device), g_idx.to(device), weight,
-                     checkpoint_format)
+    return Layer4bit(x, _pack_4bit_rows(codes), scales, _pack_4bit_rows(stored_zeros.t()).t().contiguous(), g_idx,
+                     weight, checkpoint_format)
 
 
 def assert_within_rounding(out: Tensor, layer: Layer4bit, bf16_weights: bool = False) -> None:
@@ -187,7 +187,7 @@ def assert_within_rounding(out: Tensor, layer: Layer4bit, bf16_weights: bool = F
     products and sums (2^-20 of Σ|x·w| is generous), the output rounded to bf16 (2^-9); weights rounded to
     bf16 (2^-9 of Σ|x·w|) when `bf16_weights` (the dequantize-then-matmul path for more than 8 rows)."""
     ref, magnitude = layer.reference()
-    err = (out.double().cpu() - ref).abs()
+    err = (out.double() - ref).abs()
     if out.dtype == torch.float16:
         bound = 2.0**-11 * ref.abs() + 2.0**-9 * magnitude + layer.x.shape[1] * 2.0**-25
     else:
