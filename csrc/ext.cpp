@@ -1,7 +1,7 @@
 // torch bindings of the CUDA kernels: the operators torch.ops.gptq_cli.gptq_block, torch.ops.gptq_cli.gemv_4bit
 // and torch.ops.gptq_cli.dequantize_4bit (CUDA dispatch key), plus an empty Python module so that the library
-// can be built and imported as `gptq_cli._C`. Every tensor is checked here (device, dtype, contiguity, shape, alignment)
-// before any raw pointer reaches a kernel; the checks raise RuntimeError with what was expected.
+// can be built and imported as `gptq_cli._C`. Every tensor is checked here (device, dtype, contiguity, shape,
+// alignment) before any raw pointer reaches a kernel; the checks raise RuntimeError with what was expected.
 //
 // Only light ATen headers are included (not torch/extension.h): this file compiles about 3x faster.
 #include <Python.h>

@@ -265,10 +265,11 @@ def test_dequantize_kernel_is_the_twin_bit_for_bit(backend: Backend, dtype, K, N
 
 
 GEMV_CASES = [  # M, K, N, group size, act-order, format, activations: N not a multiple of 32 or 8, K not of 32,
-    (1, 512, 64, 128, False, "gptq", torch.float16),           # a K-slot with a partial step, every batch size
+    (1, 512, 64, 128, False, "gptq", torch.float16),     # a K-slot with a partial step, a short last group, M 1..8
     (8, 1024, 36, 32, True, "gptq_v2", torch.bfloat16), (3, 2048, 68, -1, False, "gptq", torch.float16),
     (5, 256, 32, 64, True, "gptq_v2", torch.float16), (2, 8, 4, -1, False, "gptq", torch.bfloat16),
-    (7, 1000, 12, -1, True, "gptq", torch.bfloat16), (4, 512, 40, 64, False, "gptq_v2", torch.bfloat16),
+    (7, 1000, 12, -1, True, "gptq", torch.bfloat16), (3, 704, 36, 128, True, "gptq", torch.bfloat16),
+    (4, 512, 40, 64, False, "gptq_v2", torch.bfloat16),
     (6, 256, 12, 32, True, "gptq", torch.float16)]
 
 

@@ -6,6 +6,7 @@
   linear, any batch: the GEMV kernel for 1..8 rows of fp16/bf16 activations, else the dequantize kernel and one
   matmul; `layout` (from `layout_4bit`, computed once per layer by QuantLinear) saves recomputing the
   kernels' layout (for act-order, a permutation of qweight's rows) on every call.
+- `dequantize_4bit_kernel_order(layout, scales, qzeros, checkpoint_format, dtype)`: the weight in kernel order.
 - `backend_name(device)`: "cuda-ext" or "torch", which of the two runs for tensors on that device.
 
 A call the kernel cannot take (a shape, dtype or batch size outside its limits) goes to the twin, which
