@@ -232,7 +232,8 @@ __global__ void __launch_bounds__(warps_for(M) * kWarp) gemv_4bit_kernel(const G
   }
 }
 
-// One thread per (packed row, 4 columns): the 8 x 4 weights, written to out[8r + j, n0 + c].
+// One thread per (packed row, 4 columns): the 8 x 4 weights, written as 8 rows of 4 values (8-byte stores,
+// consecutive threads writing consecutive columns) to out[8r + j, n0 .. n0 + 3].
 template <Act A>
 __global__ void __launch_bounds__(256) dequantize_4bit_kernel(const Dequant4bitArgs a) {
   const Layer4bit& w = a.w;
@@ -243,30 +244,35 @@ __global__ void __launch_bounds__(256) dequantize_4bit_kernel(const Dequant4bitA
   const int g = r / (w.group_size / 8 > 0 ? w.group_size / 8 : 1);
   const int4 packed = __ldg(reinterpret_cast<const int4*>(w.qweight + static_cast<int64_t>(r) * w.N + n0));
   const unsigned words[4] = {unsigned(packed.x), unsigned(packed.y), unsigned(packed.z), unsigned(packed.w)};
+  unsigned row_bits[8][4];   // [row j][column c]: the 16-bit value of W[8r + j, n0 + c]
   if constexpr (A == Act::kHalf) {
     const HalfGroup grp = half_group(w, g, n0);
-    __half* out = static_cast<__half*>(a.out);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       __half2 wt[4];
       dequant_half(words[c], grp.scale[c], grp.zero[c], wt);
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
-        out[static_cast<int64_t>(8 * r + p) * w.N + n0 + c] = __low2half(wt[p]);
-        out[static_cast<int64_t>(8 * r + p + 4) * w.N + n0 + c] = __high2half(wt[p]);
+        const unsigned pair = *reinterpret_cast<const unsigned*>(&wt[p]);
+        row_bits[p][c] = pair & 0xFFFFu;
+        row_bits[p + 4][c] = pair >> 16;
       }
     }
   } else {
     const FloatGroup grp = float_group(w, g, n0);
-    unsigned short* out = static_cast<unsigned short*>(a.out);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       float wt[8];
       dequant_float(words[c], grp.scale[c], grp.offset[c], wt);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) out[static_cast<int64_t>(8 * r + j) * w.N + n0 + c] = bf16_bits(wt[j]);
+      for (int j = 0; j < 8; ++j) row_bits[j][c] = bf16_bits(wt[j]);
     }
   }
+  uint2* out = static_cast<uint2*>(a.out);
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    out[(static_cast<int64_t>(8 * r + j) * w.N + n0) / 4] =
+        uint2{row_bits[j][0] | (row_bits[j][1] << 16), row_bits[j][2] | (row_bits[j][3] << 16)};
 }
 
 template <int M>
