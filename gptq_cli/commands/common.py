@@ -72,6 +72,9 @@ def quiet_libraries(debug: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # bare tqdm bars, e.g. transformers' "de-quantizing GGUF tensors"
+    import torch  # noqa: F401  (its import sets up its loggers' levels: ours must come after)
+
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")

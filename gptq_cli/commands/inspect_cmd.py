@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
-
 from rich.text import Text
 
 from gptq_cli.commands.common import DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, run, say
 from gptq_cli.errors import GptqError
-from gptq_cli.inspect import InspectReport, inspect_checkpoint, plot_losses, read_quant_log
+
+if TYPE_CHECKING:  # imported in the command: `gptq --help` loads no torch (whose import loads tqdm, too early)
+    from gptq_cli.inspect import InspectReport
 
 EXAMPLES = """
 Examples:
@@ -34,6 +35,8 @@ def inspect(
     """Show a GPTQ checkpoint's config, format, maker, modules and size, and check that it is valid."""
 
     def work() -> None:
+        from gptq_cli.inspect import inspect_checkpoint, plot_losses, read_quant_log
+
         report = inspect_checkpoint(checkpoint)
         if json_out:
             emit_json(report.to_dict())
