@@ -4,6 +4,7 @@ exit code 2, no traceback, and nothing half-written on disk. The bad inputs cove
 | item | command                                        | bad input                                          | answer                                  |
 |------|------------------------------------------------|----------------------------------------------------|-----------------------------------------|
 | 1    | inspect, quantize, eval                        | names with rich markup: `x[/]`, `a[bold]b`, `my[/]model` | the name printed as typed, exit 2 |
+| 1    | inspect --plot                                 | no matplotlib: the hint names the `[plot]` extra   | printed with its brackets, exit 2       |
 | 2    | quantize                                       | `.jsonl` of `input_ids` with a negative id         | exit 2 before any work dir              |
 | 2    | quantize (API)                                 | a run failing before its first block               | no work dir left; rerun with other data works |
 | 2    | quantize                                       | work dir of other settings with no finished block  | started afresh (one with blocks: refused) |
@@ -78,6 +79,24 @@ def test_names_print_as_typed_not_as_markup(tmp_path, monkeypatch, args, shown):
     monkeypatch.chdir(tmp_path)
     refused(gptq(*args), shown)
     assert entries(tmp_path) == set()
+
+
+def test_a_hint_with_brackets_keeps_them(tmp_path, monkeypatch):
+    """The matplotlib hint names the `[plot]` extra; rendered as markup it lost it."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
+    from gptq_cli.inspect import plot_losses
+    from gptq_cli.commands.common import run
+
+    result = CliRunner().invoke(typer_app_of(lambda: run(lambda: plot_losses([], tmp_path / "x.png"))), [])
+    refused(result, "pip install 'gptq-cli[plot]'")
+
+
+def typer_app_of(body):
+    import typer
+
+    one = typer.Typer()
+    one.command()(body)
+    return one
 
 
 def test_negative_token_ids_are_bad_input_and_leave_no_work_dir(tmp_path, model_dir):
