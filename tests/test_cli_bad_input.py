@@ -1,28 +1,28 @@
 """What a user meets on bad input (issue 18 items 1-6): one line on stderr that says what is wrong and what to do,
 exit code 2, no traceback, and nothing half-written on disk. The bad inputs covered here:
 
-| item | command                                        | bad input                                          | answer                                  |
-|------|------------------------------------------------|----------------------------------------------------|-----------------------------------------|
-| 1    | inspect, quantize, eval                        | names with rich markup: `x[/]`, `a[bold]b`, `my[/]model` | the name printed as typed, exit 2 |
-| 1    | inspect --plot                                 | no matplotlib: the hint names the `[plot]` extra   | printed with its brackets, exit 2       |
-| 2    | quantize                                       | `.jsonl` of `input_ids` with a negative id         | exit 2 before any work dir              |
-| 2    | quantize (API)                                 | a run failing before its first block               | no work dir left; rerun with other data works |
-| 2    | quantize                                       | work dir of other settings with no finished block  | started afresh (one with blocks: refused) |
-| 3    | quantize                                       | `--seqlen` beyond the model's context              | exit 2 (as eval)                        |
-| 3    | quantize                                       | `--asym --format gptq`                             | exit 2 (v1 cannot store asym zero 0)    |
-| 3    | quantize                                       | calibration text shorter than nsamples x seqlen    | note + quant_log records what was used  |
-| 3    | quantize                                       | `--group-size 48` on width-256 layers              | note (kernels need K % group == 0)      |
-| 3    | pack                                           | `--max-shard-size 0`                               | exit 2                                  |
-| 4    | quantize                                       | `-o` that exists, with another `--work-dir`        | exit 2 before any work                  |
-| 4    | quantize (API)                                 | `-o` appearing while the run works                 | exit 2 naming `gptq pack WORKDIR`; blocks kept |
-| 4, 5 | quantize, pack                                 | `-o` name of 250 bytes; `-o` under a file          | exit 2                                  |
-| 5    | quantize, eval                                 | `--device foo`, `--device mps`                     | exit 2                                  |
-| 5    | quantize                                       | a binary `--dataset` file                          | exit 2                                  |
-| 5    | quantize, eval                                 | empty / non-object `config.json`                   | exit 2                                  |
-| 5    | quantize, eval                                 | truncated `model.safetensors`                      | exit 2 naming the file                  |
-| 5    | eval                                           | GPTQ checkpoint with a NaN scale                   | exit 2 pointing at `gptq inspect`       |
-| 6    | eval (textdata)                                | Hub unreachable                                    | exit 2 at once, no `datasets` retries, `--dataset-path` hint |
-| 6    | eval                                           | `HF_HUB_OFFLINE=1` and nothing cached              | exit 2 with the `--dataset-path` hint   |
+| item | command | bad input | answer |
+|---|---|---|---|
+| 1 | inspect, quantize, eval | names like `x[/]`, `a[bold]b`, `my[/]model` (rich markup) | the name printed as typed, exit 2 |
+| 1 | inspect --plot | no matplotlib: the hint names the `[plot]` extra | printed with its brackets, exit 2 |
+| 2 | quantize | `.jsonl` of `input_ids` with a negative id | exit 2 before any work dir |
+| 2 | quantize (API) | a run failing before its first block | no work dir left; a rerun with other data works |
+| 2 | quantize | work dir of other settings, no finished block | started afresh (one with a block: refused) |
+| 3 | quantize | `--seqlen` beyond the model's context | exit 2 (as eval) |
+| 3 | quantize | `--asym --format gptq` | exit 2 (v1 cannot store an asym zero of 0) |
+| 3 | quantize | calibration text shorter than nsamples x seqlen | note; quant_log records what was used (test_cli_output.py) |
+| 3 | quantize | `--group-size 48` on width-256 layers | note (fast kernels need K % group == 0) (test_cli_output.py) |
+| 3 | pack | `--max-shard-size 0` | exit 2 |
+| 4 | quantize | `-o` that exists, with another `--work-dir` | exit 2 before any work |
+| 4 | quantize (API) | `-o` appearing while the run works | exit 2 naming `gptq pack WORKDIR`; blocks kept |
+| 4, 5 | quantize, pack | `-o` name of 250 bytes; `-o` under a file | exit 2 |
+| 5 | quantize | `--device foo`, `--device mps` | exit 2 |
+| 5 | quantize | a binary `--dataset` file | exit 2 |
+| 5 | quantize, eval | empty / non-object `config.json` | exit 2 |
+| 5 | quantize, eval | truncated `model.safetensors` | exit 2 naming the file |
+| 5 | eval | GPTQ checkpoint with a NaN scale | exit 2 pointing at `gptq inspect` |
+| 6 | eval (textdata) | Hub unreachable | exit 2 at once, no `datasets` retries |
+| 6 | eval | `HF_HUB_OFFLINE=1` and nothing cached | exit 2 with the `--dataset-path` hint |
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_a_work_dir_without_finished_blocks_is_started_afresh_under_other_settin
         WorkDir(tmp_path / "w").open(plan)                           # a finished block is worth keeping
 
 
-@pytest.mark.parametrize("args, phrase", [(["--seqlen", "300", "--device", "cpu"], "exceeds the model's context of 256"),
+@pytest.mark.parametrize("args, phrase", [(["--seqlen", "300", "--device", "cpu"], "exceeds the model's context"),
                                           (["--asym", "--format", "gptq"], "--asym needs --format gptq_v2"),
                                           (["--device", "foo"], "--device foo: use cpu, cuda"),
                                           (["--device", "mps"], "--device mps: use cpu, cuda"),

@@ -25,7 +25,8 @@ Examples:
 
 
 def inspect(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Directory of a GPTQ checkpoint (ours, GPTQModel's, AutoGPTQ's)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT",
+                                      help="Directory of a GPTQ checkpoint (ours, GPTQModel's, AutoGPTQ's)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the per-module quantization loss from "
                                         "quant_log.json to this PNG file (needs matplotlib)."),
     json_out: bool = JSON_OPTION,

@@ -57,7 +57,8 @@ def pack(
             raise UsageError(f"--max-shard-size {max_shard_size}: give a size above zero, like 5GB or 500MB")
         check_new_directory(output, "--output")
 
-        busy = console.status(Text(f"packing {path} → {output}")) if show_progress(quiet or json_out) else nullcontext()
+        busy = (console.status(Text(f"packing {path} → {output}")) if show_progress(quiet or json_out)
+                else nullcontext())
         if is_work_dir(path):
             from gptq_cli.api import pack_workdir
 

@@ -62,7 +62,8 @@ def push(
             elif not quiet:
                 _print_plan(plan)
             return
-        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(),
                       TimeElapsedColumn(), console=console, disable=not show_progress(quiet or json_out)) as bar:
             task = bar.add_task(f"pushing to {repo_id}", total=plan.total_bytes)
             result = push_checkpoint(plan, token=token, private=private, revision=revision,

@@ -6,7 +6,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
@@ -16,6 +16,9 @@ from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, c
                                       say, show_progress)
 from gptq_cli.errors import GptqError, UsageError
 from gptq_cli.format.config import QuantConfig
+
+if TYPE_CHECKING:
+    from gptq_cli.api import QuantizeResult
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 # The --config presets: shipped inside the package by setup.py's build_py (a wheel install), else the source
@@ -63,8 +66,8 @@ def load_preset(config: str) -> dict:
 
 
 def quantize(
-    model: str = typer.Argument(..., metavar="MODEL", help="Hub id, local HF directory, .gguf file, or a built-in name "
-                                          "(smollm2-135m)."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Hub id, local HF directory, .gguf file, or a built-in "
+                                "name (smollm2-135m)."),
     bits: Optional[int] = typer.Option(None, "--bits", help="2, 3, 4 or 8 (default 4)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Columns per group, -1 = per channel "
                                                                         "(default 128)."),
@@ -133,7 +136,8 @@ def quantize(
                 raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {run_args[k]}")
         if dry_run:
             from gptq_cli.plan import make_plan
-            plan = make_plan(model, quant, device=device, dtype=dtype, **{**run_args, "seqlen": run_args["seqlen"] or 2048})
+            plan = make_plan(model, quant, device=device, dtype=dtype,
+                             **{**run_args, "seqlen": run_args["seqlen"] or 2048})
             _print_plan(plan, json_out, quiet)
             return
         from gptq_cli.api import QuantizeInterrupted, quantize as api_quantize
@@ -187,7 +191,7 @@ def _print_plan(plan: dict, json_out: bool, quiet: bool) -> None:
     console.print(table)
 
 
-def run_summary(model: str, result, quant: QuantConfig) -> dict:
+def run_summary(model: str, result: "QuantizeResult", quant: QuantConfig) -> dict:
     """What the end of a run reports (--json prints it whole): where the checkpoint is, its size against fp16,
     the time, the modules with the largest loss, the validity check, and the commands to run next."""
     from gptq_cli.inspect import inspect_checkpoint
@@ -195,8 +199,9 @@ def run_summary(model: str, result, quant: QuantConfig) -> dict:
     report = inspect_checkpoint(result.output)
     rows = result.modules
     out = shlex.quote(str(result.output))
-    return {"model": model, "output": str(result.output), "seconds": round(result.seconds, 2), "config": quant.to_hf_dict(),
-            "modules": len(rows), "mean_loss": sum(r["loss"] for r in rows) / max(len(rows), 1),
+    return {"model": model, "output": str(result.output), "seconds": round(result.seconds, 2),
+            "config": quant.to_hf_dict(), "modules": len(rows),
+            "mean_loss": sum(r["loss"] for r in rows) / max(len(rows), 1),
             "worst_modules": [{"name": r["name"], "loss": r["loss"]}
                               for r in sorted(rows, key=lambda r: r["loss"], reverse=True)[:WORST_SHOWN]],
             "bytes": report.total_bytes, "fp16_bytes": report.fp16_bytes,
@@ -231,7 +236,7 @@ def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.1f} MB"
 
 
-def _print_module_table(result) -> None:
+def _print_module_table(result: "QuantizeResult") -> None:
     table = Table(title=f"quantized → {result.output}  ({result.seconds:.1f} s)")
     for col in ("module", "loss", "damp", "seconds"):
         table.add_column(col, justify="left" if col == "module" else "right")
