@@ -21,15 +21,18 @@ import torch
 from gptq_cli import __version__
 from gptq_cli.arch import Arch, resolve_arch
 from gptq_cli.engine import ModuleResult, capture_inputs, quantize_blocks, replay_block
-from gptq_cli.errors import UsageError, noting_interrupts
+from gptq_cli.errors import GptqError, UsageError, noting_interrupts
 from gptq_cli.format.checkpoint import parse_size
 from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is quantize + evaluate)
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.modelio import (ModelRef, StreamingModel, load_streaming, load_tokenizer, resolve_device,
                              resolve_dtype, resolve_model, storage_dtype)
-from gptq_cli.workdir import WorkDir, calibration_fingerprint, default_work_dir, model_fingerprint, stored_weights
+from gptq_cli.preflight import calibration_notes, calibration_seqlen, group_size_notes
+from gptq_cli.workdir import (WorkDir, calibration_fingerprint, check_new_directory, default_work_dir,
+                              model_fingerprint, stored_weights)
 
-# Progress events: ("resume", finished blocks, total, work dir), ("block", done, total), ("module", ModuleResult)
+# Progress events: ("resume", finished blocks, total, work dir), ("block", done, total), ("module", ModuleResult),
+# ("note", text): a setting that could not be applied as asked, and what is done instead
 ProgressFn = Callable[..., None]
 
 
@@ -39,6 +42,7 @@ class QuantizeResult:
     modules: list[dict] = field(default_factory=list)   # quant_log.json's per-module rows
     seconds: float = 0.0
     plan: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)     # settings not applied as asked, and what was done instead
 
 
 def default_output(model: str, quant: QuantConfig) -> Path:
@@ -70,7 +74,7 @@ class QuantizeInterrupted(KeyboardInterrupt):
 
 
 def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "builtin",
-             dataset_path: str | None = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+             dataset_path: str | None = None, nsamples: int = 128, seqlen: int | None = None, seed: int = 0,
              batch_size: int = 8, device: str | None = None, dtype: str = "auto",
              output: str | Path | None = None, work_dir: str | Path | None = None, resume: bool = False,
              command: str | None = None, progress: ProgressFn | None = None) -> QuantizeResult:
@@ -78,14 +82,16 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
 
     Each finished block is stored in `work_dir` (default `<output>.work`); a call that finds a work dir made with
     the same settings continues after its last finished block (resume=True insists on one), and the work dir
-    is removed once the checkpoint is written. `command` is recorded in quant_log.json."""
+    is removed once the checkpoint is written. `command` is recorded in quant_log.json. seqlen None: 2048, or
+    the model's context if that is shorter; a seqlen beyond the context is refused."""
     from gptq_cli.textdata import calibration_samples
 
     quant = quant or QuantConfig()
     out = Path(output) if output else default_output(model, quant)
-    if out.exists():
-        raise UsageError(f"output {out} already exists; remove it or choose another --output")
+    check_new_directory(out, "--output")
     wd = WorkDir(work_dir if work_dir else default_work_dir(out))
+    if not wd.path.exists():
+        check_new_directory(wd.path, "--work-dir")
     if resume and not wd.has_plan():
         raise UsageError(f"--resume: there is no work dir {wd.path} to continue; run without --resume to start, "
                          f"or pass the --work-dir an interrupted run left")
@@ -97,14 +103,22 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     ref = resolve_model(model)
     cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
     tokenizer = load_tokenizer(ref)
+    sm = load_streaming(ref, cdtype)
+    seqlen = calibration_seqlen(sm.model.config, seqlen)
     samples = calibration_samples(tokenizer, dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                   dataset_path=dataset_path)
-    sm = load_streaming(ref, cdtype)
     layers_path, arch = resolve_arch(sm.model)
     n_blocks = len(sm.model.get_submodule(layers_path))
+    notes = calibration_notes(samples, nsamples, seqlen) + group_size_notes(sm.model.get_submodule(layers_path),
+                                                                            quant.group_size)
+    for note in notes:
+        if progress:
+            progress("note", note)
     quant.meta.update(damp_auto_increment=0.01, static_groups=quant.static_groups)
-    plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=seqlen, seed=seed, batch_size=batch_size,
-                      device=dev, dtype=cdtype, blocks=n_blocks, command=command)
+    # what was used, not what was asked: the longest sample (a short corpus gives one shorter sample)
+    used_seqlen = max(s.shape[-1] for s in samples)
+    plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=used_seqlen, seed=seed,
+                      batch_size=batch_size, device=dev, dtype=cdtype, blocks=n_blocks, command=command, notes=notes)
     done = wd.open(plan)
     with noting_interrupts() as interrupted:
         try:
@@ -112,9 +126,10 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
                 if done and progress:
                     progress("resume", done, n_blocks, wd.path)
                 _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, done, progress)
-            rows = _write_output(wd, plan, out, sm, ref, tokenizer, command=command)
+            rows = _write_kept_blocks(wd, plan, out, sm, ref, tokenizer, command=command)
         except Exception as e:
             if not interrupted():
+                wd.remove_if_unfinished()
                 raise
             raise QuantizeInterrupted(wd.finished_blocks(), n_blocks, wd.path) from e
         except KeyboardInterrupt:
@@ -122,7 +137,18 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
         finally:
             wd.close()
     wd.remove()
-    return QuantizeResult(out, rows, time.perf_counter() - t_start, plan)
+    return QuantizeResult(out, rows, time.perf_counter() - t_start, plan, notes)
+
+
+def _write_kept_blocks(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: ModelRef, tokenizer, *,
+                       command: str | None) -> list[dict]:
+    """_write_output at the end of a run; when it fails, say that the solved blocks are kept and how to pack them."""
+    try:
+        return _write_output(wd, plan, out, sm, ref, tokenizer, command=command)
+    except (UsageError, OSError) as e:
+        keep = (f"; the {plan['blocks']} quantized blocks are kept in {wd.path}: `gptq pack {wd.path} -o DIR` "
+                f"writes the checkpoint without quantizing again")
+        raise (UsageError if isinstance(e, UsageError) else GptqError)(f"{e}{keep}") from e
 
 
 def pack_workdir(work_dir: str | Path, output: str | Path, *, checkpoint_format: str | None = None,
@@ -153,7 +179,7 @@ def pack_workdir(work_dir: str | Path, output: str | Path, *, checkpoint_format:
 
 def _work_plan(model: str, ref: ModelRef, quant: QuantConfig, samples: list[torch.Tensor], *, dataset: str,
                seqlen: int, seed: int, batch_size: int, device: torch.device, dtype: torch.dtype, blocks: int,
-               command: str | None) -> dict:
+               command: str | None, notes: list[str]) -> dict:
     """plan.json: what decides the result (workdir.IDENTITY_FIELDS) and what describes the run."""
     import transformers
 
@@ -165,7 +191,7 @@ def _work_plan(model: str, ref: ModelRef, quant: QuantConfig, samples: list[torc
             "dtype": str(dtype).removeprefix("torch."), "device": str(device), "device_type": device.type,
             "versions": {"gptq_cli": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
-            "command": command}
+            "command": command, "notes": notes}
 
 
 def _solve_into(wd: WorkDir, sm: StreamingModel, layers_path: str, arch: Arch | None, samples: list[torch.Tensor],
@@ -229,10 +255,15 @@ def _write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: M
            "device": plan["device"], "dtype": plan["dtype"], "torch": torch.__version__,
            "platform": platform.platform(),
            "seconds": round(seconds, 2),  # time spent on the blocks, summed over interrupted runs
-           "modules": rows}
+           "notes": plan.get("notes", []), "modules": rows}
+    extra_files = {"quant_log.json": json.dumps(log, indent=2).encode()}
     with _tokenizer_dir(ref, tokenizer) as src_dir:
+        generation = getattr(sm.model, "generation_config", None)
+        if not (src_dir / "generation_config.json").is_file() and generation is not None:
+            # a GGUF source (or a directory without one): the generation defaults transformers derived on load
+            extra_files["generation_config.json"] = (generation.to_json_string(use_diff=True)).encode()
         write_checkpoint(out, tensors, config, quantization_config, src_dir=src_dir, max_shard_size=max_shard_size,
-                         extra_files={"quant_log.json": json.dumps(log, indent=2).encode()})
+                         extra_files=extra_files)
     return rows
 
 

@@ -11,6 +11,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help text, wrapped to the terminal: no markup to eat "[plot]" or a bracketed path, no boxed panels
+    # that leave 20 columns for the help at a width of 80.
+    rich_markup_mode=None,
 )
 
 
@@ -26,16 +29,20 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-# Subcommands register below, one module each under gptq_cli/commands/.
-from gptq_cli.commands import inspect_cmd, quantize_cmd  # noqa: E402
+# Subcommands register below, one module each under gptq_cli/commands/. short_help: the one line the command list
+# shows (a docstring's first sentence would be cut to fit).
+from gptq_cli.commands import eval_cmd, inspect_cmd, pack_cmd, push_cmd, quantize_cmd  # noqa: E402
 
-app.command("quantize", epilog=quantize_cmd.EXAMPLES)(quantize_cmd.quantize)
-app.command("inspect", epilog=inspect_cmd.EXAMPLES)(inspect_cmd.inspect)
-from gptq_cli.commands import eval_cmd  # noqa: E402
-app.command("eval", epilog=eval_cmd.EXAMPLES)(eval_cmd.eval_command)
-from gptq_cli.commands import pack_cmd, push_cmd  # noqa: E402
-app.command("pack", epilog=pack_cmd.EXAMPLES)(pack_cmd.pack)
-app.command("push", epilog=push_cmd.EXAMPLES)(push_cmd.push)
+app.command("quantize", epilog=quantize_cmd.EXAMPLES, short_help="Quantize a model into a GPTQ checkpoint.")(
+    quantize_cmd.quantize)
+app.command("inspect", epilog=inspect_cmd.EXAMPLES, short_help="Show and check a GPTQ checkpoint.")(
+    inspect_cmd.inspect)
+app.command("eval", epilog=eval_cmd.EXAMPLES, short_help="Perplexity (and tokens/s) of models and checkpoints.")(
+    eval_cmd.eval_command)
+app.command("pack", epilog=pack_cmd.EXAMPLES, short_help="Write a work dir's checkpoint; convert checkpoints.")(
+    pack_cmd.pack)
+app.command("push", epilog=push_cmd.EXAMPLES, short_help="Upload a GPTQ checkpoint to the Hub with a model card.")(
+    push_cmd.push)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +47,11 @@ def resolve_model(model: str) -> ModelRef:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UsageError(f"{p} is not a Hugging Face model directory (no config.json)")
+        _check_config_json(p / "config.json")
+        if any(p.glob("*.safetensors")):
+            read_tensors(p)  # reads only the headers: a truncated or corrupt file is named now, before any work
         return ModelRef(p, None, p.resolve().name)
-    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if p.exists() or model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         raise UsageError(f"model {model!r} not found: give a local model directory, a .gguf file or a Hub id "
                          f"like org/name")
     try:
@@ -58,6 +62,18 @@ def resolve_model(model: str) -> ModelRef:
         raise UsageError(f"cannot fetch {model!r} from the Hub ({type(e).__name__}); "
                          f"download it and pass the local directory instead") from e
     return ModelRef(Path(path), None, model.split("/")[-1])
+
+
+def _check_config_json(path: Path) -> None:
+    """A UsageError naming the file when config.json is empty, not JSON or not an object (transformers would
+    fail later with an OSError that does not say what to do)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}); restore it from the model's original files") from e
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise UsageError(f"{path} holds no model_type, so transformers cannot tell the architecture; restore it "
+                         f"from the model's original files")
 
 
 @dataclass
@@ -143,9 +159,17 @@ def storage_dtype(ref: ModelRef) -> torch.dtype:
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -134,6 +135,9 @@ def pretokenized_rows(dataset: str) -> list[list[int]] | None:
         if not ids or not all(isinstance(t, int) for t in ids):
             raise UsageError(f"{path}: row {i + 1} has no list of integer input_ids; every row of a "
                              f"pre-tokenized file needs one")
+        if min(ids) < 0:
+            raise UsageError(f"{path}: row {i + 1} holds the negative token id {min(ids)}; token ids start at 0, "
+                             f"so the file is damaged or was not made by a tokenizer")
         out.append(ids)
     return out
 
@@ -187,6 +191,7 @@ def _txt_documents(text: str, purpose: str) -> list[str]:
 def _named_documents(name: str, purpose: str, dataset_path: str | None) -> list[str]:
     if dataset_path:
         return _offline_copy_documents(name, purpose, Path(dataset_path).expanduser())
+    _check_hub_reachable(name, f"give an offline copy with --dataset-path ({_offline_hint(name, purpose)})")
     import datasets  # imported here: slow to import, and only needed for Hub datasets
 
     try:
@@ -196,9 +201,31 @@ def _named_documents(name: str, purpose: str, dataset_path: str | None) -> list[
             split, shard = C4_SHARDS[purpose]
             rows = datasets.load_dataset(C4_HUB, data_files={split: shard}, split=split)
     except Exception as e:  # offline, Hub unreachable, gated: all mean "give a local copy"
-        raise UsageError(f"cannot load {name} from the Hub ({type(e).__name__}); give an offline copy with "
+        where = "the datasets cache (HF_HUB_OFFLINE is set)" if _hub_offline() else "the Hub"
+        raise UsageError(f"cannot load {name} from {where} ({type(e).__name__}); give an offline copy with "
                          f"--dataset-path ({_offline_hint(name, purpose)})") from e
     return list(rows["text"])
+
+
+def _check_hub_reachable(dataset: str, instead: str, timeout: float = 3.0) -> None:
+    """Fail at once, with what to do instead, when the Hub cannot be reached: `datasets` would otherwise retry for
+    about 30 s. With HF_HUB_OFFLINE set there is nothing to check: datasets then reads its cache only, at once."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if _hub_offline():
+        return
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"cannot reach the Hub at {endpoint.hostname}:{port} to load {dataset} ({e}); {instead}, "
+                         f"or set HF_HUB_OFFLINE=1 to use a copy in the datasets cache") from None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _offline_hint(name: str, purpose: str) -> str:
@@ -230,6 +257,7 @@ def _offline_copy_documents(name: str, purpose: str, path: Path) -> list[str]:
 
 
 def _hub_documents(dataset_id: str, purpose: str) -> list[str]:
+    _check_hub_reachable(dataset_id, "give a local .txt/.jsonl/.parquet file as --dataset")
     import datasets
 
     try:
@@ -263,13 +291,27 @@ def _dataset_split_texts(loaded, purpose: str, what: str) -> list[str]:
 
 
 def _file_documents(path: Path, purpose: str) -> list[str]:
+    try:
+        return _read_documents(path, purpose)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); give a text file: .txt, .jsonl, "
+                         f".json or .parquet") from e
+
+
+def _read_documents(path: Path, purpose: str) -> list[str]:
     name = path.name.lower()
     if name.endswith(".txt"):
         return _txt_documents(path.read_text(encoding="utf-8"), purpose)
     if name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return [_row_text(row, str(path), i) for i, row in enumerate(pq.read_table(path).to_pylist())]
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise UsageError(f"{path} is not a readable Parquet file ({e}); give a .parquet, .jsonl or .txt "
+                             f"file") from e
+        return [_row_text(row, str(path), i) for i, row in enumerate(table.to_pylist())]
     if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         rows = _json_rows(path)
         if rows and isinstance(rows[0], dict) and "input_ids" in rows[0]:
@@ -282,8 +324,13 @@ def _file_documents(path: Path, purpose: str) -> list[str]:
 def _json_rows(path: Path) -> list:
     """Rows of a JSON array file, or of a JSON-lines file (optionally gzipped)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise UsageError(f"{path} is not a complete gzip file ({e}); give the file again or unpacked") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); give a UTF-8 JSON file") from e
     try:
         if text.lstrip().startswith("["):
             return json.loads(text)

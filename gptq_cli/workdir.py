@@ -98,6 +98,32 @@ def plan_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[s
     return diffs
 
 
+def check_new_directory(path: Path, what: str) -> None:
+    """UsageError, before any work, when the directory `path` cannot be created later: it exists, a parent is a
+    file, its name is too long for the file system (with the temporary-name suffixes the writers add), or the
+    nearest existing parent is not writable. `what` names it in the message (e.g. "--output")."""
+    path = Path(path)
+    if path.exists():
+        raise UsageError(f"{what} {path} already exists; remove it or choose another {what}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: {parent} is a file, not a directory; choose another {what}")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    # the longest name written beside it: ".<name>.tmp-XXXXXXXX" (the checkpoint writer) or "<name>.work"
+    longest = len(path.name.encode()) + len(".tmp-XXXXXXXX") + 1
+    if longest > name_max:
+        raise UsageError(f"{what} {path}: the name is {len(path.name.encode())} bytes long, more than this file "
+                         f"system allows ({name_max - longest + len(path.name.encode())} at most here); choose a "
+                         f"shorter name")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: cannot write in {parent}; choose a directory you can write to")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same directory and a rename: readers (and a
     resumed run) see the old file or the whole new one, never a part."""
@@ -137,18 +163,21 @@ class WorkDir:
         else, was made with other settings, or another run holds it."""
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"work dir {self.path} is a file; remove it or pass another --work-dir")
-        if self.has_plan():
-            diffs = plan_differences(self.read_plan(), plan)
-            if diffs:
-                raise UsageError(f"work dir {self.path} was made with other settings ({'; '.join(diffs)}); "
-                                 f"remove it to start over, or pass another --work-dir")
-        else:
+        if not self.has_plan():
             foreign = [p.name for p in self.path.iterdir() if not _is_ours(p.name)] if self.path.is_dir() else []
             if foreign:
                 raise UsageError(f"work dir {self.path} already holds other files ({foreign[0]}, ...) and no "
                                  f"{PLAN_FILE}; pass an empty or new --work-dir")
         self.path.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
+        if self.has_plan():
+            diffs = plan_differences(self.read_plan(), plan)
+            if diffs and self.finished_blocks():
+                self.close()
+                raise UsageError(f"work dir {self.path} was made with other settings ({'; '.join(diffs)}); "
+                                 f"remove it to start over, or pass another --work-dir")
+            if diffs:  # a run that failed before finishing a block: nothing to keep, start afresh
+                (self.path / PLAN_FILE).unlink()
         if not self.has_plan():
             shutil.rmtree(self.blocks_path, ignore_errors=True)  # blocks without their plan cannot be trusted
             write_atomic(self.path / PLAN_FILE, (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode())
@@ -212,6 +241,11 @@ class WorkDir:
         except Exception as e:  # truncated by hand, wrong file...
             raise GptqError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it and rerun the same "
                             f"command to redo that block") from e
+
+    def remove_if_unfinished(self) -> None:
+        """After a failed run: a work dir without a finished block holds nothing worth keeping; remove it."""
+        if not self.finished_blocks():
+            self.remove()
 
     def remove(self) -> None:
         """Delete what the run wrote (plan, blocks, lock); the directory itself too unless something else is in

@@ -129,6 +129,7 @@ def test_saved_and_hub_datasets_use_train_for_calibration_and_test_or_validation
     assert load_text(str(tmp_path / "saved"), "calibration") == ["w3 w4", "w5"]
     assert load_text(str(tmp_path / "saved"), "eval") == ["w6 w7 w8"]
     monkeypatch.setattr(datasets, "load_dataset", lambda dataset_id: hub_like_dataset())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no reachability probe: the stub stands in for the Hub (or its cache)
     assert load_text("someone/some-corpus", "eval") == ["w6 w7 w8"]
 
 

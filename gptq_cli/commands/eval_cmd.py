@@ -1,6 +1,7 @@
 """`gptq eval MODEL [--compare MODEL...]`: perplexity with the GPTQ paper's protocol, and tokens/s."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,12 +14,12 @@ from gptq_cli.errors import UsageError
 EXAMPLES = """
 Examples:
 
+\b
   gptq eval llama2-7b-gptq --dataset wikitext2
-
-  gptq eval ./smollm2-gptq --dataset wikitext2 --dataset-path wikitext2_raw_test.txt --limit 40 --speed --save
-
-  gptq eval meta-llama/Llama-2-7b-hf --compare llama2-7b-gptq llama2-7b-gptq-3bit --limit 40 --json
-
+  gptq eval ./smollm2-gptq --dataset wikitext2 \\
+      --dataset-path wikitext2_raw_test.txt --limit 40 --speed --save
+  gptq eval meta-llama/Llama-2-7b-hf --compare llama2-7b-gptq \\
+      llama2-7b-gptq-3bit --limit 40 --json
   gptq eval ./my-model --dataset notes.txt --seqlen 512
 """
 
@@ -58,12 +59,8 @@ def eval_command(
             not_dirs = [m for m in models if not Path(m).is_dir()]
             if not_dirs:
                 raise UsageError(f"--save writes into a local model directory; {not_dirs[0]} is not one")
-        from transformers.utils import logging as transformers_logging
-
         from gptq_cli.evaluate import compare as compare_models
         from gptq_cli.evaluate import save_eval_results
-
-        transformers_logging.disable_progress_bar()  # its per-file loading bars would interleave with ours
 
         with progress_bar(quiet) as bar:
             tasks: dict[str, int] = {}
@@ -76,6 +73,7 @@ def eval_command(
             report = compare_models(models, dataset=dataset, seqlen=seqlen, limit=limit, device=device, dtype=dtype,
                                     speed=speed, dataset_path=dataset_path, batch_size=batch_size,
                                     progress=on_progress)
+        _refuse_non_finite(report["models"])
         if save:
             for result in report["models"]:
                 result["saved"] = str(save_eval_results(result["model"], result))
@@ -85,6 +83,16 @@ def eval_command(
             _print_table(report, compare)
 
     run(work, debug=debug)
+
+
+def _refuse_non_finite(results: list[dict]) -> None:
+    """A perplexity of nan or inf is no measurement: the model computes NaN/Inf (bad weights, or an fp16 overflow)."""
+    bad = next((r for r in results if not math.isfinite(r["ppl"])), None)
+    if bad is None:
+        return
+    hint = (f"`gptq inspect {bad['model']}` finds NaN/Inf scales in a GPTQ checkpoint" if bad["quantized"] else
+            "its weights hold NaN/Inf, or float16 overflows (try --dtype float32)")
+    raise UsageError(f"{bad['model']} gives a perplexity of {bad['ppl']}: the model computes NaN/Inf; {hint}")
 
 
 def _print_table(report: dict, compare: bool) -> None:

@@ -2,28 +2,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from gptq_cli.commands.common import DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, run
+from gptq_cli.commands.common import DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, run, say
 from gptq_cli.errors import GptqError
-from gptq_cli.inspect import InspectReport, inspect_checkpoint, plot_losses, read_quant_log
+
+if TYPE_CHECKING:  # imported in the command: `gptq --help` loads no torch (whose import loads tqdm, too early)
+    from gptq_cli.inspect import InspectReport
 
 EXAMPLES = """
 Examples:
 
+\b
   gptq inspect llama2-7b-gptq
-
   gptq inspect ./TheBloke-Llama-2-7B-GPTQ --json | jq .problems
-
   gptq inspect smollm2-gptq --plot losses.png --quiet
 """
 
 
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="Directory of a GPTQ checkpoint (ours, GPTQModel's, AutoGPTQ's)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT",
+                                      help="Directory of a GPTQ checkpoint (ours, GPTQModel's, AutoGPTQ's)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the per-module quantization loss from "
                                         "quant_log.json to this PNG file (needs matplotlib)."),
     json_out: bool = JSON_OPTION,
@@ -33,17 +36,19 @@ def inspect(
     """Show a GPTQ checkpoint's config, format, maker, modules and size, and check that it is valid."""
 
     def work() -> None:
+        from gptq_cli.inspect import inspect_checkpoint, plot_losses, read_quant_log
+
         report = inspect_checkpoint(checkpoint)
         if json_out:
             emit_json(report.to_dict())
         elif not quiet:
             _print_report(report)
         for problem in report.problems:
-            console.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+            say("problem", problem)
         if plot is not None:
             out = plot_losses(read_quant_log(checkpoint), plot, title=Path(report.path).name)
             if not quiet:
-                console.print(f"loss plot written to {out}")
+                console.print(f"loss plot written to {out}", highlight=False)
         if report.problems:
             raise GptqError(f"{len(report.problems)} problem(s) found in {checkpoint}")
 
@@ -71,9 +76,9 @@ def _print_report(report: InspectReport) -> None:
     summary.add_row("quantized modules", str(len(report.modules)))
     summary.add_row("size", f"{_size(report.total_bytes)} vs {_size(report.fp16_bytes)} in fp16 "
                             f"(compression {report.compression_ratio:.2f}x)")
-    check = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
+    check = Text("ok", style="green") if report.ok else Text(f"{len(report.problems)} problem(s)", style="red")
     if not report.shapes_checked_against_model:
-        check += " (transformers cannot build this architecture: shapes checked against each other only)"
+        check.append(" (transformers cannot build this architecture: shapes checked against each other only)")
     summary.add_row("check", check)
     console.print(summary)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.text import Text
 
 from gptq_cli.commands.common import DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, run, show_progress
 from gptq_cli.errors import UsageError
@@ -20,12 +21,10 @@ from gptq_cli.format.config import FORMATS
 EXAMPLES = """
 Examples:
 
+\b
   gptq pack llama2-7b-gptq.work -o llama2-7b-gptq
-
   gptq pack llama2-7b-gptq-asym --format gptq_v2 -o llama2-7b-gptq-v2
-
-  gptq pack ./TheBloke-Llama-2-7B-GPTQ --max-shard-size 2GB -o llama2-7b-gptq-2gb-shards
-
+  gptq pack ./TheBloke-Llama-2-7B-GPTQ --max-shard-size 2GB -o shards-2gb
   gptq pack gptqmodel-out --format gptq -o for-vllm --json
 """
 
@@ -48,13 +47,18 @@ def pack(
 
     def work() -> None:
         from gptq_cli.loader import is_quantized_checkpoint
-        from gptq_cli.workdir import WorkDir, is_work_dir
+        from gptq_cli.workdir import WorkDir, check_new_directory, is_work_dir
 
         if fmt is not None and fmt not in FORMATS:
             raise UsageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-        from gptq_cli.format.checkpoint import read_quant_config, weight_files
+        from gptq_cli.format.checkpoint import parse_size, read_quant_config, weight_files
 
-        busy = console.status(f"packing {path} → {output}") if show_progress(quiet or json_out) else nullcontext()
+        if parse_size(max_shard_size) < 1:
+            raise UsageError(f"--max-shard-size {max_shard_size}: give a size above zero, like 5GB or 500MB")
+        check_new_directory(output, "--output")
+
+        busy = (console.status(Text(f"packing {path} → {output}")) if show_progress(quiet or json_out)
+                else nullcontext())
         if is_work_dir(path):
             from gptq_cli.api import pack_workdir
 

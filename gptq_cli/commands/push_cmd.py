@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
-from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, run,
+from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, run, say,
                                       show_progress)
 
 if TYPE_CHECKING:
@@ -17,16 +17,16 @@ if TYPE_CHECKING:
 EXAMPLES = """
 Examples:
 
+\b
   gptq push llama2-7b-gptq my-org/Llama-2-7b-GPTQ-4bit-g128
-
   gptq push smollm2-gptq me/SmolLM2-135M-GPTQ --private --dry-run
-
-  HF_TOKEN=hf_... gptq push ./ckpt my-org/model --revision 4bit-g128 --commit-message "4-bit, group 128" --json
+  HF_TOKEN=hf_... gptq push ./ckpt my-org/model --revision 4bit-g128 \\
+      --commit-message "4-bit, group 128" --json
 """
 
 
 def push(
-    checkpoint: Path = typer.Argument(..., help="Directory of the GPTQ checkpoint to publish."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Directory of the GPTQ checkpoint to publish."),
     repo_id: str = typer.Argument(..., metavar="REPO_ID", help="OWNER/NAME on the Hub; created if it does not "
                                   "exist."),
     private: bool = typer.Option(False, "--private", help="Create the repo private (an existing repo keeps its "
@@ -54,7 +54,7 @@ def push(
             plan = plan_push(checkpoint, repo_id)
         except CheckpointRefused as e:
             for problem in e.problems:
-                console.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+                say("problem", problem)
             raise
         if dry_run:
             if json_out:
@@ -62,7 +62,8 @@ def push(
             elif not quiet:
                 _print_plan(plan)
             return
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(),
                       TimeElapsedColumn(), console=console, disable=not show_progress(quiet or json_out)) as bar:
             task = bar.add_task(f"pushing to {repo_id}", total=plan.total_bytes)
             result = push_checkpoint(plan, token=token, private=private, revision=revision,

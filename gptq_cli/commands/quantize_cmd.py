@@ -6,15 +6,19 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, progress_bar, run,
-                                      show_progress)
+                                      say, show_progress)
 from gptq_cli.errors import GptqError, UsageError
 from gptq_cli.format.config import QuantConfig
+
+if TYPE_CHECKING:
+    from gptq_cli.api import QuantizeResult
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 # The --config presets: shipped inside the package by setup.py's build_py (a wheel install), else the source
@@ -23,17 +27,17 @@ CONFIG_DIR = next((d for d in (_PACKAGE / "presets", _PACKAGE.parent / "configs"
 QUANT_KEYS = ("bits", "group_size", "desc_act", "sym", "static_groups", "act_group_aware", "true_sequential",
               "damp_percent", "mse")
 RUN_KEYS = ("dataset", "nsamples", "seqlen", "batch_size", "seed")
+WORST_SHOWN = 3   # modules with the largest loss named in the summary
 
 EXAMPLES = """
 Examples:
 
+\b
   gptq quantize smollm2-135m --nsamples 128 --seqlen 512 -o smollm2-gptq
-
-  gptq quantize meta-llama/Llama-2-7b-hf --bits 4 --group-size 128 --desc-act -o llama2-7b-gptq
-
-  gptq quantize ./my-model --config llama-3bit-g128 --dataset calib.jsonl --dry-run
-
-  gptq quantize meta-llama/Llama-2-70b-hf -o llama2-70b-gptq --resume   # continue an interrupted run
+  gptq quantize meta-llama/Llama-2-7b-hf --bits 4 --desc-act -o llama2-7b-gptq
+  gptq quantize ./my-model --config llama-3bit-g128 --dataset calib.jsonl \\
+      --dry-run
+  gptq quantize meta-llama/Llama-2-70b-hf -o llama2-70b-gptq --resume
 """
 
 
@@ -62,8 +66,8 @@ def load_preset(config: str) -> dict:
 
 
 def quantize(
-    model: str = typer.Argument(..., help="Hub id, local HF directory, .gguf file, or a built-in name "
-                                          "(smollm2-135m)."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Hub id, local HF directory, .gguf file, or a built-in "
+                                "name (smollm2-135m)."),
     bits: Optional[int] = typer.Option(None, "--bits", help="2, 3, 4 or 8 (default 4)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Columns per group, -1 = per channel "
                                                                         "(default 128)."),
@@ -103,30 +107,37 @@ def quantize(
     config: Optional[str] = typer.Option(None, "--config", help="A preset from configs/ (name or path); flags "
                                          "override it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, time) and exit."),
+    table: bool = typer.Option(False, "--table", help="Also print every module's loss, damp and seconds (always in "
+                               "the output's quant_log.json)."),
     json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
 ) -> None:
     """Quantize a causal LM with GPTQ and write a GPTQ checkpoint that transformers, GPTQModel and vLLM load."""
     flags = dict(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, static_groups=static_groups,
-                 act_group_aware=act_group_aware, true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, dataset=dataset,
-                 nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, seed=seed, format=fmt)
+                 act_group_aware=act_group_aware, true_sequential=true_sequential, damp_percent=damp_percent, mse=mse,
+                 dataset=dataset, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, seed=seed, format=fmt)
 
     def work():
         settings = load_preset(config) if config else {}
         settings.update({k: v for k, v in flags.items() if v is not None})
+        if settings.get("format") == "gptq" and settings.get("sym") is False:
+            raise UsageError("--asym needs --format gptq_v2: format gptq (v1) stores zero - 1 and cannot hold an "
+                             "asymmetric zero of 0; drop --format gptq (asym is then written as gptq_v2)")
         try:
             quant = QuantConfig(**{k: settings[k] for k in QUANT_KEYS if k in settings},
                                 checkpoint_format=settings.get("format", "gptq"))
         except ValueError as e:
             raise UsageError(str(e)) from e
+        # seqlen None: 2048, or the model's context when that is shorter (an explicit one beyond it is refused)
         run_args = dict(dataset=settings.get("dataset", "builtin"), nsamples=settings.get("nsamples", 128),
-                        seqlen=settings.get("seqlen", 2048), batch_size=settings.get("batch_size", 8),
+                        seqlen=settings.get("seqlen"), batch_size=settings.get("batch_size", 8),
                         seed=settings.get("seed", 0))
         for k in ("nsamples", "seqlen", "batch_size"):
-            if run_args[k] < 1:
+            if run_args[k] is not None and run_args[k] < 1:
                 raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {run_args[k]}")
         if dry_run:
             from gptq_cli.plan import make_plan
-            plan = make_plan(model, quant, device=device, dtype=dtype, **run_args)
+            plan = make_plan(model, quant, device=device, dtype=dtype,
+                             **{**run_args, "seqlen": run_args["seqlen"] or 2048})
             _print_plan(plan, json_out, quiet)
             return
         from gptq_cli.api import QuantizeInterrupted, quantize as api_quantize
@@ -147,6 +158,8 @@ def quantize(
                 elif kind == "resume" and not (quiet or json_out):
                     console.print(f"continuing {args[2]}: {args[0]} of {args[1]} blocks already quantized",
                                   highlight=False)
+                elif kind == "note":  # a setting not applied as asked: said even with --quiet
+                    say("note", args[0], style="bold yellow")
 
             # What the user typed, under the console script's name however Python was started; None when the
             # command was invoked programmatically (sys.argv is then some other program's).
@@ -157,13 +170,13 @@ def quantize(
                                       progress=on_progress, **run_args)
             except QuantizeInterrupted as e:
                 raise Interrupted(str(e)) from None
-        summary = {"output": str(result.output), "seconds": round(result.seconds, 2), "config": quant.to_hf_dict(),
-                   "modules": len(result.modules),
-                   "mean_loss": sum(r["loss"] for r in result.modules) / max(len(result.modules), 1)}
+        summary = run_summary(model, result, quant)
         if json_out:
             emit_json(summary)
         elif not quiet:
-            _print_summary(result)
+            if table:
+                _print_module_table(result)
+            _print_summary(summary)
 
     run(work, debug=debug)
 
@@ -178,7 +191,52 @@ def _print_plan(plan: dict, json_out: bool, quiet: bool) -> None:
     console.print(table)
 
 
-def _print_summary(result) -> None:
+def run_summary(model: str, result: "QuantizeResult", quant: QuantConfig) -> dict:
+    """What the end of a run reports (--json prints it whole): where the checkpoint is, its size against fp16,
+    the time, the modules with the largest loss, the validity check, and the commands to run next."""
+    from gptq_cli.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(result.output)
+    rows = result.modules
+    out = shlex.quote(str(result.output))
+    return {"model": model, "output": str(result.output), "seconds": round(result.seconds, 2),
+            "config": quant.to_hf_dict(), "modules": len(rows),
+            "mean_loss": sum(r["loss"] for r in rows) / max(len(rows), 1),
+            "worst_modules": [{"name": r["name"], "loss": r["loss"]}
+                              for r in sorted(rows, key=lambda r: r["loss"], reverse=True)[:WORST_SHOWN]],
+            "bytes": report.total_bytes, "fp16_bytes": report.fp16_bytes,
+            "compression_ratio": round(report.compression_ratio, 3), "problems": report.problems,
+            "notes": result.notes, "quant_log": str(result.output / "quant_log.json"),
+            "next": [f"gptq eval {shlex.quote(model)} --compare {out} --limit 40", f"gptq inspect {out}",
+                     f"gptq push {out} ORG/NAME"]}
+
+
+def _print_summary(summary: dict) -> None:
+    """A few lines that fit a terminal: the result stays on screen (the per-module table is --table's)."""
+    config = summary["config"]
+    group = "per channel" if config["group_size"] == -1 else f"group {config['group_size']}"
+    worst = ", ".join(f"{m['name']} {m['loss']:.4g}" for m in summary["worst_modules"])
+    check = (Text("ok", style="green") if not summary["problems"] else
+             Text(f"{len(summary['problems'])} problem(s): gptq inspect {summary['output']}", style="bold red"))
+    lines = [("quantized", f"{summary['model']} → {summary['output']} in {summary['seconds']:.1f} s"),
+             ("size", f"{_mb(summary['bytes'])} vs {_mb(summary['fp16_bytes'])} in fp16 "
+                      f"({summary['compression_ratio']:.2f}x smaller)"),
+             ("modules", f"{summary['modules']} quantized, {config['bits']}-bit {group}, "
+                         f"{config['checkpoint_format']}; mean loss {summary['mean_loss']:.4g}"),
+             ("worst loss", worst),
+             ("full table", f"{summary['quant_log']} (or --table)"),
+             ("check", check)]
+    for label, value in lines:
+        console.print(Text.assemble((f"{label:>10}  ", "bold"), value), highlight=False, soft_wrap=True)
+    console.print(Text("next:", style="bold"), *(f"\n  {c}" for c in summary["next"]), sep="", highlight=False,
+                  soft_wrap=True)
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+def _print_module_table(result: "QuantizeResult") -> None:
     table = Table(title=f"quantized → {result.output}  ({result.seconds:.1f} s)")
     for col in ("module", "loss", "damp", "seconds"):
         table.add_column(col, justify="left" if col == "module" else "right")

@@ -80,6 +80,7 @@ def write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], mode
         _write_safetensors(tmp, tensors, parse_size(max_shard_size))
         for name, data in sorted((extra_files or {}).items()):
             (tmp / name).write_bytes(data)
+        _apply_umask(tmp)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,6 +148,17 @@ def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], max_bytes: i
     (dst / INDEX_FILE).write_bytes(_json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
+def _apply_umask(directory: Path) -> None:
+    """Give the directory and its files the modes a plain mkdir / open would: mkdtemp makes the directory 0700
+    and safetensors writes 0600 files, but a checkpoint is for sharing, as the user's umask says."""
+    umask = os.umask(0)   # the only portable way to read it: set, then put back at once
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+
+
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename the finished temporary directory to out_dir; an existing out_dir is replaced only now."""
     if not out_dir.exists():
@@ -167,9 +179,7 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
     """Lazy read-only access to a checkpoint's tensors: each is read from its safetensors file on access."""
 
     def __init__(self, files: dict[str, Path]):
-        from safetensors import safe_open
-
-        self._handles = {name: safe_open(str(path), framework="pt") for name, path in files.items()}
+        self._handles = {name: _open_safetensors(path) for name, path in files.items()}
         self._file_of = {key: name for name, h in self._handles.items() for key in h.keys()}
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -192,6 +202,17 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
     def metadata(self) -> dict[str, dict[str, str] | None]:
         """The safetensors metadata of each file."""
         return {name: h.metadata() for name, h in self._handles.items()}
+
+
+def _open_safetensors(path: Path):
+    """safe_open, with a UsageError naming the file when it is truncated or not safetensors at all."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
+                         f"copy or download it again") from e
 
 
 def weight_files(ckpt_dir: str | Path) -> dict[str, Path]:

@@ -1,0 +1,50 @@
+"""What a quantize run checks and tells before any work: settings that cannot be applied as asked are refused
+(a --seqlen beyond the model's context) or become a note saying what is done instead (a short calibration corpus,
+a group size that does not divide a layer's width). The notes go to the user and into quant_log.json."""
+from __future__ import annotations
+
+from math import gcd
+
+import torch
+
+from gptq_cli.arch import QUANTIZABLE
+from gptq_cli.evaluate import check_context, context_length
+
+
+def calibration_seqlen(config, seqlen: int | None) -> int:
+    """The asked seqlen, refused beyond the model's context (as eval refuses it); None: 2048 or the context."""
+    if seqlen is None:
+        return min(2048, context_length(config) or 2048)
+    check_context(config, seqlen)
+    return seqlen
+
+
+def calibration_notes(samples: list[torch.Tensor], nsamples: int, seqlen: int) -> list[str]:
+    """What the calibration data gave instead of `nsamples` samples of `seqlen` tokens, if it differs."""
+    lengths = [s.shape[-1] for s in samples]
+    if len(samples) == nsamples and min(lengths) == seqlen:
+        return []
+    shape = f"{len(samples)} sample(s) of {min(lengths)}" + (f" to {max(lengths)}" if min(lengths) != max(lengths)
+                                                                 else "")
+    return [f"the calibration data holds {shape} tokens, not --nsamples {nsamples} x --seqlen {seqlen}: "
+            f"quantizing with those ({sum(lengths)} tokens, recorded in quant_log.json); more text gives what was "
+            f"asked"]
+
+
+def group_size_notes(layers: torch.nn.Module, group_size: int) -> list[str]:
+    """A note when the group size does not divide some linears' input width K: GPTQ handles a short last group,
+    but fast kernels (vLLM's Marlin, GPTQModel's CPU kernels) need K % group_size == 0."""
+    widths = [m.in_features if isinstance(m, torch.nn.Linear) else m.weight.shape[0]
+              for m in layers.modules() if isinstance(m, QUANTIZABLE)]
+    uneven = sorted({k for k in widths if group_size > 0 and k % group_size})
+    if not uneven:
+        return []
+    common = 0
+    for k in set(widths):
+        common = gcd(common, k)
+    fits = [g for g in (128, 64, 32, 16) if common % g == 0]
+    advice = f"--group-size {fits[0]} divides them all" if fits else f"a group size dividing {common} avoids it"
+    count = sum(1 for k in widths if k % group_size)
+    return [f"--group-size {group_size} does not divide the input width ({', '.join(map(str, uneven))}) of "
+            f"{count} of {len(widths)} linears: their last group is shorter, which GPTQ handles but vLLM's Marlin "
+            f"and GPTQModel's fast kernels do not (they need in_features % group_size == 0); {advice}"]
