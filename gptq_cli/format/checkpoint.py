@@ -19,6 +19,7 @@ import torch
 
 from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.hf_config import with_legacy_keys
 from gptq_cli.format.quantized import QuantizedWeight
 
 SAFETENSORS_METADATA = {"format": "pt"}
@@ -101,6 +102,7 @@ def _copy_source_files(src_dir: Path, dst: Path) -> None:
 
 def _write_config_files(dst: Path, model_config: Any, quant: QuantConfig | Mapping[str, Any]) -> None:
     config = dict(model_config) if isinstance(model_config, Mapping) else model_config.to_dict()
+    config = with_legacy_keys(config)  # transformers 4.x readers (AutoGPTQ, optimum 1.x) read the same model
     qdict = dict(quant) if isinstance(quant, Mapping) else quant.to_hf_dict()
     config["quantization_config"] = qdict
     (dst / "config.json").write_bytes(_json_bytes(config))
