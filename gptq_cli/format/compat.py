@@ -1,0 +1,201 @@
+"""Where a GPTQ checkpoint will load: one verdict per known loader, from a declarative table of rules.
+
+Each rule names the loaders it concerns, what it checks, and where that fact comes from (file and version of
+the loader's own code, or our measurement). A rule returns None when the checkpoint passes it, else the reason;
+`fails` rules mean the loader refuses the checkpoint or computes a different model, `caveat` rules that it
+loads with a restriction (a slower kernel, a limit). Facts are read from the checkpoint by `gptq inspect`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gptq_cli.format.hf_config import legacy_keys, transformers4_gaps
+
+TF5 = "transformers 5 + optimum + gptqmodel"
+GPTQMODEL = "GPTQModel"
+AUTOGPTQ = "AutoGPTQ 0.7.1"
+TF4 = "transformers 4.49 + optimum 1.24"
+VLLM_GPTQ = "vLLM gptq"
+VLLM_MARLIN = "vLLM gptq_marlin"
+EXLLAMA = "ExLlama v1"
+EXLLAMAV2 = "ExLlamaV2"
+LOADERS = (TF5, GPTQMODEL, AUTOGPTQ, TF4, VLLM_GPTQ, VLLM_MARLIN, EXLLAMA, EXLLAMAV2)
+TRANSFORMERS4 = (AUTOGPTQ, TF4)
+V1_ONLY = (AUTOGPTQ, EXLLAMA, EXLLAMAV2)  # read qzeros as zero - 1 whatever the label says
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the rules look at."""
+
+    bits: int
+    group_size: int
+    desc_act: bool
+    sym: bool
+    checkpoint_format: str
+    model_type: str
+    config: dict[str, Any]                  # config.json as stored
+    shapes: dict[str, tuple[int, int]]      # quantized module -> (in_features K, out_features N)
+    tied_head_missing: bool                 # tie_word_embeddings and no lm_head.weight in the files
+    dynamic: bool = False                   # per-module overrides in quantization_config["dynamic"]
+    lm_head_quantized: bool = False
+    dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class Rule:
+    loaders: tuple[str, ...]
+    check: Callable[[Facts], str | None]
+    source: str
+    severity: str = "fails"   # or "caveat"
+
+
+@dataclass
+class Verdict:
+    loader: str
+    loads: bool
+    reasons: list[dict[str, str]] = field(default_factory=list)   # {"reason", "source", "severity"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader, "loads": self.loads, "reasons": self.reasons}
+
+
+def _modules(f: Facts, bad: Callable[[int, int], bool], what: str) -> str | None:
+    """'<first module> ...' when any quantized module's (K, N) is `bad`, naming how many are."""
+    hits = [(name, k, n) for name, (k, n) in f.shapes.items() if bad(k, n)]
+    if not hits:
+        return None
+    name, k, n = hits[0]
+    more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
+    return f"{name} has in_features {k}, out_features {n}: {what}{more}"
+
+
+def _k_not_multiple_of_group(f: Facts) -> str | None:
+    g = f.group_size
+    return None if g == -1 else _modules(f, lambda k, n: k % g != 0, f"in_features not a multiple of group_size {g}")
+
+
+def _bits(allowed: tuple[int, ...]) -> Callable[[Facts], str | None]:
+    return lambda f: None if f.bits in allowed else f"{f.bits}-bit weights (supports {allowed})"
+
+
+def _archs(allowed: tuple[str, ...], who: str) -> Callable[[Facts], str | None]:
+    return lambda f: None if f.model_type in allowed else f"architecture {f.model_type!r} is not one {who} knows"
+
+
+def _missing_legacy_keys(f: Facts) -> str | None:
+    missing = sorted(k for k in legacy_keys(f.config) if k not in f.config)
+    gaps = transformers4_gaps(f.config)
+    if missing:
+        return (f"config.json lacks {', '.join(missing)}: a transformers 4.x reader falls back to its defaults and "
+                f"runs another model (rewrite the checkpoint with this version of gptq)")
+    return "; ".join(gaps) or None
+
+
+def _power_of_two_group(f: Facts) -> str | None:
+    g = f.group_size
+    return None if g == -1 or g & (g - 1) == 0 else f"group_size {g} is not a power of two"
+
+
+# The table. Sources are files of each project (version or commit read) or our own measurements.
+RULES: tuple[Rule, ...] = (
+    # --- transformers generation of the config
+    Rule(TRANSFORMERS4 + (EXLLAMA,), _missing_legacy_keys,
+         "transformers 4.49 configuration_utils.py/configuration_llama.py read torch_dtype, rope_theta, "
+         "rope_scaling (format/hf_config.py); exllama model.py ExLlamaConfig reads rope_theta (default 10000)"),
+    Rule((TF4,), _archs(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "gemma", "gemma2", "phi3", "opt",
+                         "gpt2"), "transformers 4.49"),
+         "transformers 4.49 models/auto/configuration_auto.py (qwen3 arrived in 4.51, gemma3 in 4.50)"),
+    # --- architectures
+    Rule((AUTOGPTQ,), _archs(("llama", "mistral", "mixtral", "qwen2", "gemma", "opt", "gpt2"), "AutoGPTQ 0.7.1"),
+         "auto_gptq 0.7.1 modeling/_const.py SUPPORTED_MODELS"),
+    Rule((TF5,), lambda f: f"transformers 5 + gptqmodel 7.7 load no {f.model_type} GPTQ checkpoint (GPTQModel's own "
+                           f"included); GPTQModel.load does" if f.model_type in ("gpt2", "mixtral", "qwen2_moe")
+         else None, "measured: tests/test_interop_gptqmodel.py GPTQMODEL_LOADS_ONLY (transformers 5.25, gptqmodel 7.7)"),
+    Rule((EXLLAMA,), _archs(("llama", "mistral"), "ExLlama v1 (Llama blocks only, *_proj biases skipped)"),
+         "turboderp/exllama model.py (ExLlamaAttention/ExLlamaMLP, _skip_key)"),
+    Rule((EXLLAMAV2,), _archs(("llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "phi3", "gpt2"),
+                              "exllamav2's architecture table (unknown ones load as Llama)"),
+         "turboderp/exllamav2 exllamav2/architecture.py @1c5f3de8 (newer releases may add architectures)", "caveat"),
+    # --- bits
+    Rule((AUTOGPTQ, TF4, VLLM_GPTQ), _bits((2, 3, 4, 8)),
+         "auto_gptq 0.7.1 qlinear_cuda_old.py __init__; vllm gptq.py GPTQConfig"),
+    Rule((VLLM_MARLIN,), lambda f: None if (f.bits, f.sym) in ((4, True), (8, True)) else
+         f"{f.bits}-bit {'symmetric' if f.sym else 'asymmetric'} (Marlin takes 4/8-bit symmetric only)",
+         "vllm gptq_marlin.py GPTQMarlinConfig.TYPE_MAP"),
+    Rule((EXLLAMA, EXLLAMAV2), _bits((4,)),
+         "exllama model.py Ex4bitLinear (height = qweight rows * 8); exllamav2 ext.py make_q_matrix"),
+    # --- shapes and groups
+    Rule((AUTOGPTQ, TF4), lambda f: None if f.desc_act else _k_not_multiple_of_group(f),
+         "auto_gptq 0.7.1 qlinear_cuda_old.py forward: weight.reshape(-1, group_size, N) (the kernel for "
+         "desc_act=false; measured: shape '[-1, 128, 576]' is invalid)"),
+    Rule((VLLM_GPTQ, VLLM_MARLIN, EXLLAMA), _k_not_multiple_of_group,
+         "vllm gptq.py create_weights ('input size is not aligned'); vllm marlin_utils.py "
+         "verify_marlin_supports_shape; exllama model.py infers groupsize as K // qzeros rows"),
+    Rule((VLLM_GPTQ,), lambda f: _modules(f, lambda k, n: n % (32 // math.gcd(32, f.bits)) != 0,
+                                          "out_features not a multiple of the packing factor"),
+         "vllm gptq.py create_weights (output_size % pack_factor.numerator)"),
+    Rule((VLLM_MARLIN,), lambda f: None if f.group_size in (-1, 32, 64, 128) else
+         f"group_size {f.group_size} (Marlin takes -1, 32, 64, 128)",
+         "vllm marlin_utils.py MARLIN_SUPPORTED_GROUP_SIZES"),
+    Rule((VLLM_MARLIN,), lambda f: _modules(f, lambda k, n: n % 64 != 0 or k % 128 != 0,
+                                            "Marlin needs out_features % 64 == 0 and in_features % 128 == 0"),
+         "vllm marlin_utils.py verify_marlin_supports_shape (GPTQ_MARLIN_MIN_THREAD_N/K)"),
+    Rule((EXLLAMAV2,), _power_of_two_group,
+         "exllamav2 q_matrix.cu: groupsize = smallest power of two with groupsize * groups >= K"),
+    # --- zero points and formats
+    Rule(V1_ONLY, lambda f: "gptq_v2 zero points would be read as v1 (off by one): convert with "
+                            "`gptq pack CKPT --format gptq`" if f.checkpoint_format == "gptq_v2" else None,
+         "auto_gptq 0.7.1 BaseQuantizeConfig has no checkpoint_format; exllama/exllamav2 read GPTQ v1 files"),
+    Rule((TF4,), lambda f: "gptq_v2 needs gptqmodel, which optimum 1.24 on transformers 4.49 does not use here"
+         if f.checkpoint_format == "gptq_v2" else None, "optimum 1.24 gptq/quantizer.py post_init_model"),
+    Rule(LOADERS, lambda f: "asymmetric zeros stored as v1 (zero - 1): a zero of 0 cannot be stored (gptq inspect's "
+                            "check reports any that underflowed)" if not f.sym and f.checkpoint_format == "gptq"
+         else None, "SPEC §2; GPTQModel converts v1 to v2 internally", "caveat"),
+    # --- act-order
+    Rule((TF4,), lambda f: "act-order with groups: optimum turns the ExLlama v1 kernel off (slower kernel)"
+         if f.desc_act and f.group_size != -1 else None, "optimum 1.24 gptq/quantizer.py post_init_model",
+         "caveat"),
+    Rule((VLLM_GPTQ,), lambda f: "act-order with groups: no ExLlama kernel for row-parallel layers under tensor "
+                                 "parallelism" if f.desc_act and f.group_size != -1 else None,
+         "vllm gptq.py create_weights (ExllamaState.UNUSED)", "caveat"),
+    # --- head, dynamic, dtype
+    Rule((AUTOGPTQ,), lambda f: "tied embeddings without lm_head.weight: from_quantized loads the embedding as "
+                                "zeros" if f.tied_head_missing else None,
+         "measured: scripts/check_autogptq.sh (bench/interop_autogptq.json)"),
+    Rule((EXLLAMA,), lambda f: "tied embeddings without lm_head.weight (it reads tensors['lm_head.weight'])"
+         if f.tied_head_missing else None, "exllama model.py ExLlama.__init__"),
+    Rule(TRANSFORMERS4 + (EXLLAMA, EXLLAMAV2), lambda f: "per-module overrides (quantization_config.dynamic) are "
+                                                         "not read" if f.dynamic else None,
+         "auto_gptq 0.7.1 BaseQuantizeConfig fields; optimum 1.24 GPTQQuantizer; exllama(v2) read tensors only"),
+    Rule((AUTOGPTQ, TF4, EXLLAMA, EXLLAMAV2), lambda f: "quantized lm_head" if f.lm_head_quantized else None,
+         "auto_gptq 0.7.1 from_quantized (ignore_layers = [lm_head])"),
+    Rule((VLLM_GPTQ,), lambda f: f"{f.dtype} model runs in float16 (gptq kernel takes half activations)"
+         if f.dtype not in ("float16", "torch.float16") else None,
+         "vllm gptq.py get_supported_act_dtypes", "caveat"),
+)
+
+
+def verdicts(facts: Facts, rules: tuple[Rule, ...] = RULES) -> list[Verdict]:
+    """One Verdict per loader, in LOADERS order."""
+    out = []
+    for loader in LOADERS:
+        reasons = [{"reason": reason, "source": rule.source, "severity": rule.severity}
+                   for rule in rules if loader in rule.loaders and (reason := rule.check(facts))]
+        out.append(Verdict(loader, not any(r["severity"] == "fails" for r in reasons), reasons))
+    return out
+
+
+def summary_line(found: list[Verdict]) -> str:
+    """'loads in: A, B; not in: C, D (their first reason); E (its reason)' in one line."""
+    ok = [v.loader for v in found if v.loads]
+    by_reason: dict[str, list[str]] = {}
+    for v in found:
+        if not v.loads:
+            first = next(r["reason"] for r in v.reasons if r["severity"] == "fails")
+            by_reason.setdefault(first, []).append(v.loader)
+    bad = "; ".join(f"{', '.join(loaders)} ({reason})" for reason, loaders in by_reason.items())
+    return f"loads in: {', '.join(ok) or 'none of the known loaders'}" + (f"; not in: {bad}" if bad else "")
