@@ -20,6 +20,7 @@ Examples:
 \b
   gptq inspect llama2-7b-gptq
   gptq inspect ./TheBloke-Llama-2-7B-GPTQ --json | jq .problems
+  gptq inspect smollm2-gptq --json | jq '.loaders[] | select(.loads | not)'
   gptq inspect smollm2-gptq --plot losses.png --quiet
 """
 
@@ -33,7 +34,8 @@ def inspect(
     quiet: bool = QUIET_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Show a GPTQ checkpoint's config, format, maker, modules and size, and check that it is valid."""
+    """Show a GPTQ checkpoint's config, format, maker, modules and size, check that it is valid, and say which
+    known loaders (transformers, GPTQModel, AutoGPTQ, vLLM, ExLlama) will load it and why not."""
 
     def work() -> None:
         from gptq_cli.inspect import inspect_checkpoint, plot_losses, read_quant_log
@@ -90,3 +92,17 @@ def _print_report(report: InspectReport) -> None:
         modules.add_row(m.name, str(m.bits), str(m.group_size), f"{m.in_features} x {m.out_features}",
                         "yes" if m.act_order else "no", "yes" if m.bias else "no", _size(m.bytes))
     console.print(modules)
+    _print_loaders(report)
+
+
+def _print_loaders(report: InspectReport) -> None:
+    """Which known loader will load it, and each reason against (rules and sources: format/compat.py)."""
+    table = Table(title="where it loads (--json gives each rule's source)")
+    table.add_column("loader", no_wrap=True)
+    table.add_column("loads", no_wrap=True)
+    table.add_column("why not / caveats", overflow="fold")
+    for v in report.loaders:
+        loads = Text("yes", style="green") if v.loads else Text("no", style="red")
+        table.add_row(v.loader, loads, "\n".join(("" if r["severity"] == "fails" else "(caveat) ") + r["reason"]
+                                                 for r in v.reasons))
+    console.print(table)

@@ -144,6 +144,8 @@ RULES: tuple[Rule, ...] = (
     Rule((VLLM_MARLIN,), lambda f: _modules(f, lambda k, n: n % 64 != 0 or k % 128 != 0,
                                             "Marlin needs out_features % 64 == 0 and in_features % 128 == 0"),
          "vllm marlin_utils.py verify_marlin_supports_shape (GPTQ_MARLIN_MIN_THREAD_N/K)"),
+    Rule((EXLLAMAV2,), _k_not_multiple_of_group,
+         "not verified: exllamav2 q_matrix.cu infers the group size from the group count", "caveat"),
     Rule((EXLLAMAV2,), _power_of_two_group,
          "exllamav2 q_matrix.cu: groupsize = smallest power of two with groupsize * groups >= K"),
     # --- zero points and formats

@@ -1,0 +1,120 @@
+"""Where a checkpoint will load (format/compat.py): each rule fires on the fact it is about and only for its
+loaders; `gptq inspect --json` carries the verdicts; `gptq quantize` ends with the one-line verdict.
+The facts behind the rules were checked against the loaders themselves where we can run them:
+scripts/check_autogptq.sh (bench/interop_autogptq.json) for AutoGPTQ 0.7.1 and transformers 4.49 + optimum."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+from gptq_cli.cli import app
+from gptq_cli.format.compat import (AUTOGPTQ, EXLLAMA, EXLLAMAV2, GPTQMODEL, LOADERS, RULES, TF4, TF5, VLLM_GPTQ,
+                                    VLLM_MARLIN, Facts, summary_line, verdicts)
+from gptq_cli.format.hf_config import with_legacy_keys
+from tests.tiny_models import random_input_ids, save_tiny_model
+
+LLAMA_CONFIG = with_legacy_keys({"model_type": "llama", "dtype": "float16",
+                                 "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}})
+GOOD = Facts(bits=4, group_size=128, desc_act=False, sym=True, checkpoint_format="gptq", model_type="llama",
+             config=LLAMA_CONFIG, shapes={"model.layers.0.mlp.down_proj": (768, 256),
+                                          "model.layers.0.self_attn.q_proj": (256, 256)},
+             tied_head_missing=False)
+
+
+def loads(facts: Facts) -> dict[str, bool]:
+    return {v.loader: v.loads for v in verdicts(facts)}
+
+
+def refused_by(facts: Facts) -> set[str]:
+    return {loader for loader, ok in loads(facts).items() if not ok}
+
+
+def test_every_rule_names_known_loaders_and_a_source():
+    for rule in RULES:
+        assert rule.loaders and set(rule.loaders) <= set(LOADERS), rule.source
+        assert rule.source.strip() and rule.severity in ("fails", "caveat")
+
+
+def test_a_plain_4bit_llama_loads_everywhere():
+    assert all(loads(GOOD).values())
+    assert all(v.reasons == [] for v in verdicts(GOOD))
+
+
+def test_k_not_multiple_of_group_smollm2_shape():
+    smol = replace(GOOD, shapes={"model.layers.0.self_attn.q_proj": (576, 576)})
+    assert refused_by(smol) == {AUTOGPTQ, TF4, VLLM_GPTQ, VLLM_MARLIN, EXLLAMA}
+    reason = next(v for v in verdicts(smol) if v.loader == AUTOGPTQ).reasons[0]
+    assert "576" in reason["reason"] and "qlinear_cuda_old" in reason["source"]
+    # act-order takes AutoGPTQ to its g_idx kernel, which reads the same tensors; vLLM still refuses
+    assert refused_by(replace(smol, desc_act=True)) == {VLLM_GPTQ, VLLM_MARLIN, EXLLAMA}
+
+
+def test_tied_head_without_lm_head_weight():
+    assert refused_by(replace(GOOD, tied_head_missing=True)) == {AUTOGPTQ, EXLLAMA}
+
+
+def test_asymmetric_v2():
+    asym = replace(GOOD, sym=False, checkpoint_format="gptq_v2")
+    assert refused_by(asym) == {AUTOGPTQ, TF4, VLLM_MARLIN, EXLLAMA, EXLLAMAV2}
+    v1 = {v.loader: v for v in verdicts(replace(GOOD, sym=False))}   # asym stored v1: a caveat everywhere
+    assert all(any("zero of 0" in r["reason"] and r["severity"] == "caveat" for r in v.reasons) for v in v1.values())
+
+
+def test_config_without_legacy_keys_fails_transformers4_readers():
+    bare = replace(GOOD, config={k: v for k, v in LLAMA_CONFIG.items() if k not in ("rope_theta", "torch_dtype")})
+    assert refused_by(bare) == {AUTOGPTQ, TF4, EXLLAMA}
+    reason = next(v for v in verdicts(bare) if v.loader == TF4).reasons[0]["reason"]
+    assert "rope_theta" in reason and "torch_dtype" in reason
+
+
+@pytest.mark.parametrize("change,refused", [
+    (dict(bits=3), {VLLM_MARLIN, EXLLAMA, EXLLAMAV2}),          # N = 256 is a multiple of 32: vLLM gptq fine
+    (dict(bits=3, shapes={"x": (256, 200)}), {VLLM_MARLIN, EXLLAMA, EXLLAMAV2, VLLM_GPTQ}),
+    (dict(group_size=512), {VLLM_MARLIN, VLLM_GPTQ, EXLLAMA, AUTOGPTQ, TF4}),   # K = 256, 768: no multiple
+    (dict(dynamic=True), {AUTOGPTQ, TF4, EXLLAMA, EXLLAMAV2}),
+    (dict(model_type="qwen3"), {AUTOGPTQ, TF4, EXLLAMA}),
+    (dict(model_type="gpt2"), {TF5, EXLLAMA}),
+])
+def test_rules_fire_for_their_loaders_only(change, refused):
+    assert refused_by(replace(GOOD, **change)) == refused
+
+
+def test_summary_line_groups_loaders_by_reason():
+    line = summary_line(verdicts(replace(GOOD, shapes={"m": (576, 576)}, model_type="qwen2")))
+    assert line.startswith(f"loads in: {TF5}, {GPTQMODEL}, {EXLLAMAV2}; not in: ") and "\n" not in line
+    assert f"{AUTOGPTQ}, {TF4}, {VLLM_GPTQ}, {VLLM_MARLIN} (m has in_features 576" in line
+    assert f"{EXLLAMA} (architecture 'qwen2'" in line
+
+
+@pytest.fixture(scope="module")
+def tied_checkpoint(tmp_path_factory):
+    """A tiny Llama with tied embeddings quantized by the CLI, with its stderr."""
+    root = tmp_path_factory.mktemp("compat")
+    src = save_tiny_model(root / "llama", "llama", num_hidden_layers=1, tie_word_embeddings=True)
+    calib = root / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in random_input_ids(4, 32, seed=3).tolist()))
+    result = CliRunner().invoke(app, ["quantize", str(src), "--dataset", str(calib), "--nsamples", "4", "--seqlen",
+                                      "32", "--device", "cpu", "--dtype", "float32", "-o", str(root / "q")])
+    assert result.exit_code == 0, result.output
+    return root / "q", result.stderr
+
+
+def test_quantize_ends_with_the_verdict_line(tied_checkpoint):
+    _, stderr = tied_checkpoint
+    line = next(line for line in stderr.splitlines() if line.startswith("loaders: "))
+    assert f"not in: {AUTOGPTQ} (tied embeddings without lm_head.weight" in line and f"{EXLLAMA} (tied" in line
+
+
+def test_inspect_json_carries_the_verdicts(tied_checkpoint):
+    path, _ = tied_checkpoint
+    result = CliRunner().invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    found = {v["loader"]: v for v in json.loads(result.stdout)["loaders"]}
+    assert list(found) == list(LOADERS)
+    assert not found[AUTOGPTQ]["loads"] and found[GPTQMODEL]["loads"] and found[VLLM_MARLIN]["loads"]
+    assert all(r["source"] for v in found.values() for r in v["reasons"])
+    human = CliRunner().invoke(app, ["inspect", str(path)])
+    assert "where it loads" in human.stderr and "lm_head.weight" in human.stderr
