@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -137,6 +138,19 @@ def test_checkpoint_config_json_carries_both_spellings(tmp_path):
     assert (written["rope_theta"], written["rope_scaling"]) == (100000.0, None)
     assert (written["dtype"], written["torch_dtype"]) == ("bfloat16", "bfloat16")
     assert json.loads((out / "quantize_config.json").read_text()) == written["quantization_config"]
+
+
+def test_pack_rewrites_an_old_config_with_both_spellings(tmp_path, tiny_gptq_checkpoint):
+    from gptq_cli.convert import convert_checkpoint
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_gptq_checkpoint.path, old)
+    config = json.loads((old / "config.json").read_text())
+    for key in ("rope_theta", "rope_scaling", "torch_dtype"):
+        config.pop(key)
+    (old / "config.json").write_text(json.dumps(config))
+    new = json.loads((convert_checkpoint(old, tmp_path / "new") / "config.json").read_text())
+    assert (new["rope_theta"], new["torch_dtype"]) == (config["rope_parameters"]["rope_theta"], config["dtype"])
 
 
 def test_existing_keys_and_nested_text_config():

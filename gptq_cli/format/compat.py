@@ -91,7 +91,7 @@ def _missing_legacy_keys(f: Facts) -> str | None:
     gaps = transformers4_gaps(f.config)
     if missing:
         return (f"config.json lacks {', '.join(missing)}: a transformers 4.x reader falls back to its defaults and "
-                f"runs another model (rewrite the checkpoint with this version of gptq)")
+                f"runs another model (`gptq pack CKPT -o NEW` writes both spellings)")
     return "; ".join(gaps) or None
 
 
@@ -150,7 +150,7 @@ RULES: tuple[Rule, ...] = (
          "exllamav2 q_matrix.cu: groupsize = smallest power of two with groupsize * groups >= K"),
     # --- zero points and formats
     Rule(V1_ONLY, lambda f: "gptq_v2 zero points would be read as v1 (off by one): convert with "
-                            "`gptq pack CKPT --format gptq`" if f.checkpoint_format == "gptq_v2" else None,
+                            "`gptq pack CKPT --format gptq -o NEW`" if f.checkpoint_format == "gptq_v2" else None,
          "auto_gptq 0.7.1 BaseQuantizeConfig has no checkpoint_format; exllama/exllamav2 read GPTQ v1 files"),
     Rule((TF4,), lambda f: "gptq_v2 needs gptqmodel, which optimum 1.24 on transformers 4.49 does not use here"
          if f.checkpoint_format == "gptq_v2" else None, "optimum 1.24 gptq/quantizer.py post_init_model"),
