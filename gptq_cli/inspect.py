@@ -18,7 +18,7 @@ import torch
 
 from gptq_cli.errors import UsageError
 from gptq_cli.format.checkpoint import CheckpointTensors, read_quant_config, read_quantization_dict, read_tensors
-from gptq_cli.format.compat import Facts, Verdict, summary_line, verdicts
+from gptq_cli.format.compat import Verdict, read_facts, summary_line, verdicts
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import packed_len, unpack_last
 from gptq_cli.loader import check_model_dir, quantized_module_names
@@ -116,26 +116,14 @@ def inspect_checkpoint(path: str | Path) -> InspectReport:
     known = zero_styles - {"unknown"}
     report.zeros_look_like = known.pop() if len(known) == 1 else ("mixed" if known else "unknown")
     _add_sizes(report, tensors)
-    report.loaders = verdicts(_facts(report, config, qdict or {}, "lm_head.weight" in tensors))
+    report.loaders = verdicts(read_facts(quant, {m.name: (m.in_features, m.out_features) for m in report.modules},
+                                         config, qdict or {}, "lm_head.weight" in tensors))
     return report
 
 
 def loaders_line(path: str | Path) -> str:
     """One line saying which known loaders will load the checkpoint at `path` and why not the others."""
     return summary_line(inspect_checkpoint(path).loaders)
-
-
-def _facts(report: InspectReport, config: dict[str, Any], qdict: dict[str, Any], has_lm_head: bool) -> Facts:
-    """What format/compat.py's rules need, from the report, config.json and the quantization config."""
-    q = report.quant
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return Facts(bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym,
-                 checkpoint_format=q.checkpoint_format, model_type=str(text.get("model_type", "unknown")),
-                 config=config, shapes={m.name: (m.in_features, m.out_features) for m in report.modules},
-                 tied_head_missing=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings")))
-                 and not has_lm_head,
-                 dynamic=bool(qdict.get("dynamic")), lm_head_quantized=bool(qdict.get("lm_head")),
-                 dtype=str(text.get("dtype") or text.get("torch_dtype") or "float16"))
 
 
 def detect_tool(path: Path, qdict: dict[str, Any]) -> tuple[str, bool]:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.hf_config import legacy_keys, transformers4_gaps
 
 TF5 = "transformers 5 + optimum + gptqmodel"
@@ -43,6 +44,20 @@ class Facts:
     dynamic: bool = False                   # per-module overrides in quantization_config["dynamic"]
     lm_head_quantized: bool = False
     dtype: str = "float16"
+
+
+def read_facts(quant: QuantConfig, shapes: dict[str, tuple[int, int]], config: dict[str, Any], qdict: dict[str, Any],
+               has_lm_head: bool) -> Facts:
+    """The Facts of a checkpoint: its QuantConfig, quantized module shapes, config.json, quantization_config and
+    whether lm_head.weight is stored. A multimodal wrapper's text_config describes the language model."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return Facts(bits=quant.bits, group_size=quant.group_size, desc_act=quant.desc_act, sym=quant.sym,
+                 checkpoint_format=quant.checkpoint_format, model_type=str(text.get("model_type", "unknown")),
+                 config=config, shapes=shapes,
+                 tied_head_missing=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings")))
+                 and not has_lm_head,
+                 dynamic=bool(qdict.get("dynamic")), lm_head_quantized=bool(qdict.get("lm_head")),
+                 dtype=str(text.get("dtype") or text.get("torch_dtype") or "float16"))
 
 
 @dataclass(frozen=True)
