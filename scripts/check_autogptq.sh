@@ -8,7 +8,8 @@
 # built with BUILD_CUDA_EXT=0. For each checkpoint: our loader (main venv, fp16) writes its logits; AutoGPTQ's
 # from_quantized and transformers + optimum (AutoGPTQ venv) load the same files and are compared with them
 # (cosine, max |diff|, top-1 agreement on 2 x 64 fixed tokens), next to what `gptq inspect` predicts for them.
-# A checkpoint with tied embeddings is also tried with lm_head.weight written out. Finally every registered
+# A checkpoint with tied embeddings is also tried with lm_head.weight written out, and every one with its
+# config.json stripped of the transformers-4 keys (as gptq wrote it before they were added). Finally every registered
 # architecture's config.json, as our writer writes it, is read by the real transformers 4.49 and by
 # transformers 5: dtype and rotary frequencies must agree. Writes bench/interop_autogptq.json.
 #
@@ -49,11 +50,17 @@ for ckpt in "$@"; do
   variants=("$ckpt")
   untied=$("$MAIN_PYTHON" "$HELPER" untie "$ckpt" "$WORK/untied$i" 2>/dev/null)
   [[ $untied == *'"untied": "'* ]] && variants+=("$WORK/untied$i")
+  stripped=$("$MAIN_PYTHON" "$HELPER" strip "$ckpt" "$WORK/stripped$i" 2>/dev/null)
+  [[ $stripped == *'"stripped": "'* ]] && variants+=("$WORK/stripped$i")
   for v in "${variants[@]}"; do
     echo "checking $v" >&2
     ours=$("$MAIN_PYTHON" "$HELPER" ours "$v" "$WORK/ours.pt" 2>/dev/null)
     theirs=$("$VENV/bin/python" "$HELPER" theirs "$v" "$WORK/ours.pt" 2>/dev/null)
-    label=$(basename "$ckpt")$([ "$v" = "$ckpt" ] || echo " + lm_head.weight written out")
+    case $v in
+      */untied*) label="$(basename "$ckpt") + lm_head.weight written out" ;;
+      */stripped*) label="$(basename "$ckpt") with config.json as before the fix (no transformers-4 keys)" ;;
+      *) label=$(basename "$ckpt") ;;
+    esac
     printf '{"checkpoint": "%s", "ours": %s, "theirs": %s}\n' "$label" "$ours" "$theirs" >> "$RESULTS"
   done
 done
@@ -71,6 +78,14 @@ versions = subprocess.run([f"{venv}/bin/python", "-c", "import torch, transforme
                            "print(torch.__version__, transformers.__version__, optimum.version.__version__, "
                            "peft.__version__, auto_gptq.__version__)"], capture_output=True, text=True).stdout.split()
 import torch, transformers
+def measured_ok(r):
+    return "error" not in r and r["cosine"] > 0.999 and r["top1_agree"] == r["positions"]
+names = {"autogptq": "AutoGPTQ 0.7.1", "transformers4_optimum": "transformers 4.49 + optimum 1.24"}
+checkpoints = [json.loads(line) for line in open(results)]
+for c in checkpoints:
+    predicted = {v["loader"]: v["loads"] for v in c["ours"]["loaders"]}
+    c["prediction_vs_measurement"] = {k: {"predicted_loads": predicted[names[k]], "measured_same_logits":
+                                          measured_ok(r)} for k, r in c["theirs"].items()}
 configs = {name: ("same" if rope4[name] == rope5[name] else "transformers 4.49 cannot read it: " + rope4[name]
                   if isinstance(rope4[name], str) else "DIFFERENT") for name in rope5}
 report = {
@@ -79,7 +94,9 @@ report = {
     "machine": f"{platform.machine()} {platform.processor() or ''} shared 2-core CPU".strip(),
     "versions": {"autogptq_venv": dict(zip(["torch", "transformers", "optimum", "peft", "auto_gptq"], versions)),
                  "main_venv": {"torch": torch.__version__, "transformers": transformers.__version__}},
-    "checkpoints": [json.loads(line) for line in open(results)],
+    "all_predictions_hold": all(p["predicted_loads"] == p["measured_same_logits"] for c in checkpoints
+                                for p in c["prediction_vs_measurement"].values()),
+    "checkpoints": checkpoints,
     "config_reading": {"what": "each registered architecture's config.json as our writer writes it (non-default "
                                "RoPE base and scaling, bf16): dtype and rotary inv_freq read by the real "
                                "transformers 4.49 vs transformers 5", "result": configs},

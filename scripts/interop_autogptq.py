@@ -3,6 +3,7 @@
 main venv (gptq_cli, transformers 5):
   ours CKPT OUT.pt         our loader's logits (fp16, as the 4.x loaders compute on CPU) on fixed token ids
   untie CKPT OUT_DIR       a copy of CKPT with lm_head.weight written out, if it is tied and lacks one
+  strip CKPT OUT_DIR       a copy of CKPT whose config.json lacks the transformers-4 keys (as before the fix)
   configs OUT_DIR          every registered architecture's config.json as our writer writes it (non-default RoPE)
 either venv:
   rope DIR                 per config: the dtype this transformers reads and every rotary inv_freq it computes
@@ -55,6 +56,22 @@ def untie(ckpt: str, out_dir: str) -> dict:
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     save_file(tensors, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
     return {"untied": out_dir}
+
+
+def strip(ckpt: str, out_dir: str) -> dict:
+    """A copy of CKPT whose config.json lacks the transformers-4 spellings, as gptq wrote it before they were
+    added (only when it has them to remove)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gptq_cli.format.hf_config import legacy_keys
+
+    config = json.loads((Path(ckpt) / "config.json").read_text())
+    stale = {k: v for k, v in config.items() if k != "quantization_config"}
+    removed = sorted(k for k in legacy_keys(stale) if k in config)
+    if not removed:
+        return {"stripped": None}
+    shutil.copytree(ckpt, out_dir)
+    (Path(out_dir) / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in removed}))
+    return {"stripped": out_dir, "removed": removed}
 
 
 def configs(out_dir: str) -> dict:
@@ -139,5 +156,5 @@ def theirs(ckpt: str, ours_file: str) -> dict:
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    modes = {"ours": ours, "untie": untie, "configs": configs, "rope": rope, "theirs": theirs}
+    modes = {"ours": ours, "untie": untie, "strip": strip, "configs": configs, "rope": rope, "theirs": theirs}
     print(json.dumps(modes[mode](*args)))

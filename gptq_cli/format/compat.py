@@ -150,6 +150,10 @@ RULES: tuple[Rule, ...] = (
     Rule((VLLM_GPTQ, VLLM_MARLIN, EXLLAMA), _k_not_multiple_of_group,
          "vllm gptq.py create_weights ('input size is not aligned'); vllm marlin_utils.py "
          "verify_marlin_supports_shape; exllama model.py infers groupsize as K // qzeros rows"),
+    Rule((TF5, GPTQMODEL), lambda f: _k_not_multiple_of_group(f) and "in_features not a multiple of group_size: "
+                                     "loads with the gptq_torch kernel; faster kernels not measured",
+         "measured: SmolLM2-135M g128 (K = 576) through transformers 5.25 + gptqmodel 7.7 (gptq_torch) and "
+         "GPTQModel.load (BACKEND.TORCH) gives our loader's logits exactly", "caveat"),
     Rule((VLLM_GPTQ,), lambda f: _modules(f, lambda k, n: n % (32 // math.gcd(32, f.bits)) != 0,
                                           "out_features not a multiple of the packing factor"),
          "vllm gptq.py create_weights (output_size % pack_factor.numerator)"),
