@@ -25,7 +25,7 @@ EXLLAMA = "ExLlama v1"
 EXLLAMAV2 = "ExLlamaV2"
 LOADERS = (TF5, GPTQMODEL, AUTOGPTQ, TF4, VLLM_GPTQ, VLLM_MARLIN, EXLLAMA, EXLLAMAV2)
 TRANSFORMERS4 = (AUTOGPTQ, TF4)
-V1_ONLY = (AUTOGPTQ, EXLLAMA, EXLLAMAV2)  # read qzeros as zero - 1 whatever the label says
+V1_ONLY = (AUTOGPTQ, EXLLAMA)  # read qzeros as zero - 1 whatever the label says
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,12 @@ def _missing_legacy_keys(f: Facts) -> str | None:
     return "; ".join(gaps) or None
 
 
+def _v2_read_as_v1(f: Facts) -> str | None:
+    if f.checkpoint_format != "gptq_v2":
+        return None
+    return "gptq_v2 zero points would be read as v1 (off by one): convert with `gptq pack CKPT --format gptq -o NEW`"
+
+
 def _power_of_two_group(f: Facts) -> str | None:
     g = f.group_size
     return None if g == -1 or g & (g - 1) == 0 else f"group_size {g} is not a power of two"
@@ -149,7 +155,7 @@ RULES: tuple[Rule, ...] = (
          "desc_act=false; measured: shape '[-1, 128, 576]' is invalid)"),
     Rule((VLLM_GPTQ, VLLM_MARLIN, EXLLAMA), _k_not_multiple_of_group,
          "vllm gptq.py create_weights ('input size is not aligned'); vllm marlin_utils.py "
-         "verify_marlin_supports_shape; exllama model.py infers groupsize as K // qzeros rows"),
+         "verify_marlin_supports_shape; exllama q4_matrix.cu: groupsize = height / groups"),
     Rule((TF5, GPTQMODEL), lambda f: _k_not_multiple_of_group(f) and "in_features not a multiple of group_size: "
                                      "loads with the gptq_torch kernel; faster kernels not measured",
          "measured: SmolLM2-135M g128 (K = 576) through transformers 5.25 + gptqmodel 7.7 (gptq_torch) and "
@@ -168,9 +174,9 @@ RULES: tuple[Rule, ...] = (
     Rule((EXLLAMAV2,), _power_of_two_group,
          "exllamav2 q_matrix.cu: groupsize = smallest power of two with groupsize * groups >= K"),
     # --- zero points and formats
-    Rule(V1_ONLY, lambda f: "gptq_v2 zero points would be read as v1 (off by one): convert with "
-                            "`gptq pack CKPT --format gptq -o NEW`" if f.checkpoint_format == "gptq_v2" else None,
-         "auto_gptq 0.7.1 BaseQuantizeConfig has no checkpoint_format; exllama/exllamav2 read GPTQ v1 files"),
+    Rule(V1_ONLY, _v2_read_as_v1,
+         "auto_gptq 0.7.1 BaseQuantizeConfig has no checkpoint_format; exllama q4_matrix.cu: zero = stored + 1"),
+    Rule((EXLLAMAV2,), _v2_read_as_v1, "not verified: exllamav2 reads AutoGPTQ-style (v1) files", "caveat"),
     Rule((TF4,), lambda f: "gptq_v2 needs gptqmodel, which optimum 1.24 on transformers 4.49 does not use here"
          if f.checkpoint_format == "gptq_v2" else None, "optimum 1.24 gptq/quantizer.py post_init_model"),
     Rule(LOADERS, lambda f: "asymmetric zeros stored as v1 (zero - 1): a zero of 0 cannot be stored (gptq inspect's "
