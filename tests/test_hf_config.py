@@ -8,11 +8,13 @@ reads the keys that matter, from its sources:
   `rope_theta=<class default>`, `rope_scaling=None`, `if "type" in rope_scaling: rope_scaling["rope_type"] =
   rope_scaling["type"]`; Phi3 also `partial_rotary_factor=1.0`, `original_max_position_embeddings=4096`
   top-level, and rope_scaling with exactly the keys type/short_factor/long_factor (_rope_scaling_validation);
-- 4.51 qwen3 and 4.50 gemma3 configuration files (the architectures 4.49 lacks): Gemma3TextConfig
-  `rope_theta=1_000_000.0`, `rope_local_base_freq=10_000.0`, `sliding_window_pattern=6`; 4.50 modeling_gemma3:
-  a layer slides when `(layer_idx + 1) % sliding_window_pattern`, local layers use plain RoPE with base
-  rope_local_base_freq; 4.49 modeling_gemma2: `is_sliding = not bool(layer_idx % 2)`.
-scripts/check_autogptq.sh checks the same thing against the real 4.49 (every architecture it knows).
+- for the architectures 4.49 lacks, 4.57.6 models/qwen3/configuration_qwen3.py (as Llama's) and 4.50.0
+  models/gemma3/configuration_gemma3.py: Gemma3TextConfig `rope_theta=1_000_000.0`,
+  `rope_local_base_freq=10_000.0`, `sliding_window_pattern=6`; 4.50.0 modeling_gemma3: a layer slides when
+  `(layer_idx + 1) % sliding_window_pattern`, local layers use plain RoPE with base rope_local_base_freq;
+- 4.49 modeling_gemma2: `is_sliding = not bool(layer_idx % 2)`.
+scripts/check_autogptq.sh checks the same against the real 4.49 (every architecture it knows); the real 4.57.6
+was checked by hand for Qwen3 and Gemma3 (same dtype and rotary frequencies).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ installs) does not know the new names, silently takes its class defaults instead
 ones. The renames that touch our registered architectures, read from transformers' sources:
 
 - `dtype` was `torch_dtype` (4.49 configuration_utils.PretrainedConfig.__init__ pops only `torch_dtype`;
-  4.56+ and 5.x read both, `dtype` winning).
+  4.57 and 5.x read both, `dtype` winning).
 - `rope_parameters` was `rope_theta` + `rope_scaling` (+ `partial_rotary_factor`, Phi-3) at the top level
   (4.x LlamaConfig/Qwen2Config/MistralConfig/GemmaConfig/Gemma2Config/MixtralConfig/Phi3Config.__init__ take
   `rope_theta`, `rope_scaling`; 4.x modeling_rope_utils reads `config.rope_theta`, `config.rope_scaling`,
