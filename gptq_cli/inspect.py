@@ -70,6 +70,10 @@ class InspectReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def loaders_line(self) -> str:
+        """One line: which known loaders will load it, and why not the others (format/compat.py)."""
+        return summary_line(self.loaders)
+
     @property
     def compression_ratio(self) -> float:
         return self.fp16_bytes / self.total_bytes if self.total_bytes else 0.0
@@ -119,11 +123,6 @@ def inspect_checkpoint(path: str | Path) -> InspectReport:
     report.loaders = verdicts(read_facts(quant, {m.name: (m.in_features, m.out_features) for m in report.modules},
                                          config, qdict or {}, "lm_head.weight" in tensors))
     return report
-
-
-def loaders_line(path: str | Path) -> str:
-    """One line saying which known loaders will load the checkpoint at `path` and why not the others."""
-    return summary_line(inspect_checkpoint(path).loaders)
 
 
 def detect_tool(path: Path, qdict: dict[str, Any]) -> tuple[str, bool]:

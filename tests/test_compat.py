@@ -104,7 +104,7 @@ def tied_checkpoint(tmp_path_factory):
 
 def test_quantize_ends_with_the_verdict_line(tied_checkpoint):
     _, stderr = tied_checkpoint
-    line = next(line for line in stderr.splitlines() if line.startswith("loaders: "))
+    line = next(line for line in stderr.splitlines() if line.strip().startswith("loaders  loads in: "))
     assert f"not in: {AUTOGPTQ} (tied embeddings without lm_head.weight" in line and f"{EXLLAMA} (tied" in line
 
 

@@ -206,6 +206,7 @@ def run_summary(model: str, result: "QuantizeResult", quant: QuantConfig) -> dic
                               for r in sorted(rows, key=lambda r: r["loss"], reverse=True)[:WORST_SHOWN]],
             "bytes": report.total_bytes, "fp16_bytes": report.fp16_bytes,
             "compression_ratio": round(report.compression_ratio, 3), "problems": report.problems,
+            "loaders": report.loaders_line(),
             "notes": result.notes, "quant_log": str(result.output / "quant_log.json"),
             "next": [f"gptq eval {shlex.quote(model)} --compare {out} --limit 40", f"gptq inspect {out}",
                      f"gptq push {out} ORG/NAME"]}
@@ -225,7 +226,8 @@ def _print_summary(summary: dict) -> None:
                          f"{config['checkpoint_format']}; mean loss {summary['mean_loss']:.4g}"),
              ("worst loss", worst),
              ("full table", f"{summary['quant_log']} (or --table)"),
-             ("check", check)]
+             ("check", check),
+             ("loaders", summary["loaders"])]
     for label, value in lines:
         console.print(Text.assemble((f"{label:>10}  ", "bold"), value), highlight=False, soft_wrap=True)
     console.print(Text("next:", style="bold"), *(f"\n  {c}" for c in summary["next"]), sep="", highlight=False,
