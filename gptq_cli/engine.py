@@ -244,11 +244,14 @@ def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens
     """GPTQ for linears that share one Hessian, stacked into one matrix (rows are independent given H⁻¹,
     so this is exactly the per-module result, with one column loop instead of several)."""
     t0 = time.perf_counter()
-    weights = [linear_weight(m).float() for m in modules]
-    qw = quantize_weight(torch.cat(weights), H, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+    weights = [linear_weight(m) for m in modules]
+    # Stacked in the model's dtype: quantize_weight makes the one float32 copy it works on.
+    stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+    qw = quantize_weight(stacked, H, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                          desc_act=quant.desc_act, static_groups=quant.static_groups,
                          act_group_aware=quant.act_group_aware,
                          damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
+    del stacked
     parts = qw.split_rows([w.shape[0] for w in weights])
     seconds = time.perf_counter() - t0
     total_rows = sum(w.shape[0] for w in weights)

@@ -184,26 +184,56 @@ def block_ranges(columns: int, group_size: int, block_size: int, align_groups: b
     return ranges
 
 
-def inverse_hessian_factor(H: Tensor, damp_percent: float) -> tuple[Tensor, float]:
-    """Hinv = upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, raising damp by DAMP_STEP until it works.
+def inverse_hessian_factor(H: Tensor, damp_percent: float, perm: Tensor | None = None,
+                           dead: Tensor | None = None) -> tuple[Tensor, float]:
+    """Hinv = upper Cholesky factor of (H' + damp·mean(diag H')·I)⁻¹, raising damp by DAMP_STEP until it works;
+    H' = H[perm][:, perm] (H itself without perm) with the diagonal entries at the positions `dead` (of H')
+    set to 1. H is not modified.
 
-    Returns (Hinv, the damp fraction used)."""
-    if not torch.isfinite(H).all():
+    Memory: one K×K buffer besides H. H' is written into it a slice at a time, and the Cholesky factor, its
+    inverse and the second factor are computed in place (LAPACK works in place on a column-major matrix);
+    a failed factorisation is retried by rewriting the buffer from H. Returns (Hinv, column-major, the damp
+    fraction used)."""
+    if not _all_finite(H):
         raise GptqError("the Hessian has NaN/Inf entries: the calibration activations overflowed; "
                         "try --dtype float32 or check the calibration data")
-    mean_diag = H.diagonal().mean()
+    K = H.shape[0]
+    A = torch.empty_strided((K, K), (1, K), dtype=torch.float32, device=H.device)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    mean_diag = None
     tries = math.ceil((1 - damp_percent) / DAMP_STEP)
     for i in range(tries):
         damp = round(damp_percent + i * DAMP_STEP, 6)   # round: no drift from repeated float additions
-        damped = H.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
+        _load_permuted(A, H, perm)
+        if dead is not None:
+            A.diagonal()[dead] = 1
+        if mean_diag is None:
+            mean_diag = A.diagonal().mean()
+        A.diagonal().add_(damp * mean_diag)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(Hinv).all():
-                return Hinv, damp
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+            if info == 0 and _all_finite(A):
+                return A, damp
     raise GptqError(f"the Hessian is not positive definite even with damp_percent {damp}; "
                     "the layer's calibration inputs are degenerate: use more or different calibration samples")
+
+
+def _load_permuted(A: Tensor, H: Tensor, perm: Tensor | None, rows: int = 1024) -> None:
+    """A[i, j] = H[perm[i], perm[j]] for a column-major A, written through its row-major transpose
+    (Aᵀ[j, i] = Hᵀ[perm[j], perm[i]]) a slice of rows at a time: the temporaries are slices, not K×K."""
+    At, Ht = A.mT, H.mT
+    for r in range(0, H.shape[0], rows):
+        if perm is None:
+            At[r:r + rows].copy_(Ht[r:r + rows])
+        else:
+            torch.index_select(Ht.index_select(0, perm[r:r + rows]), 1, perm, out=At[r:r + rows])
+
+
+def _all_finite(M: Tensor, cols: int = 1024) -> bool:
+    """torch.isfinite(M).all() without a K×K boolean temporary."""
+    return all(bool(torch.isfinite(M[:, c:c + cols]).all()) for c in range(0, M.shape[1], cols))
 
 
 def group_aware_order(diag: Tensor, group_size: int) -> Tensor:
@@ -242,6 +272,9 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
                     ) -> QuantizedWeight:
     """GPTQ-quantize W [N, K] with the Hessian H [K, K] of its inputs (SPEC §3). Inputs are not modified.
 
+    Working set besides the inputs: one K×K float32 buffer (inverse_hessian_factor) and W's float32 copy,
+    codes and one lazy-update product, each N×K.
+
     block_fn runs each block; it must honour quantize_block's contract (the fused CUDA kernel does)."""
     _check_settings(bits, group_size, damp_percent, block_size)
     N, K = W.shape
@@ -250,30 +283,35 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
     g = K if group_size == -1 else group_size
     n_groups = math.ceil(K / g)
     with matmul_tf32(False):   # TF32 would cost ~3 decimal digits of the solver's float32 values
-        W = W.to(dtype=torch.float32, copy=True)
-        H = H.to(device=W.device, dtype=torch.float32, copy=True)
+        H = H.to(device=W.device, dtype=torch.float32)   # read only: the solver works in its own buffer
         dead = H.diagonal() == 0   # inputs that are always 0: their weights cannot matter
-        H[dead, dead] = 1
-        W[:, dead] = 0
+        diag = H.diagonal().masked_fill(dead, 1)
+        perm = None
+        if desc_act or act_group_aware:
+            perm = (torch.argsort(diag, descending=True, stable=True) if desc_act
+                    else group_aware_order(diag, g))
+        # W in solving order, float32; permuted before widening, so the temporary is in W's own dtype.
+        W = (W.to(torch.float32, memory_format=torch.contiguous_format, copy=True) if perm is None
+             else W.index_select(1, perm).to(torch.float32))
+        dead_pos = dead if perm is None else dead[perm]
+        W[:, dead_pos] = 0
+        invperm = None if perm is None else torch.argsort(perm)
 
         scales = torch.zeros(N, n_groups, dtype=torch.float32, device=W.device)
         zeros = torch.zeros_like(scales)
         if static_groups:   # groups of consecutive original columns, found before any update
             for j in range(n_groups):
-                scales[:, j], zeros[:, j] = find_params(W[:, j * g:(j + 1) * g], bits, sym, mse)
+                original = W[:, j * g:(j + 1) * g] if perm is None else W[:, invperm[j * g:(j + 1) * g]]
+                scales[:, j], zeros[:, j] = find_params(original, bits, sym, mse)
 
-        if desc_act or act_group_aware:
-            perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if desc_act
-                    else group_aware_order(H.diagonal(), g))
-            W, H = W[:, perm], H[perm][:, perm]
-        else:
-            perm = torch.arange(K, device=W.device)
+        position = torch.arange(K, device=W.device)
+        original_col = position if perm is None else perm
         # Which group each position belongs to: act-order makes groups of consecutive positions; static
         # groups and group-aware order keep each column in its original group (g_idx = k // g).
-        group_of_pos = perm // g if static_groups or not desc_act else torch.arange(K, device=W.device) // g
+        group_of_pos = original_col // g if static_groups or not desc_act else position // g
 
-        Hinv, damp = inverse_hessian_factor(H, damp_percent)
-        codes = torch.zeros(N, K, dtype=torch.int32, device=W.device)
+        Hinv, damp = inverse_hessian_factor(H, damp_percent, perm, dead_pos)
+        codes = torch.empty(N, K, dtype=torch.int32, device=W.device)   # in original column order
         row_loss = torch.zeros(N, dtype=torch.float32, device=W.device)
         for start, end in block_ranges(K, g, block_size, align_groups=not static_groups):
             new_group = torch.zeros(end - start, dtype=torch.bool, device=W.device)
@@ -289,13 +327,13 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
                 block_codes, Err, losses = block_fn(block, Hinv[start:end, start:end], scales, zeros,
                                                     group_of_pos[start:end], new_group,
                                                     bits=bits, sym=sym, mse=mse, group_size=g)
-            codes[:, start:end] = block_codes
+            codes[:, slice(start, end) if perm is None else perm[start:end]] = block_codes
             W[:, end:] -= Err @ Hinv[start:end, end:]
             row_loss += losses
 
-    invperm = torch.argsort(perm)
-    return QuantizedWeight(codes=codes[:, invperm].contiguous(), scales=scales.t().half().contiguous(),
-                           zeros=zeros.t().to(torch.int32).contiguous(), g_idx=group_of_pos[invperm].to(torch.int32),
+    g_idx = group_of_pos if invperm is None else group_of_pos[invperm]
+    return QuantizedWeight(codes=codes, scales=scales.t().half().contiguous(),
+                           zeros=zeros.t().to(torch.int32).contiguous(), g_idx=g_idx.to(torch.int32),
                            bits=bits, group_size=group_size, loss=float(row_loss.sum()), damp=damp,
                            row_loss=row_loss)
 
