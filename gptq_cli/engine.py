@@ -53,7 +53,10 @@ class Calibration:
 def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Tensor],
                    device: torch.device, dtype: torch.dtype) -> Calibration:
     """Run everything before the first block on the calibration batches and record what block 0 receives."""
-    sm.materialize("", device, dtype, exclude=layers_path + ".")
+    # Not the output head: nothing before block 0 uses it (dropping it here leaves a tied one alone).
+    head = sm.model.get_output_embeddings()
+    head_names = tuple(n + "." for n, m in sm.model.named_modules() if m is head and n) if head is not None else ()
+    sm.materialize("", device, dtype, exclude=(layers_path + ".", *head_names))
     layers = sm.model.get_submodule(layers_path)
     first = layers[0]
     calib = Calibration([], [])
@@ -75,6 +78,7 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
                 pass
     finally:
         layers[0] = first
+    sm.release_outside(layers_path + ".")   # the embeddings are not needed again while quantizing
     for kw in calib.kwargs:
         kw["use_cache"] = False
     return calib

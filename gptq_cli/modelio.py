@@ -7,9 +7,12 @@ whole, which is fine for the small models those are.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
+import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from gptq_cli.errors import UsageError
-from gptq_cli.format.checkpoint import CheckpointTensors, read_tensors
+from gptq_cli.format.checkpoint import weight_files
 from gptq_cli.moe import checkpoint_names, defuse_experts
 
 # Built-in names that resolve without the network: the README's quick-start model.
@@ -80,10 +83,11 @@ def _check_config_json(path: Path) -> None:
 class StreamingModel:
     """A transformers model whose parameters are on meta until `materialize` reads them (lazy), or all real."""
     model: nn.Module
-    source: CheckpointTensors | None           # lazy tensors of the files; None: all loaded up front
+    source: FileTensors | None                 # lazy tensors of the files; None: all loaded up front
     key_of: dict[str, str] = field(default_factory=dict)  # model parameter name -> key in the files
 
-    def materialize(self, prefix: str, device: torch.device, dtype: torch.dtype, exclude: str | None = None) -> None:
+    def materialize(self, prefix: str, device: torch.device, dtype: torch.dtype,
+                    exclude: str | tuple[str, ...] = ()) -> None:
         """Give every parameter whose name starts with `prefix` (except under `exclude`) real values on `device`."""
         for name, param in list(self.model.named_parameters()):
             if not name.startswith(prefix) or (exclude and name.startswith(exclude)):
@@ -103,6 +107,74 @@ class StreamingModel:
             return
         for name, param in list(module.named_parameters(recurse=True)):
             _set_param(module, name, torch.empty_like(param, device="meta"))
+        trim_freed_memory()
+
+    def release_outside(self, prefix: str) -> None:
+        """Drop every streamed parameter not under `prefix` (the embeddings once block 0's inputs are known)."""
+        if self.source is None:
+            return
+        for name, param in list(self.model.named_parameters()):
+            if not name.startswith(prefix) and not param.is_meta:
+                _set_param(self.model, name, torch.empty_like(param, device="meta"))
+        trim_freed_memory()
+
+
+class FileTensors(Mapping[str, torch.Tensor]):
+    """The tensors of safetensors files, each read on access with plain reads into a fresh tensor.
+
+    Not memory-mapped on purpose: a mapping keeps every page read so far in the process's resident set (RSS)
+    until the file is closed, so reading a model block by block would grow RSS by a block each time; read
+    pages stay only in the kernel's page cache, which the kernel reclaims as it needs."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+    def __init__(self, files: dict[str, Path]):
+        self._entries: dict[str, tuple[Path, int, dict]] = {}   # key -> (file, data start, header entry)
+        for path in files.values():
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            self._entries.update({key: (path, 8 + n, entry) for key, entry in header.items()})
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path, base, entry = self._entries[key]
+        start, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=self.DTYPES[entry["dtype"]])
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        with open(path, "rb", buffering=0) as f:
+            f.seek(base + start)
+            done = 0
+            while done < end - start:   # readinto may return less than asked for
+                done += f.readinto(view[done:])
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def trim_freed_memory() -> None:
+    """Hand memory the C allocator keeps after frees back to the system (glibc's malloc_trim): without it,
+    freed block-sized buffers stay in the heap and the process's RSS creeps up block after block."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _load_libc() if os.name == "posix" else None
 
 
 def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -120,7 +192,7 @@ def load_streaming(ref: ModelRef, compute_dtype: torch.dtype) -> StreamingModel:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
         defuse_experts(model, calibrate_all=True)
-        source = read_tensors(ref.path)
+        source = FileTensors(weight_files(ref.path))
         keys = set(source)
         prefix = getattr(model, "base_model_prefix", "") + "."
         key_of = {}
