@@ -1,18 +1,28 @@
-"""`quantize --dry-run`: what would be quantized, and rough memory and time estimates, without loading weights."""
+"""`quantize --dry-run`: what would be quantized, and memory and time estimates, without loading weights.
+
+Memory is the largest of the run's phases (capturing block 0's inputs, solving one group of a block, writing
+the checkpoint), each the sum of the buffers the engine and solver hold at that moment, on top of what this
+process itself already holds (Python, torch, transformers: the same imports as a real run). Time comes from a
+short probe on this machine (~1 s): matmul throughput in float32 and in the activation dtype, the solver's
+column loop, and one Cholesky/inverse, scaled to each layer's shape (_solve_seconds).
+"""
 from __future__ import annotations
+
+import math
+import os
+import resource
+import time
 
 import torch
 
-from gptq_cli.arch import block_linears, linear_weight, resolve_arch
+from gptq_cli.arch import block_groups, block_linears, linear_weight, resolve_arch
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.modelio import resolve_device, resolve_dtype, resolve_model, storage_dtype
 from gptq_cli.moe import defuse_experts
 
-# Sustained matmul throughput assumed for the time estimate (FLOP/s); measured on this project's machines
-# (2-core AMX CPU: ~400 GFLOP/s bf16, ~80 fp32) or a conservative share of a datacenter GPU's peak.
-THROUGHPUT = {("cpu", torch.bfloat16): 4e11, ("cpu", torch.float32): 8e10, ("cpu", torch.float16): 2e10,
-              ("cuda", torch.float16): 1.5e14, ("cuda", torch.bfloat16): 1.5e14, ("cuda", torch.float32): 3e13}
-FORWARDS_PER_BLOCK = 3.0  # true-sequential group passes (stopped early) plus the pass for the next block
+FORWARD_PASSES = 2.5      # calibration passes through a block's weights per block (early stops and shortcuts)
+SLACK = 1.15              # allocator overhead and short-lived temporaries not modelled below
+PROBE_COLUMNS = 32
 
 
 def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str, dataset: str, nsamples: int,
@@ -32,29 +42,135 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     layers = skeleton.get_submodule(layers_path)
     linears = block_linears(layers[0])
     shapes = {n: tuple(linear_weight(m).shape) for n, m in linears.items()}
+    solves = _solves(layers[0], arch, shapes, quant.true_sequential)
+    n_blocks = len(layers)
     block_params = sum(p.numel() for p in layers[0].parameters())
-    quant_params = sum(n * k for n, k in shapes.values()) * len(layers)
+    outside = sum(p.numel() for n, p in skeleton.named_parameters() if not n.startswith(layers_path + "."))
+    embed = skeleton.get_input_embeddings().weight.numel()
     hidden = getattr(config, "hidden_size", None) or max(k for _, k in shapes.values())
     tokens = nsamples * seqlen
     elt = torch.tensor([], dtype=cdtype).element_size()
-    unique_inputs = {k for _, k in shapes.values()}
-    hessian_bytes = sum(k * k * 4 for _, k in shapes.values())
-    activation_bytes = 2 * tokens * hidden * elt
     g = quant.group_size if quant.group_size != -1 else None
     out_bytes = sum(n * k * quant.bits / 8 + (-(-k // g) if g else 1) * n * (2 + quant.bits / 8)
-                    for n, k in shapes.values()) * len(layers)
-    flops = len(layers) * (FORWARDS_PER_BLOCK * 2 * block_params * tokens
-                           + sum(2 * k * k * tokens for k in unique_inputs) * 2)
-    seconds = flops / THROUGHPUT.get((dev.type, cdtype), 1e11)
+                    for n, k in shapes.values()) * n_blocks
+
+    # Bytes held in each phase (the solver's working set is one K×K buffer besides the group's Hessian).
+    activations = tokens * hidden * elt * (1 + 1 / max(1, math.ceil(nsamples / batch_size)))
+    widest = max(k for _, k in shapes.values())
+    recorded = tokens * (hidden + widest) * elt      # the tail shortcuts' inputs (attention out, MLP down)
+    block = block_params * elt + activations + recorded + batch_size * seqlen * widest * elt * 4
+    codes_held = sum(n * k for n, k in shapes.values()) * 4    # a block's int32 codes, until it is stored
+    solve = max(2 * k * k * 4 + n * k * (12 + elt) for n, k in solves)
+    capture = embed * (elt + 2) + activations
+    write = 2 * (out_bytes + outside * 2)             # the tensors, and safetensors' serialised copy of them
+    work = max(capture, block + codes_held + solve, write)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # this process: the same imports
+    on_gpu = dev.type == "cuda"
+    host = baseline + SLACK * (max(capture, write) if on_gpu else work)
+
+    startup = _seconds_since_start()   # imports and reading the config, as a real run does them too
+    rates = probe(dev, cdtype)
+    seconds = startup + n_blocks * (_forward_seconds(block_params, tokens, rates)
+                          + sum(_solve_seconds(n, k, tokens, quant, rates) for n, k in solves))
     return {
         "model": model, "architecture": getattr(config, "model_type", "?"),
-        "registry": "registered" if arch else "generic fallback", "blocks": len(layers),
+        "registry": "registered" if arch else "generic fallback", "blocks": n_blocks,
         "linears_per_block": len(linears), "linear_shapes": {n: f"{s[0]}x{s[1]}" for n, s in shapes.items()},
-        "quantized_parameters": quant_params, "config": quant.to_hf_dict(),
+        "quantized_parameters": sum(n * k for n, k in shapes.values()) * n_blocks, "config": quant.to_hf_dict(),
         "calibration": {"dataset": dataset, "nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size,
                         "seed": seed},
         "device": str(dev), "activation_dtype": str(cdtype).removeprefix("torch."),
-        "peak_device_memory_gb": round((block_params * elt + hessian_bytes + activation_bytes) / 1e9, 2),
+        "peak_host_memory_gb": round(host / 1e9, 2),
+        "peak_device_memory_gb": round(SLACK * (block + codes_held + solve) / 1e9, 2) if on_gpu else None,
         "quantized_weights_gb": round(out_bytes / 1e9, 3),
-        "estimated_minutes": round(seconds / 60, 1),
+        "estimated_minutes": round(seconds / 60, 1), "estimated_seconds": round(seconds, 1),
+        "probe": {k: float(f"{v:.3g}") for k, v in rates.items()},
     }
+
+
+def _solves(block, arch, shapes: dict[str, tuple[int, int]], true_sequential: bool) -> list[tuple[int, int]]:
+    """(rows, columns) of each solve of a block: linears of one sequential group that read the same input
+    (same width K) share a Hessian and are solved as one stacked matrix. Without a registered architecture
+    the groups need a traced forward, which a weightless model cannot run: every linear is then its own."""
+    try:
+        groups = block_groups(block, arch, None, true_sequential)
+    except Exception:   # the trace of the fallback cannot run on meta weights
+        groups = [[n] for n in shapes]
+    solves = []
+    for group in groups:
+        by_width: dict[int, int] = {}
+        for name in group:
+            n, k = shapes[name]
+            by_width[k] = by_width.get(k, 0) + n
+        solves += [(n, k) for k, n in by_width.items()]
+    return solves
+
+
+def probe(device: torch.device, cdtype: torch.dtype) -> dict[str, float]:
+    """Throughputs of this machine as the solver and the calibration passes will use it (about a second):
+    flops_f32 / flops_act: matmul FLOP/s in float32 and in the activation dtype; column_s and column_row_s:
+    the solver's column loop, seconds per column = column_s + column_row_s × rows; chol_s: the Cholesky,
+    inverse and second factor of a 1024×1024 Hessian."""
+    from gptq_cli.kernels import gptq_block
+    from gptq_cli.solver import inverse_hessian_factor, single_thread_on_cpu
+
+    def timed(fn, repeat: int = 3) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / repeat
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 1024, generator=gen).to(device)
+    b = torch.randn(1024, 1024, generator=gen).to(device)
+    flops = 2 * 512 * 1024 * 1024
+    rates = {"flops_f32": flops / timed(lambda: a @ b),
+             "flops_act": flops / timed(lambda: a.to(cdtype) @ b.to(cdtype))}
+    H = (b @ b.t() / 1024).contiguous()
+    rates["chol_s"] = timed(lambda: inverse_hessian_factor(H, 0.01), repeat=1)
+    Hinv = inverse_hessian_factor(H[:PROBE_COLUMNS, :PROBE_COLUMNS], 0.01)[0]
+    per_column = []
+    for rows in (256, 4096):
+        W = torch.randn(rows, PROBE_COLUMNS, generator=gen).to(device)
+        scales = torch.ones(rows, 1, device=device)
+        zeros = torch.full((rows, 1), 8.0, device=device)
+        group = torch.zeros(PROBE_COLUMNS, dtype=torch.long, device=device)
+        new = torch.zeros(PROBE_COLUMNS, dtype=torch.bool, device=device)
+        new[0] = True
+        with single_thread_on_cpu(device):
+            per_column.append(timed(lambda: gptq_block(W.clone(), Hinv, scales, zeros, group, new, bits=4,
+                                                       sym=True, mse=False, group_size=PROBE_COLUMNS))
+                              / PROBE_COLUMNS)
+    rates["column_row_s"] = max(0.0, (per_column[1] - per_column[0]) / (4096 - 256))
+    rates["column_s"] = max(0.0, per_column[0] - 256 * rates["column_row_s"])
+    return rates
+
+
+def _seconds_since_start() -> float:
+    """How long this process has run (Linux /proc; 0 elsewhere)."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rpartition(")")[2].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def _forward_seconds(block_params: int, tokens: int, rates: dict[str, float]) -> float:
+    return FORWARD_PASSES * 2 * block_params * tokens / rates["flops_act"]
+
+
+def _solve_seconds(n: int, k: int, tokens: int, quant: QuantConfig, rates: dict[str, float]) -> float:
+    """One stacked solve: its Hessian (2·tokens·K² in float32), the factorisations (K³ scaled from the probe's
+    1024), the lazy block updates (N·K² FLOPs), the column loop, and the clip search when asked for."""
+    hessian = 2 * tokens * k * k / rates["flops_f32"]
+    factor = rates["chol_s"] * (k / 1024) ** 3
+    lazy = n * k * k / rates["flops_f32"]
+    columns = k * (rates["column_s"] + rates["column_row_s"] * n)
+    clip = 80 * k * rates["column_row_s"] * n if quant.mse else 0.0   # 80 shrink steps over all of W
+    return hessian + factor + lazy + columns + clip

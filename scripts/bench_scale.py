@@ -88,9 +88,10 @@ def make_model(path: Path, layers: int, hidden: int, intermediate: int, heads: i
 
 
 def calibration_file(path: Path, nsamples: int, seqlen: int) -> Path:
-    """Pre-tokenized random calibration rows (token ids over the whole vocabulary)."""
+    """Pre-tokenized random calibration rows, over the ids the (tiny test) tokenizer knows."""
+    from tests.tiny_models import VOCAB_SIZE
     gen = torch.Generator().manual_seed(1)
-    rows = torch.randint(3, VOCAB, (nsamples, seqlen), generator=gen).tolist()
+    rows = torch.randint(3, VOCAB_SIZE, (nsamples, seqlen), generator=gen).tolist()
     path.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
     return path
 
