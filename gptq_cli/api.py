@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from gptq_cli import __version__
+from gptq_cli import __version__, distributed
 from gptq_cli.arch import Arch, resolve_arch
 from gptq_cli.engine import ModuleResult, capture_inputs, quantize_blocks, replay_block
 from gptq_cli.errors import GptqError, UsageError, noting_interrupts
@@ -97,6 +97,8 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
                          f"or pass the --work-dir an interrupted run left")
     dev = resolve_device(device)
     resolve_dtype(dtype, dev)   # a bad --dtype is refused before the model is looked for
+    ranks = distributed.init(dev)   # under torchrun: this process's share of the batches and solves
+    progress = progress if ranks.writer else None
     torch.manual_seed(seed)
     t_start = time.perf_counter()
 
@@ -119,23 +121,28 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     used_seqlen = max(s.shape[-1] for s in samples)
     plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=used_seqlen, seed=seed,
                       batch_size=batch_size, device=dev, dtype=cdtype, blocks=n_blocks, command=command, notes=notes)
-    done = wd.open(plan)
+    done = distributed.broadcast_int(ranks, wd.open(plan) if ranks.writer else 0)   # rank 0 alone writes
     with noting_interrupts() as interrupted:
         try:
             if done < n_blocks:
                 if done and progress:
                     progress("resume", done, n_blocks, wd.path)
-                _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, done, progress)
+                _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, done, progress,
+                            ranks)
+            if not ranks.writer:
+                return QuantizeResult(out, [], time.perf_counter() - t_start, plan, notes)
             rows = _write_kept_blocks(wd, plan, out, sm, ref, tokenizer, command=command)
         except Exception as e:
             if not interrupted():
-                wd.remove_if_unfinished()
+                if ranks.writer:
+                    wd.remove_if_unfinished()
                 raise
             raise QuantizeInterrupted(wd.finished_blocks(), n_blocks, wd.path) from e
         except KeyboardInterrupt:
             raise QuantizeInterrupted(wd.finished_blocks(), n_blocks, wd.path) from None
         finally:
-            wd.close()
+            if ranks.writer:
+                wd.close()
     wd.remove()
     return QuantizeResult(out, rows, time.perf_counter() - t_start, plan, notes)
 
@@ -196,17 +203,21 @@ def _work_plan(model: str, ref: ModelRef, quant: QuantConfig, samples: list[torc
 
 def _solve_into(wd: WorkDir, sm: StreamingModel, layers_path: str, arch: Arch | None, samples: list[torch.Tensor],
                 batch_size: int, quant: QuantConfig, dev: torch.device, cdtype: torch.dtype, done: int,
-                progress: ProgressFn | None) -> None:
-    """Replay the `done` finished blocks, then quantize the rest, storing each block as it finishes."""
+                progress: ProgressFn | None, ranks: distributed.Ranks) -> None:
+    """Replay the `done` finished blocks, then quantize the rest, storing each block as it finishes (rank 0;
+    each rank calibrates on its share of the batches)."""
     n_blocks = len(sm.model.get_submodule(layers_path))
-    calib = capture_inputs(sm, layers_path, batch_samples(samples, batch_size), dev, cdtype)
+    calib = capture_inputs(sm, layers_path, ranks.share(batch_samples(samples, batch_size)), dev, cdtype)
     for i in range(done):
         replay_block(sm, layers_path, i, calib, stored_weights(wd.read_block(i)[0], quant), dev, cdtype)
         if progress:
             progress("block", i + 1, n_blocks)
     t_block = time.perf_counter()
     for i, results in quantize_blocks(sm, layers_path, arch, calib, quant, dev, cdtype, start=done,
-                                      on_module=(lambda r: progress("module", r)) if progress else None):
+                                      on_module=(lambda r: progress("module", r)) if progress else None,
+                                      ranks=ranks):
+        if not ranks.writer:
+            continue
         tensors = {f"{r.name}.{key}": value for r in results for key, value in r.tensors.items()}
         wd.write_block(i, tensors, [_log_row(r, len(samples)) for r in results], time.perf_counter() - t_block)
         t_block = time.perf_counter()

@@ -15,7 +15,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from gptq_cli import distributed
 from gptq_cli.arch import Arch, block_groups, block_linears, linear_weight, set_linear_weight
+from gptq_cli.distributed import Ranks
 from gptq_cli.errors import GptqError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
@@ -149,8 +151,8 @@ def scope_of(names: list[str]) -> str:
 
 def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, calib: Calibration,
                     quant: QuantConfig, device: torch.device, dtype: torch.dtype,
-                    start: int = 0, on_module: Callable[[ModuleResult], None] | None = None
-                    ) -> Iterator[tuple[int, list[ModuleResult]]]:
+                    start: int = 0, on_module: Callable[[ModuleResult], None] | None = None,
+                    ranks: Ranks = Ranks()) -> Iterator[tuple[int, list[ModuleResult]]]:
     """Quantize blocks start.. in order, yielding (block index, its module results) as each one finishes.
 
     Passes are saved where the block's structure allows: group k+1 only needs to run from the smallest
@@ -163,14 +165,14 @@ def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, cal
         block, prefix = layers[i], f"{layers_path}.{i}."
         sm.materialize(prefix, device, dtype)
         with torch.no_grad():
-            results = _quantize_block(block, prefix, arch, calib, quant, device, dtype, on_module)
+            results = _quantize_block(block, prefix, arch, calib, quant, device, dtype, on_module, ranks)
         sm.release(block)
         yield i, results
 
 
 def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Calibration, quant: QuantConfig,
-                    device: torch.device, dtype: torch.dtype, on_module: Callable[[ModuleResult], None] | None
-                    ) -> list[ModuleResult]:
+                    device: torch.device, dtype: torch.dtype, on_module: Callable[[ModuleResult], None] | None,
+                    ranks: Ranks) -> list[ModuleResult]:
     """One block of quantize_blocks: its groups in order, then `calib` advanced to the next block's inputs."""
     linears = block_linears(block)
     results: list[ModuleResult] = []
@@ -194,8 +196,12 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
                 for h in recording:
                     h.remove()
             replay = (capture, recorded) if recorded is not None else None
-            for names, H, n_tokens in hessians:
-                solved = _solve(names, [linears[n] for n in names], H, n_tokens, quant, prefix, dtype)
+            hessians = distributed.reduce_hessians(ranks, hessians)
+            owner = distributed.owners(ranks, [(sum(linear_weight(linears[n]).shape[0] for n in names),
+                                                H.shape[0]) for names, H, _ in hessians])
+            for (names, H, n_tokens), r in zip(hessians, owner):
+                solved = _solve(names, [linears[n] for n in names], H, n_tokens, quant, prefix, dtype,
+                                ranks, r)
                 results += solved
                 for r in solved if on_module else ():
                     on_module(r)
@@ -244,21 +250,25 @@ def _inputs_fit(calib: Calibration, last: nn.Module, device: torch.device) -> bo
 
 
 def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens: int, quant: QuantConfig,
-           prefix: str, dtype: torch.dtype) -> list[ModuleResult]:
+           prefix: str, dtype: torch.dtype, ranks: Ranks = Ranks(), owner: int = 0) -> list[ModuleResult]:
     """GPTQ for linears that share one Hessian, stacked into one matrix (rows are independent given H⁻¹,
-    so this is exactly the per-module result, with one column loop instead of several)."""
+    so this is exactly the per-module result, with one column loop instead of several). With several ranks,
+    rank `owner` solves and the others receive its result."""
     t0 = time.perf_counter()
     weights = [linear_weight(m) for m in modules]
-    # Stacked in the model's dtype: quantize_weight makes the one float32 copy it works on.
-    stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-    qw = quantize_weight(stacked, H, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
-                         desc_act=quant.desc_act, static_groups=quant.static_groups,
-                         act_group_aware=quant.act_group_aware,
-                         damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
-    del stacked
-    parts = qw.split_rows([w.shape[0] for w in weights])
-    seconds = time.perf_counter() - t0
-    total_rows = sum(w.shape[0] for w in weights)
+    rows = [w.shape[0] for w in weights]
+    qw = None
+    if ranks.rank == owner:
+        # Stacked in the model's dtype: quantize_weight makes the one float32 copy it works on.
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+        qw = quantize_weight(stacked, H, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                             desc_act=quant.desc_act, static_groups=quant.static_groups,
+                             act_group_aware=quant.act_group_aware,
+                             damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
+        del stacked
+    qw, seconds = distributed.broadcast_result(ranks, qw, time.perf_counter() - t0, owner, (sum(rows), H.shape[0]),
+                                               quant.bits, quant.group_size, H.device)
+    parts = qw.split_rows(rows)
     results = []
     for name, module, part in zip(names, modules, parts):
         # Later groups and blocks must see what the quantized model will compute.
@@ -266,5 +276,5 @@ def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens
         # Packed where it was solved: only the packed words (1/8 of the codes for 4-bit) cross to the host.
         packed = {key: t.to("cpu") for key, t in part.to_tensors(quant.checkpoint_format).items()}
         results.append(ModuleResult(prefix + name, packed, part.loss, part.damp,
-                                    seconds * part.codes.shape[0] / total_rows, n_tokens))
+                                    seconds * part.codes.shape[0] / sum(rows), n_tokens))
     return results
