@@ -70,7 +70,7 @@ def _collective(ranks: Ranks, what: str, fn: Callable[[], T]) -> T:
     except (RuntimeError, ValueError) as e:   # gloo/NCCL/the store report a dead peer or a timeout so
         # gloo prefixes its messages with "[source.cc:line]": dropped (noise, and markup to the console)
         reason = re.sub(r"\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else "")[:120]
-        reason = reason or type(e).__name__
+        reason = reason.split(". ")[0] or type(e).__name__
         raise GptqError(f"rank {ranks.rank} of {ranks.world} lost the other processes while {what} ({reason}); "
                         f"finished blocks are kept: rerun the same command to continue") from e
 
