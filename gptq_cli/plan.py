@@ -59,11 +59,16 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     widest = max(k for _, k in shapes.values())
     recorded = tokens * (hidden + widest) * elt      # the tail shortcuts' inputs (attention out, MLP down)
     block = block_params * elt + activations + recorded + batch_size * seqlen * widest * elt * 4
-    codes_held = sum(n * k for n, k in shapes.values()) * 4    # a block's int32 codes, until it is stored
-    solve = max(2 * k * k * 4 + n * k * (12 + elt) for n, k in solves)
+    # One solve: the group's Hessian and the solver's K×K buffer, W in float32, its codes, the lazy update's
+    # product, W stacked in the model dtype; with the int32 codes of the block's earlier solves, kept until
+    # the block is stored.
+    solve, held = 0, 0
+    for n, k in solves:
+        solve = max(solve, held + 2 * k * k * 4 + n * k * (12 + elt))
+        held += n * k * 4
     capture = embed * (elt + 2) + activations
     write = 2 * (out_bytes + outside * 2)             # the tensors, and safetensors' serialised copy of them
-    work = max(capture, block + codes_held + solve, write)
+    work = max(capture, block + solve, write)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # this process: the same imports
     on_gpu = dev.type == "cuda"
     host = baseline + SLACK * (max(capture, write) if on_gpu else work)
@@ -81,7 +86,7 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
                         "seed": seed},
         "device": str(dev), "activation_dtype": str(cdtype).removeprefix("torch."),
         "peak_host_memory_gb": round(host / 1e9, 2),
-        "peak_device_memory_gb": round(SLACK * (block + codes_held + solve) / 1e9, 2) if on_gpu else None,
+        "peak_device_memory_gb": round(SLACK * (block + solve) / 1e9, 2) if on_gpu else None,
         "quantized_weights_gb": round(out_bytes / 1e9, 3),
         "estimated_minutes": round(seconds / 60, 1), "estimated_seconds": round(seconds, 1),
         "probe": {k: float(f"{v:.3g}") for k, v in rates.items()},
