@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gptq_cli.errors import UsageError
-from gptq_cli.format.checkpoint import weight_files
+from gptq_cli.format.checkpoint import read_tensors, weight_files
 from gptq_cli.moe import checkpoint_names, defuse_experts
 
 # Built-in names that resolve without the network: the README's quick-start model.

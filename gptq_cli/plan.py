@@ -60,12 +60,12 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     recorded = tokens * (hidden + widest) * elt      # the tail shortcuts' inputs (attention out, MLP down)
     block = block_params * elt + activations + recorded + batch_size * seqlen * widest * elt * 4
     # One solve: the group's Hessian and the solver's K×K buffer, W in float32, its codes, the lazy update's
-    # product, W stacked in the model dtype; with the int32 codes of the block's earlier solves, kept until
+    # product, W stacked in the model dtype; with the packed results of the block's earlier solves, kept until
     # the block is stored.
     solve, held = 0, 0
     for n, k in solves:
         solve = max(solve, held + 2 * k * k * 4 + n * k * (12 + elt))
-        held += n * k * 4
+        held += n * k * quant.bits / 8
     capture = embed * (elt + 2) + activations
     write = 2 * (out_bytes + outside * 2)             # the tensors, and safetensors' serialised copy of them
     work = max(capture, block + solve, write)
