@@ -43,6 +43,7 @@ class QuantizeResult:
     seconds: float = 0.0
     plan: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)     # settings not applied as asked, and what was done instead
+    writer: bool = True   # False on the ranks of a torchrun other than 0: they wrote nothing
 
 
 def default_output(model: str, quant: QuantConfig) -> Path:
@@ -130,7 +131,7 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
                 _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, done, progress,
                             ranks)
             if not ranks.writer:
-                return QuantizeResult(out, [], time.perf_counter() - t_start, plan, notes)
+                return QuantizeResult(out, [], time.perf_counter() - t_start, plan, notes, writer=False)
             rows = _write_kept_blocks(wd, plan, out, sm, ref, tokenizer, command=command)
         except Exception as e:
             if not interrupted():

@@ -170,6 +170,8 @@ def quantize(
                                       progress=on_progress, **run_args)
             except QuantizeInterrupted as e:
                 raise Interrupted(str(e)) from None
+        if not result.writer:   # another torchrun rank: rank 0 reports the checkpoint it wrote
+            return
         summary = run_summary(model, result, quant)
         if json_out:
             emit_json(summary)
