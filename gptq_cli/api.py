@@ -27,9 +27,11 @@ from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is q
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.modelio import (ModelRef, StreamingModel, load_streaming, load_tokenizer, resolve_device,
                              resolve_dtype, resolve_model, storage_dtype)
+from gptq_cli import mixed
+from gptq_cli.allocate import Candidate, check_target, parse_candidates
 from gptq_cli.preflight import calibration_notes, calibration_seqlen, group_size_notes
-from gptq_cli.workdir import (WorkDir, calibration_fingerprint, check_new_directory, default_work_dir,
-                              model_fingerprint, stored_weights)
+from gptq_cli.workdir import (MEASUREMENTS_FILE, WorkDir, calibration_fingerprint, check_new_directory,
+                              default_work_dir, model_fingerprint, stored_weights)
 
 # Progress events: ("resume", finished blocks, total, work dir), ("block", done, total), ("module", ModuleResult),
 # ("note", text): a setting that could not be applied as asked, and what is done instead
@@ -46,8 +48,10 @@ class QuantizeResult:
     writer: bool = True   # False on the ranks of a torchrun other than 0: they wrote nothing
 
 
-def default_output(model: str, quant: QuantConfig) -> Path:
+def default_output(model: str, quant: QuantConfig, target_bits: float | None = None) -> Path:
     name = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
+    if target_bits is not None:
+        return Path(f"{name}-gptq-mixed-{target_bits:g}bit")
     return Path(f"{name}-gptq-{quant.bits}bit-g{quant.group_size}")
 
 
@@ -78,17 +82,22 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
              dataset_path: str | None = None, nsamples: int = 128, seqlen: int | None = None, seed: int = 0,
              batch_size: int = 8, device: str | None = None, dtype: str = "auto",
              output: str | Path | None = None, work_dir: str | Path | None = None, resume: bool = False,
-             command: str | None = None, progress: ProgressFn | None = None) -> QuantizeResult:
+             command: str | None = None, progress: ProgressFn | None = None, target_bits: float | None = None,
+             candidates: list[Candidate] | None = None, measurements: str | Path | None = None) -> QuantizeResult:
     """Quantize `model` (Hub id, local dir, .gguf or built-in name) with GPTQ and write a GPTQ checkpoint.
 
     Each finished block is stored in `work_dir` (default `<output>.work`); a call that finds a work dir made with
     the same settings continues after its last finished block (resume=True insists on one), and the work dir
     is removed once the checkpoint is written. `command` is recorded in quant_log.json. seqlen None: 2048, or
-    the model's context if that is shorter; a seqlen beyond the context is refused."""
+    the model's context if that is shorter; a seqlen beyond the context is refused.
+    target_bits: choose each linear's bits and group size among `candidates` (default bits 2/3/4/8 x groups
+    32/64/128) within that average of stored bits per weight (mixed.py); quant's bits/group_size are then
+    ignored. `measurements`: a measurements.json of an earlier such run with the same model, calibration and
+    shared settings, instead of measuring again."""
     from gptq_cli.textdata import calibration_samples
 
     quant = quant or QuantConfig()
-    out = Path(output) if output else default_output(model, quant)
+    out = Path(output) if output else default_output(model, quant, target_bits)
     check_new_directory(out, "--output")
     wd = WorkDir(work_dir if work_dir else default_work_dir(out))
     if not wd.path.exists():
@@ -118,6 +127,10 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
         if progress:
             progress("note", note)
     quant.meta.update(damp_auto_increment=0.01, static_groups=quant.static_groups)
+    if target_bits is not None:
+        candidates = candidates or parse_candidates(None)
+        check_target(target_bits, list(mixed.model_shapes(sm, layers_path).values()), candidates)
+        quant.meta.update(target_bits=target_bits, candidates=[c.name for c in candidates])
     # what was used, not what was asked: the longest sample (a short corpus gives one shorter sample)
     used_seqlen = max(s.shape[-1] for s in samples)
     plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=used_seqlen, seed=seed,
@@ -125,6 +138,10 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     done = distributed.broadcast_int(ranks, wd.open(plan) if ranks.writer else 0)   # rank 0 alone writes
     with noting_interrupts() as interrupted:
         try:
+            if target_bits is not None:
+                quant = mixed.allocate_run(wd, plan, sm, layers_path, batch_samples(samples, batch_size), quant,
+                                           dev, cdtype, measurements,
+                                           (lambda i, n: progress("measure", i, n)) if progress else None)
             if done < n_blocks:
                 if done and progress:
                     progress("resume", done, n_blocks, wd.path)
@@ -180,6 +197,9 @@ def pack_workdir(work_dir: str | Path, output: str | Path, *, checkpoint_format:
         raise UsageError(f"the model {plan['model']} is no longer as it was at {ref.path} when {wd.path} was "
                          f"made; quantize it again")
     sm = load_streaming(ref, getattr(torch, plan["dtype"]))
+    if "target_bits" in plan["config"].get("meta", {}):
+        quant = QuantConfig.from_hf_dict(plan["config"])
+        plan["config"] = mixed.allocated_config(wd, plan, quant, check=False).to_hf_dict()
     _write_output(wd, plan, out, sm, ref, load_tokenizer(ref), command=plan.get("command"),
                   checkpoint_format=checkpoint_format, max_shard_size=max_shard_size)
     return out
@@ -244,9 +264,10 @@ def _write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: M
     quantization_config = plan["config"]
     if checkpoint_format and checkpoint_format != quantization_config["checkpoint_format"]:
         from gptq_cli.convert import convert_qzeros, relabel_format
+        quant = QuantConfig.from_hf_dict(quantization_config)
         for r in rows:
             key = f"{r['name']}.qzeros"
-            tensors[key] = convert_qzeros(tensors[key], quantization_config["bits"],
+            tensors[key] = convert_qzeros(tensors[key], quant.module_setting(r["name"])[0],
                                           tensors[f"{r['name']}.scales"].shape[1],
                                           quantization_config["checkpoint_format"], checkpoint_format,
                                           name=r["name"])
@@ -268,7 +289,12 @@ def _write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: M
            "platform": platform.platform(),
            "seconds": round(seconds, 2),  # time spent on the blocks, summed over interrupted runs
            "notes": plan.get("notes", []), "modules": rows}
-    extra_files = {"quant_log.json": json.dumps(log, indent=2).encode()}
+    extra_files = {}
+    if (wd.path / MEASUREMENTS_FILE).is_file():   # --target-bits: reusable for other budgets (--measurements)
+        measured = json.loads((wd.path / MEASUREMENTS_FILE).read_text())
+        log["measure_seconds"] = measured.pop("seconds", None)   # timings go in the log, the rest is deterministic
+        extra_files[MEASUREMENTS_FILE] = (json.dumps(measured, indent=1) + "\n").encode()
+    extra_files["quant_log.json"] = json.dumps(log, indent=2).encode()
     with _tokenizer_dir(ref, tokenizer) as src_dir:
         generation = getattr(sm.model, "generation_config", None)
         if not (src_dir / "generation_config.json").is_file() and generation is not None:

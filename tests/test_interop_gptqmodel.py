@@ -5,7 +5,10 @@
     logits match our QuantLinear model's;
 (c) GPTQModel's TorchLinear dequantizes our packing of 2/3/4/8-bit weights to exactly our weights;
 (d) for every registered architecture, `quantize`'s own output loads in transformers + optimum + gptqmodel with
-    the logits of our loader.
+    the logits of our loader;
+(e) a mixed-precision checkpoint (`quantize --target-bits`, per-module bits/group size in `dynamic`) loads in
+    GPTQModel.load with every module at its own setting and our loader's logits. (transformers + optimum
+    cannot load one: optimum builds every layer with the top-level bits/group size and ignores `dynamic`.)
 
 Everything GPTQModel does runs in one child process (this file run as a script, see `worker`), so its
 import-time patches of transformers/safetensors and its logging never touch the rest of the test session.
@@ -67,6 +70,7 @@ def gptqmodel_side(tmp_path_factory, tiny_llama_dir):
     torch.save({b: qw.to_tensors("gptq_v2") for b, qw in weights.items()}, root / "packed.pt")
 
     quantized = {arch: _quantize_with_us(root / arch, arch, desc_act=i % 2 == 1) for i, arch in enumerate(ARCHS)}
+    quantized["mixed"] = _quantize_with_us(root / "mixed", "llama", desc_act=False, target_bits=4.0)
 
     ids = input_ids().tolist()
     calibration = random_input_ids(8, 64, seed=1).tolist()
@@ -77,7 +81,9 @@ def gptqmodel_side(tmp_path_factory, tiny_llama_dir):
     jobs += [{"kind": "transformers_logits", "name": f"transformers{int(d)}", "path": str(ours[d].path), "ids": ids}
              for d in DESC_ACT]
     jobs += [{"kind": "gptqmodel_logits" if arch in GPTQMODEL_LOADS_ONLY else "transformers_logits",
-              "name": f"loaded_{arch}", "path": str(path), "ids": ids} for arch, path in quantized.items()]
+              "name": f"loaded_{arch}", "path": str(path), "ids": ids} for arch, path in quantized.items()
+             if arch != "mixed"]
+    jobs += [{"kind": "gptqmodel_logits", "name": "loaded_mixed", "path": str(quantized["mixed"]), "ids": ids}]
     jobs += [{"kind": "torch_linear_dequant", "name": f"dequant{b}", "packed": str(root / "packed.pt"), "bits": b,
               "group_size": 64, "in_features": 256, "out_features": 64} for b in DEQUANT_BITS]
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -90,9 +96,10 @@ def gptqmodel_side(tmp_path_factory, tiny_llama_dir):
     return torch.load(root / "results.pt"), theirs, ours, weights, quantized
 
 
-def _quantize_with_us(root: Path, arch: str, *, desc_act: bool) -> Path:
+def _quantize_with_us(root: Path, arch: str, *, desc_act: bool, target_bits: float | None = None) -> Path:
     """`quantize` (the API under the CLI) on a tiny random fp16 model of `arch`: its checkpoint directory."""
     from gptq_cli import api
+    from gptq_cli.allocate import parse_candidates
     from gptq_cli.format.config import QuantConfig
     from tests.tiny_models import random_input_ids, save_tiny_model
 
@@ -100,7 +107,9 @@ def _quantize_with_us(root: Path, arch: str, *, desc_act: bool) -> Path:
     calib = root / "calib.jsonl"
     calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in random_input_ids(8, 32, seed=2).tolist()))
     result = api.quantize(str(model_dir), QuantConfig(bits=4, group_size=64, desc_act=desc_act), dataset=str(calib),
-                          nsamples=8, seqlen=32, batch_size=4, device="cpu", dtype="float32", output=root / "gptq")
+                          nsamples=8, seqlen=32, batch_size=4, device="cpu", dtype="float32", output=root / "gptq",
+                          target_bits=target_bits,
+                          candidates=parse_candidates("2g64,3g128,4g64,8g128") if target_bits else None)
     return result.output
 
 
@@ -173,6 +182,19 @@ def test_transformers_with_gptqmodel_loads_what_quantize_writes(gptqmodel_side, 
     assert cosine(theirs["logits"], ours_logits) > COSINE
 
 
+def test_gptqmodel_loads_a_mixed_checkpoint_with_each_modules_setting_and_our_logits(gptqmodel_side):
+    from gptq_cli.inspect import inspect_checkpoint
+    from gptq_cli.loader import load_quantized_model
+
+    results, _, _, _, quantized = gptqmodel_side
+    theirs = results["loaded_mixed"]
+    ours = {m.name: (m.bits, m.group_size) for m in inspect_checkpoint(quantized["mixed"]).modules}
+    assert len(set(ours.values())) > 1 and theirs["settings"] == ours
+    with torch.no_grad():
+        ours_logits = load_quantized_model(quantized["mixed"], dtype=torch.float16)(input_ids()).logits.float()
+    assert cosine(theirs["logits"], ours_logits) > COSINE
+
+
 @pytest.mark.parametrize("bits", DEQUANT_BITS)
 def test_gptqmodel_torch_linear_dequantizes_our_packing_exactly(gptqmodel_side, bits):
     results, _, _, weights, _ = gptqmodel_side
@@ -203,7 +225,9 @@ def _job(job: dict) -> dict:
         return {}
     if job["kind"] == "gptqmodel_logits":
         model = GPTQModel.load(job["path"], device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
-        return {"logits": _logits(model.model, job["ids"]), "quant_modules": _quant_module_kinds(model.model)}
+        settings = {name: (m.bits, m.group_size) for name, m in model.model.named_modules() if hasattr(m, "qweight")}
+        return {"logits": _logits(model.model, job["ids"]), "quant_modules": _quant_module_kinds(model.model),
+                "settings": settings}
     if job["kind"] == "transformers_logits":
         from transformers import AutoModelForCausalLM, GPTQConfig
 

@@ -76,6 +76,9 @@ def _print_report(report: InspectReport) -> None:
                               f"damp_percent={q.damp_percent}")
     summary.add_row("format", f"{report.declared_format} (zero points look like: {report.zeros_look_like})")
     summary.add_row("quantized modules", str(len(report.modules)))
+    settings = sorted({(m.bits, m.group_size) for m in report.modules})
+    summary.add_row("bits per weight", f"{report.bits_per_weight:.3f} (qweight, qzeros, scales, g_idx)"
+                    + (f"; mixed: {', '.join(f'{b}-bit g{g}' for b, g in settings)}" if len(settings) > 1 else ""))
     summary.add_row("size", f"{_size(report.total_bytes)} vs {_size(report.fp16_bytes)} in fp16 "
                             f"(compression {report.compression_ratio:.2f}x)")
     check = Text("ok", style="green") if report.ok else Text(f"{len(report.problems)} problem(s)", style="red")

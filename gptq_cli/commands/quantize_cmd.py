@@ -38,6 +38,9 @@ Examples:
   gptq quantize ./my-model --config llama-3bit-g128 --dataset calib.jsonl \\
       --dry-run
   gptq quantize meta-llama/Llama-2-70b-hf -o llama2-70b-gptq --resume
+  gptq quantize ./my-model --target-bits 3.5 -o my-model-mixed
+  gptq quantize ./my-model --target-bits 4.25 --dry-run \\
+      --measurements my-model-mixed/measurements.json
 """
 
 
@@ -109,6 +112,17 @@ def quantize(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, time) and exit."),
     table: bool = typer.Option(False, "--table", help="Also print every module's loss, damp and seconds (always in "
                                "the output's quant_log.json)."),
+    target_bits: Optional[float] = typer.Option(None, "--target-bits", help="Mixed precision: choose each linear's "
+                                                "bits and group size so that the quantized linears average at most "
+                                                "this many stored bits per weight (scales, zeros, g_idx counted), "
+                                                "least loss first. Replaces --bits/--group-size."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="With --target-bits: the settings to "
+                                             "choose from, \"4g128,3g64\" (g-1: per channel) or \"bits=3,4 "
+                                             "group=64,128\" (default bits 2,3,4,8 x group 32,64,128)."),
+    measurements: Optional[Path] = typer.Option(None, "--measurements", help="With --target-bits: the "
+                                                "measurements.json an earlier --target-bits run left beside its "
+                                                "checkpoint (same model, calibration, settings): no new "
+                                                "measurement; with --dry-run, prints the allocation."),
     json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
 ) -> None:
     """Quantize a causal LM with GPTQ and write a GPTQ checkpoint that transformers, GPTQModel and vLLM load."""
@@ -134,10 +148,16 @@ def quantize(
         for k in ("nsamples", "seqlen", "batch_size"):
             if run_args[k] is not None and run_args[k] < 1:
                 raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {run_args[k]}")
+        cands = _mixed_options(target_bits, candidates, measurements, {k: v for k, v in flags.items() if v is not None})
         if dry_run:
             from gptq_cli.plan import make_plan
             plan = make_plan(model, quant, device=device, dtype=dtype,
                              **{**run_args, "seqlen": run_args["seqlen"] or 2048})
+            if target_bits is not None:
+                from gptq_cli.mixed import dry_run as mixed_dry_run
+                shapes = {f"blocks.{i}.{name}": tuple(int(v) for v in shape.split("x"))[::-1]
+                          for i in range(plan["blocks"]) for name, shape in plan["linear_shapes"].items()}
+                plan["target_bits"] = mixed_dry_run(shapes, cands, target_bits, measurements)
             _print_plan(plan, json_out, quiet)
             return
         from gptq_cli.api import QuantizeInterrupted, quantize as api_quantize
@@ -153,6 +173,11 @@ def quantize(
                     if plain_lines and args[0]:
                         console.print(f"block {args[0]}/{args[1]} quantized ({time.perf_counter() - t0:.0f} s)",
                                       highlight=False)
+                elif kind == "measure":
+                    bar.update(blocks, description="measuring candidates", completed=args[0], total=args[1])
+                    if plain_lines:
+                        console.print(f"block {args[0]}/{args[1]} measured ({time.perf_counter() - t0:.0f} s)",
+                                      highlight=False)
                 elif kind == "module":
                     bar.update(blocks, description=f"blocks · {args[0].name}")
                 elif kind == "resume" and not (quiet or json_out):
@@ -167,7 +192,8 @@ def quantize(
             try:
                 result = api_quantize(model, quant, dataset_path=dataset_path, device=device, dtype=dtype,
                                       output=output, work_dir=work_dir, resume=resume, command=command,
-                                      progress=on_progress, **run_args)
+                                      progress=on_progress, target_bits=target_bits, candidates=cands,
+                                      measurements=measurements, **run_args)
             except QuantizeInterrupted as e:
                 raise Interrupted(str(e)) from None
         if not result.writer:   # another torchrun rank: rank 0 reports the checkpoint it wrote
@@ -183,13 +209,36 @@ def quantize(
     run(work, debug=debug)
 
 
+def _mixed_options(target_bits: float | None, candidates: str | None, measurements: Path | None,
+                   settings: dict) -> list | None:
+    """The candidate list for --target-bits (None without it); usage errors for options that contradict it."""
+    if target_bits is None:
+        if candidates is not None or measurements is not None:
+            raise UsageError("--candidates and --measurements go with --target-bits; add --target-bits B")
+        return None
+    given = [f"--{k.replace('_', '-')}" for k in ("bits", "group_size") if k in settings]
+    if given:
+        raise UsageError(f"--target-bits chooses bits and group size per module: leave out {' and '.join(given)} "
+                         f"(use --candidates to restrict the choice)")
+    if measurements is not None and not measurements.is_file():
+        raise UsageError(f"--measurements {measurements}: no such file; pass the measurements.json a --target-bits "
+                         f"run left beside its checkpoint")
+    from gptq_cli.allocate import parse_candidates
+    return parse_candidates(candidates)
+
+
 def _print_plan(plan: dict, json_out: bool, quiet: bool) -> None:
     if json_out:
         emit_json(plan)
         return
     table = Table(title="gptq quantize --dry-run", show_header=False)
+    mixed = plan.get("target_bits", {})
     for k, v in plan.items():
-        table.add_row(k, str(v))
+        if k != "target_bits":
+            table.add_row(k, str(v))
+    for k, v in mixed.items():   # the per-module choice is in --json; the table gives its totals
+        table.add_row(f"target_bits.{k}", str({a: b for a, b in v.items() if a != "modules"})
+                      if isinstance(v, dict) else str(v))
     console.print(table)
 
 
@@ -202,7 +251,8 @@ def run_summary(model: str, result: "QuantizeResult", quant: QuantConfig) -> dic
     rows = result.modules
     out = shlex.quote(str(result.output))
     return {"model": model, "output": str(result.output), "seconds": round(result.seconds, 2),
-            "config": quant.to_hf_dict(), "modules": len(rows),
+            "config": result.plan.get("config", quant.to_hf_dict()),   # --target-bits: the allocated one
+            "modules": len(rows), "bits_per_weight": round(report.bits_per_weight, 4),
             "mean_loss": sum(r["loss"] for r in rows) / max(len(rows), 1),
             "worst_modules": [{"name": r["name"], "loss": r["loss"]}
                               for r in sorted(rows, key=lambda r: r["loss"], reverse=True)[:WORST_SHOWN]],
@@ -224,7 +274,10 @@ def _print_summary(summary: dict) -> None:
     lines = [("quantized", f"{summary['model']} → {summary['output']} in {summary['seconds']:.1f} s"),
              ("size", f"{_mb(summary['bytes'])} vs {_mb(summary['fp16_bytes'])} in fp16 "
                       f"({summary['compression_ratio']:.2f}x smaller)"),
-             ("modules", f"{summary['modules']} quantized, {config['bits']}-bit {group}, "
+             ("modules", f"{summary['modules']} quantized, "
+                         + (f"mixed ({len(config['dynamic'])} with their own bits/group), most common "
+                            if config.get("dynamic") else "")
+                         + f"{config['bits']}-bit {group}, {summary['bits_per_weight']} bits/weight, "
                          f"{config['checkpoint_format']}; mean loss {summary['mean_loss']:.4g}"),
              ("worst loss", worst),
              ("full table", f"{summary['quant_log']} (or --table)"),

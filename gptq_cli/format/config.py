@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from gptq_cli import __version__
+from gptq_cli.format.dynamic import check_dynamic, module_setting
 
 BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
@@ -25,6 +26,7 @@ class QuantConfig:
     mse: bool = False
     checkpoint_format: str = "gptq"
     meta: dict[str, Any] = field(default_factory=dict)
+    dynamic: dict[str, Any] | None = None   # per-module overrides (format/dynamic.py); None: all modules alike
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -35,12 +37,19 @@ class QuantConfig:
             raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
         if self.checkpoint_format not in FORMATS:
             raise ValueError(f"checkpoint_format must be one of {FORMATS}, got {self.checkpoint_format!r}")
+        if self.dynamic is not None:
+            check_dynamic(self.dynamic)
+            for override in self.dynamic.values():
+                if override.get("bits", self.bits) not in BITS:
+                    raise ValueError(f"dynamic override {override}: bits must be one of {BITS}")
         if not self.sym:  # v1 cannot store an asymmetric zero of 0 (SPEC §2)
             self.checkpoint_format = "gptq_v2"
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The quantization_config dict, as transformers / GPTQModel / AutoGPTQ / vLLM read it."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("mse", "act_group_aware", "meta")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("mse", "act_group_aware", "meta", "dynamic")}
+        if self.dynamic:
+            d["dynamic"] = self.dynamic
         d.update(quant_method="gptq", lm_head=False, pack_dtype="int32")
         # How the columns were ordered while solving changes nothing a loader reads: it goes in meta, where
         # GPTQModel records it too (act-order proper is desc_act, which loaders do read).
@@ -48,6 +57,10 @@ class QuantConfig:
                      "act_group_aware": self.act_group_aware and not self.desc_act,
                      **self.meta}
         return d
+
+    def module_setting(self, name: str) -> tuple[int, int]:
+        """(bits, group_size) of the module with full name `name`, after any `dynamic` override."""
+        return module_setting(self.dynamic, name, (self.bits, self.group_size))
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "QuantConfig":

@@ -1,0 +1,224 @@
+"""`quantize --target-bits B`: measure what every candidate setting costs each quantized linear, choose one per
+linear under the size budget (allocate.py), and hand the engine a QuantConfig whose `dynamic` holds the choice.
+
+Measurement (one pass over the model before the real, sequential quantization): each block runs on the
+calibration inputs in full precision, every linear's Hessian is collected (linears reading one input share it),
+and GPTQ is solved for every candidate on that Hessian, recording the loss it reports. Costs: one extra
+calibration pass and (candidates) solves per linear, no output error passes. The Hessians are the
+full-precision model's, not the partly quantized one's: the allocation must be global (a linear's setting
+depends on every other's loss), so it is made before any linear is quantized; the real run that follows is
+the ordinary sequential one, where each linear sees the already-quantized earlier ones.
+
+Loss measure: the GPTQ loss of a candidate is ½·tr(ΔW H ΔWᵀ) = the mean squared error the quantized linear adds
+to its outputs over the calibration tokens. Its scale differs between linears by orders of magnitude (the
+residual stream grows with depth; q/k/v outputs are small beside down_proj's), and a model's quality is about
+each linear's error relative to its signal, so each loss is divided by the linear's output energy
+½·tr(W H Wᵀ): the allocation minimises the sum of relative output errors (noise-to-signal ratios).
+
+The measurement is a JSON file (kept in the work dir while quantizing, and beside the checkpoint as
+measurements.json); `--measurements FILE` reuses it for another budget, and `--dry-run` prints the allocation
+from it without touching the model. The file is written once the whole model is measured: a run interrupted
+while measuring measures again when resumed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gptq_cli.allocate import (Candidate, allocate, average_bits, budget_range, check_target, parse_candidates,
+                               stored_bits)
+from gptq_cli.arch import block_linears, linear_weight
+from gptq_cli.engine import Calibration, _advance as advance, capture_inputs, collect_hessians
+from gptq_cli.errors import UsageError
+from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.dynamic import encode
+from gptq_cli.kernels import gptq_block
+from gptq_cli.modelio import StreamingModel
+from gptq_cli.solver import quantize_weight
+from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir, write_atomic
+
+# QuantConfig fields every candidate shares: a measurement made with other values does not apply.
+SHARED_SETTINGS = ("sym", "desc_act", "static_groups", "act_group_aware", "damp_percent", "mse")
+
+
+def model_shapes(sm: StreamingModel, layers_path: str) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every linear quantize will quantize, by full name, in model order."""
+    shapes = {}
+    for i, block in enumerate(sm.model.get_submodule(layers_path)):
+        for name, module in block_linears(block).items():
+            n, k = linear_weight(module).shape
+            shapes[f"{layers_path}.{i}.{name}"] = (k, n)
+    return shapes
+
+
+def measure(sm: StreamingModel, layers_path: str, calib: Calibration, quant: QuantConfig,
+            candidates: list[Candidate], device: torch.device, dtype: torch.dtype,
+            on_block: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Per linear, in model order: {"name", "in", "out", "energy", "losses": [GPTQ loss per candidate]}.
+    Advances `calib` through every block (in full precision)."""
+    layers = sm.model.get_submodule(layers_path)
+    rows = []
+    for i, block in enumerate(layers):
+        prefix = f"{layers_path}.{i}."
+        sm.materialize(prefix, device, dtype)
+        with torch.no_grad():
+            linears = block_linears(block)
+            passes = [lambda x=x, kw=kw: block(x, **kw) for x, kw in zip(calib.hidden, calib.kwargs)]
+            hessians, _ = collect_hessians(linears, passes)
+            found = {}
+            for names, H, _tokens in hessians:
+                for name, row in zip(names, _measure_shared([linear_weight(linears[n]).float() for n in names], H,
+                                                            quant, candidates)):
+                    found[name] = {"name": prefix + name, **row}
+            del hessians
+            rows += [found[n] for n in linears]
+            advance(calib, block)
+        sm.release(block)
+        if on_block:
+            on_block(i + 1, len(layers))
+    return rows
+
+
+def _measure_shared(weights: list[torch.Tensor], H: torch.Tensor, quant: QuantConfig,
+                    candidates: list[Candidate]) -> list[dict]:
+    """Linears sharing Hessian H, solved stacked (rows are independent given H⁻¹) for every candidate."""
+    W = torch.cat(weights)
+    sizes = [w.shape[0] for w in weights]
+    Hd = H.to(W.device, torch.float64)
+    energy = [float(torch.einsum("nk,kl,nl->", w.double(), Hd, w.double())) / 2 for w in weights]
+    losses: list[list[float]] = [[] for _ in weights]
+    for c in candidates:
+        qw = quantize_weight(W, H, bits=c.bits, group_size=c.group_size, sym=quant.sym, desc_act=quant.desc_act,
+                             static_groups=quant.static_groups, act_group_aware=quant.act_group_aware,
+                             damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
+        for m, part in enumerate(qw.split_rows(sizes)):
+            losses[m].append(part.loss)
+    return [{"in": W.shape[1], "out": n, "energy": e, "losses": loss}
+            for n, e, loss in zip(sizes, energy, losses)]
+
+
+def identity(quant: QuantConfig, plan: dict) -> dict:
+    """What a measurement depends on besides the candidate list: the model, the calibration tokens, the
+    activation dtype (from the work dir's plan) and the settings every candidate shares."""
+    return {**{k: plan[k] for k in ("model_fingerprint", "calibration_fingerprint", "dtype")},
+            **{k: getattr(quant, k) for k in SHARED_SETTINGS}}
+
+
+def measurement_doc(ident: dict, candidates: list[Candidate], rows: list[dict], seconds: float) -> dict:
+    return {"kind": "gptq_cli target-bits measurement", "identity": ident, "seconds": round(seconds, 1),
+            "candidates": [c.name for c in candidates], "modules": rows}
+
+
+def read_measurements(path: str | Path, ident: dict | None, candidates: list[Candidate]) -> dict:
+    """A measurement file, checked against what this run needs (ident None: not checked, e.g. dry-run);
+    UsageError saying what differs."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        doc["modules"], doc["candidates"], doc["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--measurements {path}: not a measurement file that quantize --target-bits wrote ({e})")
+    if ident is not None:
+        diffs = [k for k in ident if doc["identity"].get(k) != ident[k]]
+        if diffs:
+            raise UsageError(f"--measurements {path} was made with another {', '.join(diffs)}; measure again "
+                             f"(leave out --measurements) or pass the matching settings")
+    missing = [c.name for c in candidates if c.name not in doc["candidates"]]
+    if missing:
+        raise UsageError(f"--measurements {path} has no losses for {', '.join(missing)} (it measured "
+                         f"{','.join(doc['candidates'])}); narrow --candidates to those or measure again")
+    return doc
+
+
+def choose(doc: dict, candidates: list[Candidate], target_bits: float) -> dict[str, tuple[int, int]]:
+    """(bits, group_size) per linear: least total relative loss with average stored bits <= target_bits."""
+    columns = [doc["candidates"].index(c.name) for c in candidates]
+    mods = doc["modules"]
+    shapes = [(m["in"], m["out"]) for m in mods]
+    check_target(target_bits, shapes, candidates)
+    sizes = [[stored_bits(k, n, c) for c in candidates] for k, n in shapes]
+    # An all-zero linear (energy 0) loses nothing whatever its setting.
+    losses = [[m["losses"][j] / m["energy"] if m["energy"] > 0 else 0.0 for j in columns] for m in mods]
+    budget = int(target_bits * sum(k * n for k, n in shapes))
+    try:
+        picks = allocate(sizes, losses, budget)
+    except ValueError as e:
+        low, high = budget_range(shapes, candidates)
+        raise UsageError(f"--target-bits {target_bits}: {e} (reachable {low:.4f} to {high:.4f})") from None
+    return {m["name"]: (candidates[p].bits, candidates[p].group_size) for m, p in zip(mods, picks)}
+
+
+def allocate_run(wd: WorkDir, plan: dict, sm: StreamingModel, layers_path: str, batches: list[torch.Tensor],
+                 quant: QuantConfig, device: torch.device, dtype: torch.dtype, measurements: str | Path | None,
+                 on_block: Callable[[int, int], None] | None) -> QuantConfig:
+    """quantize --target-bits: the measurement (the work dir's, the given file, or made now on `batches` and
+    kept in the work dir), then the allocation; returns the mixed QuantConfig, also set as plan["config"]."""
+    if not (wd.path / MEASUREMENTS_FILE).is_file():
+        ident = identity(quant, plan)
+        candidates = parse_candidates(",".join(quant.meta["candidates"]))
+        if measurements is not None:
+            doc = read_measurements(measurements, ident, candidates)
+        else:
+            t0 = time.perf_counter()
+            calib = capture_inputs(sm, layers_path, batches, device, dtype)
+            rows = measure(sm, layers_path, calib, quant, candidates, device, dtype, on_block)
+            doc = measurement_doc(ident, candidates, rows, time.perf_counter() - t0)
+        write_atomic(wd.path / MEASUREMENTS_FILE, (json.dumps(doc, indent=1) + "\n").encode())
+    mixed_quant = allocated_config(wd, plan, quant, check=True)
+    plan["config"] = mixed_quant.to_hf_dict()
+    return mixed_quant
+
+
+def allocated_config(wd: WorkDir, plan: dict, quant: QuantConfig, check: bool) -> QuantConfig:
+    """The allocation for quant.meta's target_bits/candidates from the work dir's measurements (deterministic,
+    so `gptq pack WORKDIR` recomputes it rather than storing it twice); check: that they fit this run."""
+    candidates = parse_candidates(",".join(quant.meta["candidates"]))
+    doc = read_measurements(wd.path / MEASUREMENTS_FILE, identity(quant, plan) if check else None, candidates)
+    return mixed_config(quant, choose(doc, candidates, quant.meta["target_bits"]))
+
+
+def mixed_config(quant: QuantConfig, settings: dict[str, tuple[int, int]]) -> QuantConfig:
+    """`quant` with the most common setting at the top level and every other module in `dynamic`."""
+    (bits, group_size), dynamic = encode(settings)
+    return replace(quant, bits=bits, group_size=group_size, dynamic=dynamic or None, meta=dict(quant.meta))
+
+
+def summary(settings: dict[str, tuple[int, int]], shapes: dict[str, tuple[int, int]]) -> dict:
+    """Counts per setting, the average stored bits per weight and the quantized linears' bytes."""
+    names = list(settings)
+    choices = [Candidate(*settings[n]) for n in names]
+    counts: dict[str, int] = {}
+    for c in choices:
+        counts[c.name] = counts.get(c.name, 0) + 1
+    total = sum(stored_bits(*shapes[n], c) for n, c in zip(names, choices))
+    return {"modules_per_setting": dict(sorted(counts.items())),
+            "bits_per_weight": round(average_bits([shapes[n] for n in names], choices), 4),
+            "quantized_linears_bytes": total // 8}
+
+
+def dry_run(shapes: dict[str, tuple[int, int]], candidates: list[Candidate], target_bits: float,
+            measurements: str | Path | None) -> dict:
+    """`quantize --dry-run --target-bits`: the reachable range, every uniform candidate's size and, given a
+    measurement file, the allocation itself."""
+    shape_list = list(shapes.values())
+    check_target(target_bits, shape_list, candidates)
+    low, high = budget_range(shape_list, candidates)
+    out = {"target_bits": target_bits, "candidates": [c.name for c in candidates],
+           "reachable_bits_per_weight": [round(low, 4), round(high, 4)],
+           "uniform_bits_per_weight": {c.name: round(average_bits(shape_list, [c] * len(shape_list)), 4)
+                                       for c in candidates},
+           "target_quantized_linears_bytes": int(target_bits * sum(k * n for k, n in shape_list)) // 8}
+    if measurements is None:
+        out["allocation"] = (f"needs the measurement: one full-precision calibration pass plus {len(candidates)} "
+                             f"GPTQ solves per linear; quantize without --dry-run makes it (and leaves "
+                             f"{MEASUREMENTS_FILE} beside the checkpoint for --measurements)")
+        return out
+    doc = read_measurements(measurements, None, candidates)
+    settings = choose(doc, candidates, target_bits)
+    out["allocation"] = {**summary(settings, {m["name"]: (m["in"], m["out"]) for m in doc["modules"]}),
+                         "modules": {n: Candidate(*s).name for n, s in settings.items()}}
+    return out
