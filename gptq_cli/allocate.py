@@ -92,9 +92,15 @@ def check_target(target_bits: float, shapes: list[tuple[int, int]], candidates: 
     """UsageError when `target_bits` is below the smallest or above the largest average the candidates reach."""
     low, high = budget_range(shapes, candidates)
     if not low <= target_bits <= high:
+        low, high = inward(low, high)
         raise UsageError(f"--target-bits {target_bits} is outside what the candidates {_names(candidates)} can "
                          f"reach for this model: {low:.4f} to {high:.4f} bits per weight (scales, zeros and g_idx "
                          f"counted); choose a target in that range or other --candidates")
+
+
+def inward(low: float, high: float) -> tuple[float, float]:
+    """A bits range rounded inwards to 4 decimals, so that both printed ends are valid targets."""
+    return math.ceil(low * 1e4) / 1e4, math.floor(high * 1e4) / 1e4
 
 
 def _names(candidates: list[Candidate]) -> str:

@@ -30,8 +30,8 @@ from typing import Callable
 
 import torch
 
-from gptq_cli.allocate import (Candidate, allocate, average_bits, budget_range, check_target, parse_candidates,
-                               stored_bits)
+from gptq_cli.allocate import (Candidate, allocate, average_bits, budget_range, check_target, inward,
+                               parse_candidates, stored_bits)
 from gptq_cli.arch import block_linears, linear_weight
 from gptq_cli.engine import Calibration, _advance as advance, capture_inputs, collect_hessians
 from gptq_cli.errors import UsageError
@@ -147,7 +147,7 @@ def choose(doc: dict, candidates: list[Candidate], target_bits: float) -> dict[s
     try:
         picks = allocate(sizes, losses, budget)
     except ValueError as e:
-        low, high = budget_range(shapes, candidates)
+        low, high = inward(*budget_range(shapes, candidates))
         raise UsageError(f"--target-bits {target_bits}: {e} (reachable {low:.4f} to {high:.4f})") from None
     return {m["name"]: (candidates[p].bits, candidates[p].group_size) for m, p in zip(mods, picks)}
 
@@ -206,9 +206,9 @@ def dry_run(shapes: dict[str, tuple[int, int]], candidates: list[Candidate], tar
     measurement file, the allocation itself."""
     shape_list = list(shapes.values())
     check_target(target_bits, shape_list, candidates)
-    low, high = budget_range(shape_list, candidates)
+    low, high = inward(*budget_range(shape_list, candidates))
     out = {"target_bits": target_bits, "candidates": [c.name for c in candidates],
-           "reachable_bits_per_weight": [round(low, 4), round(high, 4)],
+           "reachable_bits_per_weight": [low, high],
            "uniform_bits_per_weight": {c.name: round(average_bits(shape_list, [c] * len(shape_list)), 4)
                                        for c in candidates},
            "target_quantized_linears_bytes": int(target_bits * sum(k * n for k, n in shape_list)) // 8}
