@@ -74,7 +74,7 @@ def test_config_without_legacy_keys_fails_transformers4_readers():
     (dict(bits=3), {VLLM_MARLIN, EXLLAMA, EXLLAMAV2}),          # N = 256 is a multiple of 32: vLLM gptq fine
     (dict(bits=3, shapes={"x": (256, 200)}), {VLLM_MARLIN, EXLLAMA, EXLLAMAV2, VLLM_GPTQ}),
     (dict(group_size=512), {VLLM_MARLIN, VLLM_GPTQ, EXLLAMA, AUTOGPTQ, TF4}),   # K = 256, 768: no multiple
-    (dict(dynamic=True), {AUTOGPTQ, TF4, EXLLAMA, EXLLAMAV2}),
+    (dict(dynamic=True), {AUTOGPTQ, TF4, EXLLAMA, EXLLAMAV2, TF5}),   # TF5: measured in issue 20
     (dict(model_type="qwen3"), {AUTOGPTQ, TF4, EXLLAMA}),
     (dict(model_type="gpt2"), {TF5, EXLLAMA}),
 ])

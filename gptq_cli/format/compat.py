@@ -198,6 +198,10 @@ RULES: tuple[Rule, ...] = (
     Rule(TRANSFORMERS4 + (EXLLAMA, EXLLAMAV2), lambda f: "per-module overrides (quantization_config.dynamic) are "
                                                          "not read" if f.dynamic else None,
          "auto_gptq 0.7.1 BaseQuantizeConfig fields; optimum 1.24 GPTQQuantizer; exllama(v2) read tensors only"),
+    Rule((TF5,), lambda f: "per-module overrides (quantization_config.dynamic) are not read: optimum builds every "
+                           "layer at the top-level bits/group size and loading fails on size mismatches"
+         if f.dynamic else None,
+         "measured (issue 20): transformers 5.25 + optimum 2.3 + gptqmodel 7.7 on a quantize --target-bits output"),
     Rule((AUTOGPTQ, TF4, EXLLAMA, EXLLAMAV2), lambda f: "quantized lm_head" if f.lm_head_quantized else None,
          "auto_gptq 0.7.1 from_quantized (ignore_layers = [lm_head])"),
     Rule((VLLM_GPTQ,), lambda f: f"{f.dtype} model runs in float16 (gptq kernel takes half activations)"
