@@ -69,7 +69,7 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     capture = embed * (elt + 2) + activations
     write = 2 * (out_bytes + outside * 2)             # the tensors, and safetensors' serialised copy of them
     work = max(capture, block + solve, write)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # this process: the same imports
+    baseline = _own_peak_rss()   # this process: the same imports
     on_gpu = dev.type == "cuda"
     host = baseline + SLACK * (max(capture, write) if on_gpu else work)
 
@@ -179,3 +179,13 @@ def _solve_seconds(n: int, k: int, tokens: int, quant: QuantConfig, rates: dict[
     columns = k * (rates["column_s"] + rates["column_row_s"] * n)
     clip = 80 * k * rates["column_row_s"] * n if quant.mse else 0.0   # 80 shrink steps over all of W
     return hessian + factor + lazy + columns + clip
+
+
+def _own_peak_rss() -> int:
+    """This process's peak RSS in bytes since it started its program. Not ru_maxrss: Linux carries that across
+    exec, so a process forked from a large one (a test runner, a notebook) would report its parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
