@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from gptq_cli import __version__, distributed
-from gptq_cli.arch import Arch, resolve_arch
+from gptq_cli.arch import Arch, quantized_shapes, resolve_arch
 from gptq_cli.engine import ModuleResult, capture_inputs, quantize_blocks, replay_block
 from gptq_cli.errors import GptqError, UsageError, noting_interrupts
 from gptq_cli.format.checkpoint import parse_size
@@ -121,15 +121,15 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
                                   dataset_path=dataset_path)
     layers_path, arch = resolve_arch(sm.model)
     n_blocks = len(sm.model.get_submodule(layers_path))
-    notes = calibration_notes(samples, nsamples, seqlen) + group_size_notes(sm.model.get_submodule(layers_path),
-                                                                            quant.group_size)
+    shapes = quantized_shapes(sm.model, layers_path)
+    notes = calibration_notes(samples, nsamples, seqlen) + group_size_notes(shapes, quant.group_size)
     for note in notes:
         if progress:
             progress("note", note)
     quant.meta.update(damp_auto_increment=0.01, static_groups=quant.static_groups)
     if target_bits is not None:
         candidates = candidates or parse_candidates(None)
-        check_target(target_bits, list(mixed.model_shapes(sm, layers_path).values()), candidates)
+        check_target(target_bits, list(shapes.values()), candidates)
         quant.meta.update(target_bits=target_bits, candidates=[c.name for c in candidates])
     # what was used, not what was asked: the longest sample (a short corpus gives one shorter sample)
     used_seqlen = max(s.shape[-1] for s in samples)

@@ -88,6 +88,16 @@ def block_linears(block: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, QUANTIZABLE) and linear_weight(m).shape[0] % 32 == 0}
 
 
+def quantized_shapes(model: nn.Module, layers_path: str) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every linear quantize will quantize, by full name, in model order."""
+    shapes = {}
+    for i, block in enumerate(model.get_submodule(layers_path)):
+        for name, module in block_linears(block).items():
+            n, k = linear_weight(module).shape
+            shapes[f"{layers_path}.{i}.{name}"] = (k, n)
+    return shapes
+
+
 def block_groups(block: nn.Module, arch: Arch | None, run_block, true_sequential: bool = True) -> list[list[str]]:
     """Sequential groups of one block's linears, in forward order.
 

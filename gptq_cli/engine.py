@@ -197,13 +197,13 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
                     h.remove()
             replay = (capture, recorded) if recorded is not None else None
             hessians = distributed.reduce_hessians(ranks, hessians)
-            owner = distributed.owners(ranks, [(sum(linear_weight(linears[n]).shape[0] for n in names),
-                                                H.shape[0]) for names, H, _ in hessians])
-            for (names, H, n_tokens), r in zip(hessians, owner):
+            solver_ranks = distributed.owners(ranks, [(sum(linear_weight(linears[n]).shape[0] for n in names),
+                                                       H.shape[0]) for names, H, _ in hessians])
+            for (names, H, n_tokens), solver_rank in zip(hessians, solver_ranks):
                 # mixed precision: linears sharing H with different settings are solved apart (same owner)
                 solved = [res for part in _by_setting(names, quant, prefix)
                           for res in _solve(part, [linears[n] for n in part], H, n_tokens, quant, prefix, dtype,
-                                            ranks, r)]
+                                            ranks, solver_rank)]
                 results += solved
                 for r in solved if on_module else ():
                     on_module(r)
@@ -211,7 +211,7 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
             if recording:
                 activate(tail, len(calib.hidden))
         del replay
-        _advance(calib, block)
+        advance(calib, block)
     finally:
         deactivate(tails)
     return results
@@ -234,11 +234,11 @@ def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibr
     with torch.no_grad():
         for name, module in linears.items():
             set_linear_weight(module, stored[name].to(device).dequantize(dtype))
-        _advance(calib, block)
+        advance(calib, block)
     sm.release(block)
 
 
-def _advance(calib: Calibration, block: nn.Module) -> None:
+def advance(calib: Calibration, block: nn.Module) -> None:
     """Replace the block's inputs by its outputs, the next block's inputs, one batch at a time (so that at most
     one batch is held twice)."""
     for b, out in enumerate(calib.run(block)):
@@ -260,6 +260,15 @@ def _by_setting(names: list[str], quant: QuantConfig, prefix: str) -> list[list[
     return list(runs.values())
 
 
+def solve_weight(W: torch.Tensor, H: torch.Tensor, quant: QuantConfig, bits: int, group_size: int
+                 ) -> QuantizedWeight:
+    """GPTQ of W [N, K] on H with `quant`'s settings that every module shares and this module's bits and group
+    size; each block through kernels.gptq_block (the fused CUDA kernel where it runs, else the torch loop)."""
+    return quantize_weight(W, H, bits=bits, group_size=group_size, sym=quant.sym, desc_act=quant.desc_act,
+                           static_groups=quant.static_groups, act_group_aware=quant.act_group_aware,
+                           damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
+
+
 def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens: int, quant: QuantConfig,
            prefix: str, dtype: torch.dtype, ranks: Ranks = Ranks(), owner: int = 0) -> list[ModuleResult]:
     """GPTQ for linears that share one Hessian and one setting, stacked into one matrix (rows are independent
@@ -273,10 +282,7 @@ def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens
     if ranks.rank == owner:
         # Stacked in the model's dtype: quantize_weight makes the one float32 copy it works on.
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-        qw = quantize_weight(stacked, H, bits=bits, group_size=group_size, sym=quant.sym,
-                             desc_act=quant.desc_act, static_groups=quant.static_groups,
-                             act_group_aware=quant.act_group_aware,
-                             damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
+        qw = solve_weight(stacked, H, quant, bits, group_size)
         del stacked
     qw, seconds = distributed.broadcast_result(ranks, qw, time.perf_counter() - t0, owner, (sum(rows), H.shape[0]),
                                                bits, group_size, H.device)

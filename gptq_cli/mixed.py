@@ -33,27 +33,15 @@ import torch
 from gptq_cli.allocate import (Candidate, allocate, average_bits, budget_range, check_target, inward,
                                parse_candidates, stored_bits)
 from gptq_cli.arch import block_linears, linear_weight
-from gptq_cli.engine import Calibration, _advance as advance, capture_inputs, collect_hessians
+from gptq_cli.engine import Calibration, advance, capture_inputs, collect_hessians, solve_weight
 from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.dynamic import encode
-from gptq_cli.kernels import gptq_block
 from gptq_cli.modelio import StreamingModel
-from gptq_cli.solver import quantize_weight
 from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir, write_atomic
 
 # QuantConfig fields every candidate shares: a measurement made with other values does not apply.
 SHARED_SETTINGS = ("sym", "desc_act", "static_groups", "act_group_aware", "damp_percent", "mse")
-
-
-def model_shapes(sm: StreamingModel, layers_path: str) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of every linear quantize will quantize, by full name, in model order."""
-    shapes = {}
-    for i, block in enumerate(sm.model.get_submodule(layers_path)):
-        for name, module in block_linears(block).items():
-            n, k = linear_weight(module).shape
-            shapes[f"{layers_path}.{i}.{name}"] = (k, n)
-    return shapes
 
 
 def measure(sm: StreamingModel, layers_path: str, calib: Calibration, quant: QuantConfig,
@@ -93,9 +81,7 @@ def _measure_shared(weights: list[torch.Tensor], H: torch.Tensor, quant: QuantCo
     energy = [float(torch.einsum("nk,kl,nl->", w.double(), Hd, w.double())) / 2 for w in weights]
     losses: list[list[float]] = [[] for _ in weights]
     for c in candidates:
-        qw = quantize_weight(W, H, bits=c.bits, group_size=c.group_size, sym=quant.sym, desc_act=quant.desc_act,
-                             static_groups=quant.static_groups, act_group_aware=quant.act_group_aware,
-                             damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
+        qw = solve_weight(W, H, quant, c.bits, c.group_size)
         for m, part in enumerate(qw.split_rows(sizes)):
             losses[m].append(part.loss)
     return [{"in": W.shape[1], "out": n, "energy": e, "losses": loss}

@@ -7,7 +7,6 @@ from math import gcd
 
 import torch
 
-from gptq_cli.arch import QUANTIZABLE
 from gptq_cli.evaluate import check_context, context_length
 
 
@@ -31,11 +30,11 @@ def calibration_notes(samples: list[torch.Tensor], nsamples: int, seqlen: int) -
             f"asked"]
 
 
-def group_size_notes(layers: torch.nn.Module, group_size: int) -> list[str]:
-    """A note when the group size does not divide some linears' input width K: GPTQ handles a short last group,
-    but fast kernels (vLLM's Marlin, GPTQModel's CPU kernels) need K % group_size == 0."""
-    widths = [m.in_features if isinstance(m, torch.nn.Linear) else m.weight.shape[0]
-              for m in layers.modules() if isinstance(m, QUANTIZABLE)]
+def group_size_notes(shapes: dict[str, tuple[int, int]], group_size: int) -> list[str]:
+    """A note when the group size does not divide some quantized linears' input width K (`shapes`: (in, out) by
+    name, arch.quantized_shapes): GPTQ handles a short last group, but fast kernels (vLLM's Marlin, GPTQModel's
+    CPU kernels) need K % group_size == 0."""
+    widths = [k for k, _ in shapes.values()]
     uneven = sorted({k for k in widths if group_size > 0 and k % group_size})
     if not uneven:
         return []

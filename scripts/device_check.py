@@ -85,7 +85,7 @@ class PhaseTimers:
 
     PHASES = [(api, "capture_inputs", "capture"), (engine, "collect_hessians", "forward_and_hessians"),
               (engine, "accumulate_hessian", "hessian_matmuls"), (engine, "_solve", "solve"),
-              (engine, "_advance", "advance"), (api, "_write_output", "write")]
+              (engine, "advance", "advance"), (api, "_write_output", "write")]
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
