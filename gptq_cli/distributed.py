@@ -101,12 +101,13 @@ def reduce_hessians(ranks: Ranks, hessians: list[tuple[list[str], torch.Tensor, 
 def owners(ranks: Ranks, shapes: list[tuple[int, int]]) -> list[int]:
     """Which rank solves each (rows N, columns K) problem: largest first (cost ~ N·K² + K³) to the least
     loaded rank, ties to the lowest rank, so every rank computes the same assignment."""
-    load = [0.0] * ranks.world
+    cost = [n * k ** 2 + k ** 3 for n, k in shapes]
+    load = [0] * ranks.world
     owner = [0] * len(shapes)
-    for i in sorted(range(len(shapes)), key=lambda i: -(shapes[i][0] * shapes[i][1] ** 2 + shapes[i][1] ** 3)):
+    for i in sorted(range(len(shapes)), key=lambda i: -cost[i]):
         r = min(range(ranks.world), key=lambda r: (load[r], r))
         owner[i] = r
-        load[r] += shapes[i][0] * shapes[i][1] ** 2 + shapes[i][1] ** 3
+        load[r] += cost[i]
     return owner
 
 

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from gptq_cli.allocate import Candidate, stored_bits
 from gptq_cli.arch import block_groups, block_linears, linear_weight, resolve_arch
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.modelio import resolve_device, resolve_dtype, resolve_model, storage_dtype
@@ -50,9 +51,8 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     hidden = getattr(config, "hidden_size", None) or max(k for _, k in shapes.values())
     tokens = nsamples * seqlen
     elt = torch.tensor([], dtype=cdtype).element_size()
-    g = quant.group_size if quant.group_size != -1 else None
-    out_bytes = sum(n * k * quant.bits / 8 + (-(-k // g) if g else 1) * n * (2 + quant.bits / 8)
-                    for n, k in shapes.values()) * n_blocks
+    setting = Candidate(quant.bits, quant.group_size)
+    out_bytes = sum(stored_bits(k, n, setting) for n, k in shapes.values()) * n_blocks / 8
 
     # Bytes held in each phase (the solver's working set is one K×K buffer besides the group's Hessian).
     activations = tokens * hidden * elt * (1 + 1 / max(1, math.ceil(nsamples / batch_size)))

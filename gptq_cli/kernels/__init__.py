@@ -77,10 +77,8 @@ def gemv_4bit(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx:
                 out = (x2d if layout.perm is None else x2d[:, layout.perm.long()]) @ weight
             return out.reshape(*x.shape[:-1], qweight.shape[1])
     if layout is not None and layout.perm is not None:   # the twin on the kernel order: input gathered alike
-        K = layout.perm.numel()
-        groups = torch.arange(K, device=layout.qweight.device, dtype=torch.int32) // layout.group_size
-        return gemv_4bit_torch(x.index_select(-1, layout.perm.long()), layout.qweight, scales, qzeros, groups,
-                               checkpoint_format)
+        return gemv_4bit_torch(x.index_select(-1, layout.perm.long()), layout.qweight, scales, qzeros,
+                               layout.group_index(), checkpoint_format)
     return gemv_4bit_torch(x, qweight, scales, qzeros, g_idx, checkpoint_format)
 
 
@@ -90,6 +88,4 @@ def dequantize_4bit_kernel_order(layout: Layout4bit, scales: Tensor, qzeros: Ten
     if backend_name(scales.device) == "cuda-ext" and dtype in _ACT:
         return torch.ops.gptq_cli.dequantize_4bit(layout.qweight, scales, qzeros, layout.group_size,
                                                   ZERO_OFFSET[checkpoint_format], _ACT[dtype])
-    K = layout.qweight.shape[0] * 8
-    g_idx = torch.arange(K, device=scales.device, dtype=torch.int32) // layout.group_size
-    return dequantize_4bit(layout.qweight, scales, qzeros, g_idx, checkpoint_format, dtype)
+    return dequantize_4bit(layout.qweight, scales, qzeros, layout.group_index(), checkpoint_format, dtype)

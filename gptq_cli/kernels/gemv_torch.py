@@ -27,6 +27,11 @@ class Layout4bit:
     perm: Tensor | None      # int32 [K]: the input column that kernel-order row k holds (None: the identity)
     group_size: int          # K when the layer has one group
 
+    def group_index(self) -> Tensor:
+        """g_idx of the rows in kernel order: row k is in group k // group_size."""
+        K = self.qweight.shape[0] * 8
+        return torch.arange(K, device=self.qweight.device, dtype=torch.int32) // self.group_size
+
 
 def layout_4bit(qweight: Tensor, g_idx: Tensor) -> Layout4bit | None:
     """The kernels' layout of a layer, or None when they cannot take it (groups of unequal sizes, a group size
