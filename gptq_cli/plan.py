@@ -12,11 +12,12 @@ import math
 import os
 import resource
 import time
+from pathlib import Path
 
 import torch
 
 from gptq_cli.allocate import Candidate, stored_bits
-from gptq_cli.arch import block_groups, block_linears, linear_weight, resolve_arch
+from gptq_cli.arch import block_groups, block_linears, linear_weight, quantized_shapes, resolve_arch
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.modelio import resolve_device, resolve_dtype, resolve_model, storage_dtype
 from gptq_cli.moe import defuse_experts
@@ -27,7 +28,9 @@ PROBE_COLUMNS = 32
 
 
 def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str, dataset: str, nsamples: int,
-              seqlen: int, batch_size: int, seed: int) -> dict:
+              seqlen: int, batch_size: int, seed: int, target_bits: float | None = None,
+              candidates: list[Candidate] | None = None, measurements: str | Path | None = None) -> dict:
+    """The plan of a quantize run; with target_bits, also what mixed.dry_run says of its allocation."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -77,7 +80,7 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     rates = probe(dev, cdtype)
     seconds = startup + n_blocks * (_forward_seconds(block_params, tokens, rates)
                           + sum(_solve_seconds(n, k, tokens, quant, rates) for n, k in solves))
-    return {
+    plan = {
         "model": model, "architecture": getattr(config, "model_type", "?"),
         "registry": "registered" if arch else "generic fallback", "blocks": n_blocks,
         "linears_per_block": len(linears), "linear_shapes": {n: f"{s[0]}x{s[1]}" for n, s in shapes.items()},
@@ -91,6 +94,11 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
         "estimated_minutes": round(seconds / 60, 1), "estimated_seconds": round(seconds, 1),
         "probe": {k: float(f"{v:.3g}") for k, v in rates.items()},
     }
+    if target_bits is not None:
+        from gptq_cli.mixed import dry_run as mixed_dry_run
+        plan["target_bits"] = mixed_dry_run(quantized_shapes(skeleton, layers_path), candidates, target_bits,
+                                            measurements)
+    return plan
 
 
 def _solves(block, arch, shapes: dict[str, tuple[int, int]], true_sequential: bool) -> list[tuple[int, int]]:

@@ -152,12 +152,8 @@ def quantize(
         if dry_run:
             from gptq_cli.plan import make_plan
             plan = make_plan(model, quant, device=device, dtype=dtype,
-                             **{**run_args, "seqlen": run_args["seqlen"] or 2048})
-            if target_bits is not None:
-                from gptq_cli.mixed import dry_run as mixed_dry_run
-                shapes = {f"blocks.{i}.{name}": tuple(int(v) for v in shape.split("x"))[::-1]
-                          for i in range(plan["blocks"]) for name, shape in plan["linear_shapes"].items()}
-                plan["target_bits"] = mixed_dry_run(shapes, cands, target_bits, measurements)
+                             **{**run_args, "seqlen": run_args["seqlen"] or 2048}, target_bits=target_bits,
+                             candidates=cands, measurements=measurements)
             _print_plan(plan, json_out, quiet)
             return
         from gptq_cli.api import QuantizeInterrupted, quantize as api_quantize
