@@ -98,8 +98,20 @@ def cli_env() -> dict[str, str]:
 
 
 def start(args: list[str]) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a test session started in the background by a non-interactive
+    # shell (`(pytest &)`) ignores SIGINT, and an ignored signal stays ignored across exec.
     return subprocess.Popen([sys.executable, "-m", "gptq_cli.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=cli_env())
+                            stderr=subprocess.PIPE, text=True, env=cli_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.fixture
+def python_handles_sigint():
+    """Ctrl-C raises KeyboardInterrupt in this process for the test's duration, even in a session that inherited
+    SIGINT ignored (see start)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def signal_when(proc: subprocess.Popen, path: Path, sig: int) -> tuple[int, str]:
@@ -236,7 +248,8 @@ def test_a_work_dir_in_use_by_another_run_is_refused(tmp_path, model_dir, calib_
     second.close()
 
 
-def test_ctrl_c_inside_a_c_extension_is_an_interrupt_not_a_failure(tmp_path, model_dir, calib_file, monkeypatch):
+def test_ctrl_c_inside_a_c_extension_is_an_interrupt_not_a_failure(tmp_path, model_dir, calib_file, monkeypatch,
+                                                                    python_handles_sigint):
     """SIGINT landing in safetensors' get_tensor comes out as ValueError (seen in CI); it is still Ctrl-C:
     exit 130 and the continue message, not exit 1."""
     def extension_call(*_args, **_kwargs):
