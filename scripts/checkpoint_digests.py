@@ -4,8 +4,8 @@ use, so that a refactor can be shown to change no output byte (issue 17): run it
     python scripts/checkpoint_digests.py --out /tmp/before.json
     python scripts/checkpoint_digests.py --out /tmp/after.json --compare /tmp/before.json   # exit 1 on a change
 
-Each run quantizes a tiny random model (tests/tiny_models.py, saved once per architecture) on the built-in
-calibration text, in fp32 on the CPU, and records the sha256 of every file of the output except quant_log.json
+Each run quantizes a tiny random model (tests/tiny_models.py, saved once per architecture) on 8 x 64 random
+token ids (the tiny tokenizer maps real text to unknown tokens), in fp32 on the CPU, and records the sha256 of every file of the output except quant_log.json
 (it holds wall times) and measurements.json's `seconds`. --archs / --settings narrow the matrix.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.tiny_models import TINY_CONFIGS, save_tiny_model  # noqa: E402
+from tests.tiny_models import TINY_CONFIGS, random_input_ids, save_tiny_model  # noqa: E402
 
 # name -> (QuantConfig fields, quantize() keyword arguments)
 SETTINGS: dict[str, tuple[dict, dict]] = {
@@ -63,12 +63,14 @@ def main() -> int:
     torch.set_num_threads(2)
     result: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "calib.jsonl"
+        calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in random_input_ids(8, 64, seed=3).tolist()))
         for arch in args.archs:
             model = save_tiny_model(Path(tmp) / arch, arch)
             for name in args.settings:
                 fields, kwargs = SETTINGS[name]
                 out = Path(tmp) / f"{arch}-{name}"
-                quantize(str(model), QuantConfig(**fields), nsamples=8, seqlen=64, batch_size=4, device="cpu",
+                quantize(str(model), QuantConfig(**fields), dataset=str(calib), nsamples=8, seqlen=64, batch_size=4, device="cpu",
                          dtype="float32", output=out, **kwargs)
                 result[f"{arch}/{name}"] = digests(out)
                 print(f"{arch}/{name}: {len(result[f'{arch}/{name}'])} files", flush=True)
