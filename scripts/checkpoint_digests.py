@@ -6,7 +6,8 @@ use, so that a refactor can be shown to change no output byte (issue 17): run it
 
 Each run quantizes a tiny random model (tests/tiny_models.py, saved once per architecture) on 8 x 64 random
 token ids (the tiny tokenizer maps real text to unknown tokens), in fp32 on the CPU, and records the sha256 of every file of the output except quant_log.json
-(it holds wall times) and measurements.json's `seconds`. --archs / --settings narrow the matrix.
+(it holds wall times), measurements.json's `seconds` and config.json's `_name_or_path` (the temporary directory the
+model was saved to). --archs / --settings narrow the matrix.
 """
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def digests(directory: Path) -> dict[str, str]:
     for p in sorted(directory.iterdir()):
         if p.is_file() and p.name != "quant_log.json":
             data = p.read_bytes()
-            if p.name == "measurements.json":   # all but the time it took
+            # all but what differs from run to run whatever the code: measurements.json's time, and config.json's
+            # _name_or_path (where the model was read from: a fresh temporary directory each run)
+            volatile = {"measurements.json": "seconds", "config.json": "_name_or_path"}.get(p.name)
+            if volatile:
                 doc = json.loads(data)
-                doc.pop("seconds", None)
+                doc.pop(volatile, None)
                 data = json.dumps(doc, sort_keys=True).encode()
             out[p.name] = hashlib.sha256(data).hexdigest()
     return out
