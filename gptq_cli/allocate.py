@@ -23,9 +23,10 @@ from functools import reduce
 import numpy as np
 
 from gptq_cli.errors import UsageError
+from gptq_cli.format.config import BITS, check_setting
 from gptq_cli.format.pack import packed_len
 
-DEFAULT_BITS = (2, 3, 4, 8)
+DEFAULT_BITS = BITS   # every width the format supports
 DEFAULT_GROUPS = (32, 64, 128)
 RESOLUTION = 1 << 17   # DP cells over the budget when the sizes' gcd would need more
 
@@ -76,8 +77,11 @@ def parse_candidates(text: str | None) -> list[Candidate]:
         raise UsageError(f"--candidates {text!r}: write settings as \"4g128,3g64\" (bits g group size, g-1 for "
                          f"per channel) or as \"bits=3,4 group=64,128\"") from None
     for c in found:
-        if c.bits not in DEFAULT_BITS or not (c.group_size == -1 or c.group_size >= 1):
-            raise UsageError(f"--candidates: {c.name} is not a GPTQ setting (bits 2, 3, 4 or 8; group size >= 1 or -1)")
+        try:
+            check_setting(c.bits, c.group_size)
+        except ValueError:
+            raise UsageError(f"--candidates: {c.name} is not a GPTQ setting (bits "
+                             f"{', '.join(map(str, BITS[:-1]))} or {BITS[-1]}; group size >= 1 or -1)") from None
     return sorted(set(found))
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptq_cli.format.config import FORMATS
-from gptq_cli.format.pack import SUPPORTED_BITS, pack_qweight, packed_len, unpack_qweight, unpack_qzeros
+from gptq_cli.format.config import BITS, FORMATS
+from gptq_cli.format.pack import pack_qweight, packed_len, unpack_qweight, unpack_qzeros
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.kernels import backend_name, gemv_4bit
 from gptq_cli.kernels.gemv_torch import Layout4bit, layout_4bit
@@ -30,8 +30,8 @@ class QuantLinear(nn.Module):
                  checkpoint_format: str = "gptq", scales_dtype: torch.dtype = torch.float16,
                  bias_dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits}")
         if checkpoint_format not in FORMATS:
             raise ValueError(f"checkpoint_format must be one of {FORMATS}, got {checkpoint_format!r}")
         self.in_features, self.out_features = in_features, out_features

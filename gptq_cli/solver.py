@@ -1,32 +1,36 @@
 """The GPTQ algorithm (Frantar et al., ICLR 2023) as pure tensor functions; SPEC §3 is the contract.
 
-It follows IST-DASLab/gptq (gptq.py, quant.py) step by step, with three deliberate choices:
-- every scale is rounded to float16 before weights are quantized with it, so the error GPTQ compensates is
-  the error the fp16 checkpoint really has (and `QuantizedWeight.dequantize` reproduces Q exactly);
-- symmetric ranges are always mirrored, [-m, m] with m = max(|min|, max) (the reference keeps min = 0 for a
-  row with no negative weight, which clips its positive half);
-- a group's parameters come from its fully updated weights: block ends are moved so that a group that
-  starts inside a block also ends in it (the reference reads the block's columns as they were at the block
-  start). With that, the lazy blocked solver computes the same thing as the column-by-column algorithm.
+It follows IST-DASLab/gptq's gptq.py step by step (its quant.py is quantizer.py here, with two deliberate
+choices of its own), with one more: a group's parameters come from its fully updated weights. Block ends are
+moved so that a group that starts inside a block also ends in it (the reference reads the block's columns as
+they were at the block start); with that, the lazy blocked solver computes the same thing as the
+column-by-column algorithm. Errors are plain ValueErrors: what they mean for a user is the engine's to say.
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from gptq_cli.errors import GptqError, UsageError
+from gptq_cli.format.config import check_setting
 from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.quantizer import dequantize, find_params, quantize
 
-BITS = (2, 3, 4, 8)
 DAMP_STEP = 0.01                    # automatic damping increase when Cholesky fails
-MSE_NORM, MSE_GRID, MSE_MAXSHRINK = 2.4, 100, 0.8   # clip search of the reference quant.py
-FP16_MAX, FP16_TINY = 65504.0, 2.0 ** -24           # largest / smallest positive float16 (subnormal)
 
 BlockFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+class NonFiniteHessian(ValueError):
+    """The Hessian has NaN/Inf entries."""
+
+
+class IndefiniteHessian(ValueError):
+    """The Hessian is not positive definite at any damping the solver tries."""
 
 
 @contextmanager
@@ -38,12 +42,6 @@ def matmul_tf32(allowed: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def tf32_is_exact(dtype: torch.dtype) -> bool:
-    """Whether TF32 tensor cores multiply values of `dtype` exactly: TF32 keeps 11 significant bits, as fp16
-    does (bf16 has 8); products are exact and sums are fp32, so the Hessian loses nothing (SPEC §3)."""
-    return dtype in (torch.float16, torch.bfloat16)
 
 
 @contextmanager
@@ -66,8 +64,8 @@ def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None 
 
     mask [...] (X's leading dims) marks the tokens to keep, e.g. the attention mask, so padding is excluded.
     Returns (H, new token count n). H is None on the first call; it lives on X's device then.
-    On CUDA, fp16/bf16 activations use TF32 tensor cores (exact products, fp32 sums), fp32 ones do not.
-    """
+    On CUDA, fp16/bf16 activations use TF32 tensor cores: TF32 keeps 11 significant bits, as fp16 does (bf16
+    has 8), so products are exact and sums fp32: the Hessian loses nothing (SPEC §3). fp32 ones do not."""
     X = X.reshape(-1, X.shape[-1])
     if mask is not None:
         X = X[mask.reshape(-1).to(device=X.device, dtype=torch.bool)]
@@ -76,78 +74,25 @@ def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None 
     m = X.shape[0]
     if m == 0:
         return H, n
-    tensor_cores = tf32_is_exact(X.dtype)   # fp32 activations keep full fp32 products
+    tensor_cores = X.dtype in (torch.float16, torch.bfloat16)
     X = X.to(device=H.device, dtype=torch.float32)
     with matmul_tf32(tensor_cores):
         H.mul_(n / (n + m)).addmm_(X.t(), X, alpha=2 / (n + m))
     return H, n + m
 
 
-def _grid(xmin: Tensor, xmax: Tensor, maxq: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """Scale (rounded to float16, kept in float32) and zero point of the grid that spans [xmin, xmax]."""
-    scale = ((xmax - xmin) / maxq).clamp(FP16_TINY, FP16_MAX).half().float()
-    if sym:
-        return scale, torch.full_like(scale, (maxq + 1) / 2)
-    return scale, torch.round(-xmin / scale).clamp(0, maxq)  # clamp: fp16 rounding may push it past maxq
-
-
-def find_params(x: Tensor, bits: int, sym: bool, mse: bool) -> tuple[Tensor, Tensor]:
-    """Per-row (scale, zero) float32 [N] for the weights x [N, m]; min/max include 0, as in the reference."""
-    maxq = 2 ** bits - 1
-    xmin = x.min(dim=1).values.clamp(max=0)
-    xmax = x.max(dim=1).values.clamp(min=0)
-    if sym:
-        xmax = torch.maximum(-xmin, xmax)
-        xmin = -xmax
-    empty = (xmin == 0) & (xmax == 0)   # an all-zero row: any grid works, use the reference's [-1, 1]
-    xmin, xmax = xmin.masked_fill(empty, -1.0), xmax.masked_fill(empty, 1.0)
-    scale, zero = _grid(xmin, xmax, maxq, sym)
-    if not mse:
-        return scale, zero
-    best = _clip_error(x, scale, zero, maxq)
-    for i in range(1, int(MSE_MAXSHRINK * MSE_GRID)):
-        shrink = 1 - i / MSE_GRID
-        scale1, zero1 = _grid(shrink * xmin, shrink * xmax, maxq, sym)
-        err = _clip_error(x, scale1, zero1, maxq)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale, zero = torch.where(better, scale1, scale), torch.where(better, zero1, zero)
-    return scale, zero
-
-
-def _clip_error(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    q = _dequantize(_quantize(x, scale[:, None], zero[:, None], maxq), scale[:, None], zero[:, None])
-    return (q - x).abs().pow(MSE_NORM).sum(dim=1)
-
-
-def _quantize(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """Codes (float32 holding integers in [0, maxq]); round half to even, as torch.round in the reference."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
-
-
-def _dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-    return scale * (codes - zero)
-
-
 def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group_of_col: Tensor,
                    new_group: Tensor, *, bits: int, sym: bool, mse: bool, group_size: int
                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """GPTQ's inner loop over the B columns of one block; all N rows are independent (the CUDA kernel's seam).
+    """GPTQ's inner loop over the B columns of one block; all N rows are independent (the CUDA kernel's seam;
+    the full contract is in docs/DESIGN.md, "The solver's block step").
 
-    W [N, B] float32, contiguous: the block's weights (permuted order), with every earlier block's update
-      applied. Updated in place: on return W[:, c] holds the value column c was quantized from.
-    Hinv [B, B] float32: this block's diagonal block of the upper Cholesky factor of H⁻¹.
-    scales, zeros [N, Gtot] float32, contiguous: per-row group parameters (scales fp16-representable, zeros
-      whole numbers). Where new_group[c], column group_of_col[c] is written in place with find_params of
-      W[:, c : c + group_size] (clipped at B) as it is when column c is reached; the caller sets new_group
-      only for groups that lie wholly in the block and fills every other group's column itself beforehand.
-    group_of_col [B] int64: the group of each column. new_group [B] bool.
-    bits, sym, mse: the quantizer (find_params). group_size: columns per group, >= 1 (K for one group).
-    For each column c: q = quantize(w_c); err = (w_c - q) / Hinv[c, c]; W[:, c+1:] -= err ⊗ Hinv[c, c+1:].
-    Returns (codes int32 [N, B], Err float32 [N, B] = the err of each column,
-             losses float32 [N] = Σ_c (w_c - q)² / Hinv[c, c]² / 2).
-    The caller then applies the lazy update W[:, end:] -= Err @ Hinv[block, end:].
-    """
+    W [N, B] float32 (solving order, earlier blocks' updates applied) is updated in place. Hinv [B, B]: the
+    block's diagonal block of the upper Cholesky factor of H⁻¹. scales, zeros [N, Gtot] float32: group
+    parameters; where new_group[c], column group_of_col[c] is written with find_params of W[:, c:c+group_size].
+    Per column c: q = quantize(w_c); err = (w_c - q) / Hinv[c, c]; W[:, c+1:] -= err ⊗ Hinv[c, c+1:].
+    Returns (codes int32 [N, B], Err float32 [N, B] = each column's err, losses [N] = Σ_c err² / 2); the caller
+    applies the lazy update W[:, end:] -= Err @ Hinv[block, end:]."""
     maxq = 2 ** bits - 1
     codes = torch.empty_like(W)
     Err = torch.empty_like(W)
@@ -162,9 +107,9 @@ def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group
         if starts[c] or g != current:
             scale, zero, current = scales[:, g], zeros[:, g], g
         w = W[:, c]
-        code = _quantize(w, scale, zero, maxq)
+        code = quantize(w, scale, zero, maxq)
         codes[:, c] = code
-        err = torch.sub(w, _dequantize(code, scale, zero), out=Err[:, c]).div_(diag[c])
+        err = torch.sub(w, dequantize(code, scale, zero), out=Err[:, c]).div_(diag[c])
         W[:, c + 1:] -= torch.outer(err, Hinv[c, c + 1:])
     losses = Err.square().sum(dim=1) / 2   # (w - q)² / Hinv[c, c]² = err²
     return codes.to(torch.int32), Err, losses
@@ -195,8 +140,7 @@ def inverse_hessian_factor(H: Tensor, damp_percent: float, perm: Tensor | None =
     a failed factorisation is retried by rewriting the buffer from H. Returns (Hinv, column-major, the damp
     fraction used)."""
     if not _all_finite(H):
-        raise GptqError("the Hessian has NaN/Inf entries: the calibration activations overflowed; "
-                        "try --dtype float32 or check the calibration data")
+        raise NonFiniteHessian("the Hessian has NaN/Inf entries")
     K = H.shape[0]
     A = torch.empty_strided((K, K), (1, K), dtype=torch.float32, device=H.device)
     info = torch.empty((), dtype=torch.int32, device=H.device)
@@ -216,8 +160,7 @@ def inverse_hessian_factor(H: Tensor, damp_percent: float, perm: Tensor | None =
             torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if info == 0 and _all_finite(A):
                 return A, damp
-    raise GptqError(f"the Hessian is not positive definite even with damp_percent {damp}; "
-                    "the layer's calibration inputs are degenerate: use more or different calibration samples")
+    raise IndefiniteHessian(f"the Hessian is not positive definite even with damp_percent {damp}")
 
 
 def _load_permuted(A: Tensor, H: Tensor, perm: Tensor | None, rows: int = 1024) -> None:
@@ -254,39 +197,73 @@ def group_aware_order(diag: Tensor, group_size: int) -> Tensor:
     return torch.cat([(within + starts)[group_order].reshape(-1), arange[whole * group_size:]])
 
 
-def _check_settings(bits: int, group_size: int, damp_percent: float = 0.01, block_size: int = 1) -> None:
-    if bits not in BITS:
-        raise UsageError(f"bits must be one of {BITS}, got {bits}")
-    if group_size != -1 and group_size < 1:
-        raise UsageError(f"group size must be a positive number of columns or -1, got {group_size}")
-    if not 0 < damp_percent < 1:
-        raise UsageError(f"damp percent must be in (0, 1), got {damp_percent}; the usual value is 0.01")
-    if block_size < 1:
-        raise UsageError(f"block size must be at least 1, got {block_size}")
+@dataclass(frozen=True)
+class Block:
+    """One lazy-update block, positions [start, end): new_group [end - start] bool marks the groups whose
+    parameters quantize_block finds; params_first lists (group, its positions) found at the block start."""
+    start: int
+    end: int
+    new_group: Tensor
+    params_first: list[tuple[int, slice | Tensor]]
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Groups, worked out once: the group of each position (column in solving order: act-order makes groups of
+    consecutive positions; static groups and group-aware order keep each column in its original group) and of
+    each original column (g_idx), and where each group's parameters are found: a static group's from its
+    original columns before any update (at the first block); any other's from its updated columns where it
+    starts (in quantize_block when it lies in one block, at its block's start when it is wider)."""
+    size: int                # columns per group (K when per channel)
+    count: int
+    of_position: Tensor      # int64 [K]
+    g_idx: Tensor            # int64 [K]
+    blocks: list[Block]
+
+
+def plan_groups(K: int, g: int, perm: Tensor | None, desc_act: bool, static: bool, block_size: int,
+                device: torch.device) -> GroupPlan:
+    """The GroupPlan of K columns in groups of g, solved in the order `perm` (None: as they are)."""
+    position = torch.arange(K, device=device)
+    invperm = None if perm is None else torch.argsort(perm)
+    of_position = (position if perm is None else perm) // g if static or not desc_act else position // g
+    count = math.ceil(K / g)
+    blocks = []
+    for start, end in block_ranges(K, g, block_size, align_groups=not static):
+        if static:   # groups of consecutive original columns
+            new_group = torch.zeros(end - start, dtype=torch.bool, device=device)
+            first = [(j, slice(j * g, (j + 1) * g) if invperm is None else invperm[j * g:(j + 1) * g])
+                     for j in range(count)] if start == 0 else []
+        else:
+            cols = torch.arange(start, end, device=device)
+            new_group = (cols % g == 0) & ((cols + g).clamp(max=K) <= end)
+            wide = start % g == 0 and min(start + g, K) > end   # at its block's start all its columns are final
+            first = [(int(of_position[start]), slice(start, start + g))] if wide else []
+        blocks.append(Block(start, end, new_group, first))
+    g_idx = of_position if invperm is None else of_position[invperm]
+    return GroupPlan(g, count, of_position, g_idx, blocks)
 
 
 def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True,
                     desc_act: bool = False, static_groups: bool = False, act_group_aware: bool = False,
-                    damp_percent: float = 0.01,
-                    mse: bool = False, block_size: int = 128, block_fn: BlockFn = quantize_block
-                    ) -> QuantizedWeight:
-    """GPTQ-quantize W [N, K] with the Hessian H [K, K] of its inputs (SPEC §3). Inputs are not modified.
-
-    Working set besides the inputs: one K×K float32 buffer (inverse_hessian_factor) and W's float32 copy,
-    codes and one lazy-update product, each N×K.
-
-    block_fn runs each block; it must honour quantize_block's contract (the fused CUDA kernel does)."""
-    _check_settings(bits, group_size, damp_percent, block_size)
+                    damp_percent: float = 0.01, mse: bool = False, block_size: int = 128,
+                    block_fn: BlockFn = quantize_block) -> QuantizedWeight:
+    """GPTQ-quantize W [N, K] with the Hessian H [K, K] of its inputs (SPEC §3): H -> solving order -> Hinv ->
+    blocks. Inputs are not modified. Working set besides them: one K×K float32 buffer (inverse_hessian_factor)
+    and W's float32 copy, codes and one lazy-update product, each N×K. block_fn runs each block; it must honour
+    quantize_block's contract (the fused CUDA kernel does)."""
+    check_setting(bits, group_size, damp_percent)
+    if block_size < 1:
+        raise ValueError(f"block size must be at least 1, got {block_size}")
     N, K = W.shape
     if H.shape != (K, K):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight shape {(N, K)}")
     g = K if group_size == -1 else group_size
-    n_groups = math.ceil(K / g)
     with matmul_tf32(False):   # TF32 would cost ~3 decimal digits of the solver's float32 values
         H = H.to(device=W.device, dtype=torch.float32)   # read only: the solver works in its own buffer
         dead = H.diagonal() == 0   # inputs that are always 0: their weights cannot matter
         diag = H.diagonal().masked_fill(dead, 1)
-        perm = None
+        perm = None   # the solving order
         if desc_act or act_group_aware:
             perm = (torch.argsort(diag, descending=True, stable=True) if desc_act
                     else group_aware_order(diag, g))
@@ -295,65 +272,30 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
              else W.index_select(1, perm).to(torch.float32))
         dead_pos = dead if perm is None else dead[perm]
         W[:, dead_pos] = 0
-        invperm = None if perm is None else torch.argsort(perm)
-
-        scales = torch.zeros(N, n_groups, dtype=torch.float32, device=W.device)
-        zeros = torch.zeros_like(scales)
-        if static_groups:   # groups of consecutive original columns, found before any update
-            for j in range(n_groups):
-                original = W[:, j * g:(j + 1) * g] if perm is None else W[:, invperm[j * g:(j + 1) * g]]
-                scales[:, j], zeros[:, j] = find_params(original, bits, sym, mse)
-
-        position = torch.arange(K, device=W.device)
-        original_col = position if perm is None else perm
-        # Which group each position belongs to: act-order makes groups of consecutive positions; static
-        # groups and group-aware order keep each column in its original group (g_idx = k // g).
-        group_of_pos = original_col // g if static_groups or not desc_act else position // g
-
         Hinv, damp = inverse_hessian_factor(H, damp_percent, perm, dead_pos)
+
+        groups = plan_groups(K, g, perm, desc_act, static_groups, block_size, W.device)
+        scales = torch.zeros(N, groups.count, dtype=torch.float32, device=W.device)
+        zeros = torch.zeros_like(scales)
         codes = torch.empty(N, K, dtype=torch.int32, device=W.device)   # in original column order
         row_loss = torch.zeros(N, dtype=torch.float32, device=W.device)
-        for start, end in block_ranges(K, g, block_size, align_groups=not static_groups):
-            new_group = torch.zeros(end - start, dtype=torch.bool, device=W.device)
-            if not static_groups:
-                cols = torch.arange(start, end, device=W.device)
-                new_group = (cols % g == 0) & ((cols + g).clamp(max=K) <= end)
-                if start % g == 0 and min(start + g, K) > end:
-                    # a group wider than this block: at the block start all its columns are fully updated
-                    j = int(group_of_pos[start])
-                    scales[:, j], zeros[:, j] = find_params(W[:, start:start + g], bits, sym, mse)
-            block = W[:, start:end].contiguous()
+        for block in groups.blocks:
+            start, end = block.start, block.end
+            for j, positions in block.params_first:
+                scales[:, j], zeros[:, j] = find_params(W[:, positions], bits, sym, mse)
+            columns = W[:, start:end].contiguous()
             with single_thread_on_cpu(W.device):
-                block_codes, Err, losses = block_fn(block, Hinv[start:end, start:end], scales, zeros,
-                                                    group_of_pos[start:end], new_group,
+                block_codes, Err, losses = block_fn(columns, Hinv[start:end, start:end], scales, zeros,
+                                                    groups.of_position[start:end], block.new_group,
                                                     bits=bits, sym=sym, mse=mse, group_size=g)
             codes[:, slice(start, end) if perm is None else perm[start:end]] = block_codes
             W[:, end:] -= Err @ Hinv[start:end, end:]
             row_loss += losses
 
-    g_idx = group_of_pos if invperm is None else group_of_pos[invperm]
     return QuantizedWeight(codes=codes, scales=scales.t().half().contiguous(),
-                           zeros=zeros.t().to(torch.int32).contiguous(), g_idx=g_idx.to(torch.int32),
+                           zeros=zeros.t().to(torch.int32).contiguous(), g_idx=groups.g_idx.to(torch.int32),
                            bits=bits, group_size=group_size, loss=float(row_loss.sum()), damp=damp,
                            row_loss=row_loss)
-
-
-def quantize_rtn(W: Tensor, *, bits: int, group_size: int, sym: bool, mse: bool = False) -> QuantizedWeight:
-    """Round-to-nearest with the same quantizer, groups of consecutive columns. loss stays 0: no Hessian."""
-    _check_settings(bits, group_size)
-    W = W.to(torch.float32)
-    K = W.shape[1]
-    g = K if group_size == -1 else group_size
-    codes, scales, zeros = [], [], []
-    for start in range(0, K, g):
-        scale, zero = find_params(W[:, start:start + g], bits, sym, mse)
-        codes.append(_quantize(W[:, start:start + g], scale[:, None], zero[:, None], 2 ** bits - 1))
-        scales.append(scale)
-        zeros.append(zero)
-    return QuantizedWeight(codes=torch.cat(codes, dim=1).to(torch.int32), scales=torch.stack(scales).half(),
-                           zeros=torch.stack(zeros).to(torch.int32),
-                           g_idx=(torch.arange(K, device=W.device) // g).to(torch.int32),
-                           bits=bits, group_size=group_size)
 
 
 def quantization_loss(W: Tensor, H: Tensor, qw: QuantizedWeight) -> float:

@@ -121,7 +121,7 @@ def rtn_model(model_dir: Path, bits: int, group_size: int, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     from gptq_cli.arch import block_linears, linear_weight, resolve_arch, set_linear_weight
-    from gptq_cli.solver import quantize_rtn
+    from gptq_cli.quantizer import quantize_rtn
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     layers_path, _ = resolve_arch(model)
     for block in model.get_submodule(layers_path):

@@ -12,7 +12,7 @@ from gptq_cli.allocate import (Candidate, allocate, average_bits, budget_range, 
 from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.dynamic import encode, module_key, resolve
-from gptq_cli.solver import quantize_rtn
+from gptq_cli.quantizer import quantize_rtn
 
 
 @pytest.mark.parametrize("bits,group_size,k,n", [(3, 32, 100, 40), (4, 128, 576, 192), (2, -1, 64, 48),

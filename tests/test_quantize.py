@@ -18,7 +18,8 @@ from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
 from gptq_cli.loader import load_quantized_model
 from gptq_cli.modelio import load_streaming, resolve_model
-from gptq_cli.solver import accumulate_hessian, quantization_loss, quantize_rtn, quantize_weight
+from gptq_cli.quantizer import quantize_rtn
+from gptq_cli.solver import accumulate_hessian, quantization_loss, quantize_weight
 from tests.tiny_models import make_tiny_model, random_input_ids, save_tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]

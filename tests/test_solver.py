@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from gptq_cli.errors import GptqError, UsageError
-from gptq_cli.solver import (accumulate_hessian, block_ranges, group_aware_order, quantization_loss, quantize_block,
-                             quantize_rtn, quantize_weight)
+from gptq_cli.quantizer import quantize_rtn
+from gptq_cli.solver import (IndefiniteHessian, NonFiniteHessian, accumulate_hessian, block_ranges, group_aware_order,
+                             quantization_loss, quantize_block, quantize_weight)
 from tests.reference_gptq import reference_gptq, reference_params
 
 MODES = [(False, False), (True, False), (True, True)]   # (desc_act, static_groups)
@@ -245,18 +245,18 @@ def test_indefinite_hessian_raises_damp_until_cholesky_succeeds() -> None:
 
 def test_hopeless_hessians_fail_clearly() -> None:
     W = torch.randn(4, 8)
-    with pytest.raises(GptqError, match="not positive definite"):
+    with pytest.raises(IndefiniteHessian, match="not positive definite"):
         quantize_weight(W, -torch.eye(8), bits=4, group_size=-1)
     H = torch.eye(8)
     H[2, 3] = float("nan")
-    with pytest.raises(GptqError, match="NaN"):
+    with pytest.raises(NonFiniteHessian, match="NaN"):
         quantize_weight(W, H, bits=4, group_size=-1)
 
 
-def test_bad_settings_are_usage_errors() -> None:
+def test_bad_settings_are_value_errors() -> None:
     W, H = torch.randn(4, 8), torch.eye(8)
     for kwargs in [dict(bits=5), dict(group_size=0), dict(damp_percent=0.0), dict(block_size=0)]:
-        with pytest.raises(UsageError):
+        with pytest.raises(ValueError):
             quantize_weight(W, H, **kwargs)
 
 

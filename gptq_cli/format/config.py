@@ -7,8 +7,19 @@ from typing import Any
 from gptq_cli import __version__
 from gptq_cli.format.dynamic import check_dynamic, module_setting
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 8)   # the widths GPTQ checkpoints pack (format/pack.py) and their loaders read
 FORMATS = ("gptq", "gptq_v2")
+
+
+def check_setting(bits: int, group_size: int, damp_percent: float | None = None) -> None:
+    """ValueError unless bits, group size (-1: per channel) and damping fraction (when given) are usable: the
+    checks QuantConfig makes, also asked by the solver of its arguments."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    if group_size != -1 and group_size < 1:
+        raise ValueError(f"group_size must be a positive integer or -1, got {group_size}")
+    if damp_percent is not None and not 0 < damp_percent < 1:
+        raise ValueError(f"damp_percent must be in (0, 1), got {damp_percent}")
 
 
 @dataclass
@@ -29,12 +40,7 @@ class QuantConfig:
     dynamic: dict[str, Any] | None = None   # per-module overrides (format/dynamic.py); None: all modules alike
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS:
-            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
-        if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(f"group_size must be a positive integer or -1, got {self.group_size}")
-        if not 0 < self.damp_percent < 1:
-            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
+        check_setting(self.bits, self.group_size, self.damp_percent)
         if self.checkpoint_format not in FORMATS:
             raise ValueError(f"checkpoint_format must be one of {FORMATS}, got {self.checkpoint_format!r}")
         if self.dynamic is not None:

@@ -13,13 +13,13 @@ import math
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from gptq_cli.format.config import BITS
 
 
 def _chunk(bits: int) -> tuple[int, int]:
     """(values per chunk, int32 words per chunk): the smallest run of values that fills whole words."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
     values = 32 // math.gcd(bits, 32)
     return values, values * bits // 32
 
