@@ -53,10 +53,6 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path) if path else root
-
-
 def find_layers_path(model: nn.Module) -> str:
     """The decoder ModuleList (generic fallback): the longest ModuleList whose blocks contain linears and which
     is not inside another such list (a block's list of MoE experts can be longer than the list of blocks)."""
@@ -125,8 +121,9 @@ def _expand(pattern: str, linears: dict[str, nn.Module]) -> list[str]:
     return [n for _, n in sorted(found)]
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs, so the rest of the forward pass is skipped (this trace, the
+    engine's capture of block 0's inputs, the calibration passes)."""
 
 
 def _trace_groups(block: nn.Module, linears: dict[str, nn.Module], run_block) -> list[list[str]]:
@@ -137,11 +134,11 @@ def _trace_groups(block: nn.Module, linears: dict[str, nn.Module], run_block) ->
             if all(n != _name for n, _ in order):
                 order.append((_name, args[0]))
             if len(order) == len(linears):
-                raise _StopForward
+                raise StopForward
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         run_block()
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for h in handles:

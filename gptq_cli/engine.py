@@ -1,10 +1,10 @@
-"""Block streaming (SPEC §3, Engine): quantize a causal LM one decoder block at a time.
+"""Block streaming (SPEC §3, Engine): quantize a causal LM one decoder block at a time, the paper's outer loop.
 
 The embeddings run once on the calibration batch to capture the first block's inputs and keyword arguments.
-Then, per block: load its weights, hook its linears, collect each sequential group's Hessian (quantizing a
-group before the next group's inputs are collected), solve, put the quantized weights in place, re-run the
-block to get the next block's inputs, and drop the block again. Peak memory is about one block, its
-Hessians and the calibration activations.
+Then, per block: load its weights; per sequential group, collect its Hessians (calibration.py, which owns the
+passes and the hooks), solve, and put the quantized weights in place (so the next group's inputs see them);
+advance the calibration inputs through the block to the next block's inputs; release the block. Peak memory is
+about one block, its Hessians and the calibration activations.
 """
 from __future__ import annotations
 
@@ -15,20 +15,15 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from gptq_cli import distributed
-from gptq_cli.arch import Arch, block_groups, block_linears, linear_weight, set_linear_weight
+from gptq_cli import distributed, kernels
+from gptq_cli.arch import Arch, StopForward, block_groups, block_linears, linear_weight, set_linear_weight
+from gptq_cli.calibration import BlockPasses, Calibration, Hessians, advance
 from gptq_cli.distributed import Ranks
 from gptq_cli.errors import GptqError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
-from gptq_cli.kernels import gptq_block
 from gptq_cli.modelio import StreamingModel
-from gptq_cli.shortcuts import activate, deactivate, find_tails, fits_in_memory, record
-from gptq_cli.solver import accumulate_hessian, quantize_weight
-
-
-class _StopForward(Exception):
-    """Raised by a hook once it has what it needs, so the rest of the forward pass is skipped."""
+from gptq_cli.solver import BlockFn, IndefiniteHessian, NonFiniteHessian, quantize_block, quantize_weight
 
 
 @dataclass
@@ -39,17 +34,6 @@ class ModuleResult:
     damp: float            # damping fraction finally used
     seconds: float         # time spent solving this module
     tokens: int            # calibration tokens its Hessian saw
-
-
-@dataclass
-class Calibration:
-    """The current block's inputs: one hidden-state tensor and one kwargs dict per calibration batch."""
-    hidden: list[torch.Tensor]
-    kwargs: list[dict]
-
-    def run(self, block: nn.Module) -> Iterator:
-        for x, kw in zip(self.hidden, self.kwargs):
-            yield block(x, **kw)
 
 
 def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Tensor],
@@ -69,14 +53,14 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
             kwargs.update(zip(("attention_mask",), args))  # a few architectures pass the mask positionally
             calib.kwargs.append({k: v for k, v in kwargs.items()
                                  if k not in ("past_key_values", "cache", "past_key_value", "layer_past")})
-            raise _StopForward
+            raise StopForward
 
     layers[0] = Catcher()
     try:
         for ids in batches:
             try:
                 sm.model(input_ids=ids.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         layers[0] = first
@@ -86,80 +70,12 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
     return calib
 
 
-Pass = Callable[[], object]   # runs one calibration batch through the block (or a part of it)
-
-
-def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture: nn.Module | None = None
-                     ) -> tuple[list[tuple[list[str], torch.Tensor, int]], list[tuple[tuple, dict]] | None]:
-    """The Hessians 2/n ΣxxT of the modules' inputs over the calibration passes, as (module names, H, n):
-    modules that read the very same input tensor (q/k/v, gate/up) share one. Each pass is cut short once
-    every module has been seen; after the first pass, which shows who shares, once every distinct input has
-    been seen (so q and k, run only to reach v, and gate, run only to reach up, are not computed again). With `capture`,
-    also returns that submodule's (args, kwargs) of each pass (None unless it ran exactly once per pass)."""
-    acc: dict[str, tuple[torch.Tensor | None, int]] = {}
-    shares: dict[str, str] = {}
-    seen: list[tuple[str, torch.Tensor]] = []
-    captured: list[list[tuple[tuple, dict]]] = []
-    owners: set[str] = set(modules)   # the modules whose inputs a pass must reach: all of them at first
-
-    def hook_for(name: str):
-        def hook(_module, args):
-            x = args[0]
-            earlier = next((n for n, t in seen if t is x), None)
-            seen.append((name, x))
-            if earlier is not None:
-                shares[name] = shares.get(earlier, earlier)
-            else:
-                acc[name] = accumulate_hessian(*acc.get(name, (None, 0)), x)
-            if owners <= {n for n, _ in seen}:
-                raise _StopForward
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
-    if capture is not None:
-        handles.append(capture.register_forward_pre_hook(
-            lambda _m, args, kwargs: captured[-1].append((args, kwargs)), with_kwargs=True))
-    try:
-        for run_pass in passes:
-            seen.clear()
-            captured.append([])
-            try:
-                run_pass()
-            except _StopForward:
-                pass
-            owners = set(acc) if len(acc) + len(shares) == len(modules) else owners
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in modules if shares.get(n, n) not in acc]
-    if missing:
-        raise RuntimeError(f"calibration never reached {missing}; cannot build their Hessians")
-    hessians = [([n for n in modules if shares.get(n, n) == owner], H, count) for owner, (H, count) in acc.items()]
-    once = capture is not None and all(len(c) == 1 for c in captured)
-    return hessians, [c[0] for c in captured] if once else None
-
-
-def scope_of(names: list[str]) -> str:
-    """The deepest submodule of the block that contains all the named linears ("" = the block itself)."""
-    common: list[str] = []
-    for parts in zip(*(n.split(".")[:-1] for n in names)):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    return ".".join(common)
-
 
 def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, calib: Calibration,
                     quant: QuantConfig, device: torch.device, dtype: torch.dtype,
                     start: int = 0, on_module: Callable[[ModuleResult], None] | None = None,
                     ranks: Ranks = Ranks()) -> Iterator[tuple[int, list[ModuleResult]]]:
-    """Quantize blocks start.. in order, yielding (block index, its module results) as each one finishes.
-
-    Passes are saved where the block's structure allows: group k+1 only needs to run from the smallest
-    submodule holding it and group k (e.g. `mlp` for down_proj after gate/up). That submodule's inputs do not
-    depend on group k's weights, so they are recorded during group k's pass and replayed. And once the last
-    linear of an attention or MLP submodule is quantized, later passes compute that submodule as one matmul on
-    the inputs recorded in that linear's pass (shortcuts.py)."""
+    """Quantize blocks start.. in order, yielding (block index, its module results) as each one finishes."""
     layers = sm.model.get_submodule(layers_path)
     for i in range(start, len(layers)):
         block, prefix = layers[i], f"{layers_path}.{i}."
@@ -173,47 +89,37 @@ def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, cal
 def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Calibration, quant: QuantConfig,
                     device: torch.device, dtype: torch.dtype, on_module: Callable[[ModuleResult], None] | None,
                     ranks: Ranks) -> list[ModuleResult]:
-    """One block of quantize_blocks: its groups in order, then `calib` advanced to the next block's inputs."""
+    """One block of quantize_blocks: per sequential group its Hessians, solve, swap; then `calib` advanced to the
+    next block's inputs."""
     linears = block_linears(block)
+    groups = block_groups(block, arch, lambda: block(calib.hidden[0], **calib.kwargs[0]), quant.true_sequential)
     results: list[ModuleResult] = []
-    run_first = lambda: block(calib.hidden[0], **calib.kwargs[0])  # noqa: E731
-    groups = block_groups(block, arch, run_first, quant.true_sequential)
-    replay = None   # (submodule, its recorded inputs) for the current group, if any
-    tails = find_tails(block, linears, groups, run_first)
-    try:
-        for k, group in enumerate(groups):
-            nxt = scope_of(group + groups[k + 1]) if k + 1 < len(groups) else ""
-            capture = block.get_submodule(nxt) if nxt and all(n.startswith(nxt + ".") for n in group) else None
-            if replay is None:
-                passes = [lambda x=x, kw=kw: block(x, **kw) for x, kw in zip(calib.hidden, calib.kwargs)]
-            else:
-                passes = [lambda a=a, kw=kw, m=replay[0]: m(*a, **kw) for a, kw in replay[1]]
-            tail = tails.get(group[0])
-            recording = record(tail) if tail and _inputs_fit(calib, tail.last, device) else []
-            try:
-                hessians, recorded = collect_hessians({n: linears[n] for n in group}, passes, capture)
-            finally:
-                for h in recording:
-                    h.remove()
-            replay = (capture, recorded) if recorded is not None else None
-            hessians = distributed.reduce_hessians(ranks, hessians)
-            solver_ranks = distributed.owners(ranks, [(sum(linear_weight(linears[n]).shape[0] for n in names),
-                                                       H.shape[0]) for names, H, _ in hessians])
-            for (names, H, n_tokens), solver_rank in zip(hessians, solver_ranks):
-                # mixed precision: linears sharing H with different settings are solved apart (same owner)
-                solved = [res for part in _by_setting(names, quant, prefix)
-                          for res in _solve(part, [linears[n] for n in part], H, n_tokens, quant, prefix, dtype,
-                                            ranks, solver_rank)]
-                results += solved
-                for r in solved if on_module else ():
-                    on_module(r)
-            del hessians, passes
-            if recording:
-                activate(tail, len(calib.hidden))
-        del replay
-        advance(calib, block)
-    finally:
-        deactivate(tails)
+    with BlockPasses(block, linears, groups, calib, device) as passes:
+        for k in range(len(groups)):
+            hessians = distributed.reduce_hessians(ranks, passes.hessians(k))
+            results += _solve_group(hessians, linears, quant, prefix, dtype, ranks, on_module)
+            del hessians
+            passes.quantized()
+        passes.advance()
+    return results
+
+
+def _solve_group(hessians: Hessians, linears: dict[str, nn.Module], quant: QuantConfig, prefix: str,
+                 dtype: torch.dtype, ranks: Ranks, on_module: Callable[[ModuleResult], None] | None
+                 ) -> list[ModuleResult]:
+    """Solve every Hessian's linears and put their quantized weights in place; with several ranks, each solve on
+    the rank distributed.owners gives it."""
+    solver_ranks = distributed.owners(ranks, [(sum(linear_weight(linears[n]).shape[0] for n in names), H.shape[0])
+                                              for names, H, _ in hessians])
+    results: list[ModuleResult] = []
+    for (names, H, n_tokens), solver_rank in zip(hessians, solver_ranks):
+        # mixed precision: linears sharing H with different settings are solved apart (same owner)
+        solved = [res for part in _by_setting(names, quant, prefix)
+                  for res in _solve(part, [linears[n] for n in part], H, n_tokens, quant, prefix, dtype, ranks,
+                                    solver_rank)]
+        results += solved
+        for r in solved if on_module else ():
+            on_module(r)
     return results
 
 
@@ -238,19 +144,6 @@ def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibr
     sm.release(block)
 
 
-def advance(calib: Calibration, block: nn.Module) -> None:
-    """Replace the block's inputs by its outputs, the next block's inputs, one batch at a time (so that at most
-    one batch is held twice)."""
-    for b, out in enumerate(calib.run(block)):
-        calib.hidden[b] = out[0] if isinstance(out, tuple) else out
-
-
-def _inputs_fit(calib: Calibration, last: nn.Module, device: torch.device) -> bool:
-    """Whether recording `last`'s inputs for every calibration batch fits in memory (shortcuts.fits_in_memory)."""
-    tokens = sum(x.shape[:-1].numel() for x in calib.hidden)
-    return fits_in_memory(tokens * linear_weight(last).shape[1] * calib.hidden[0].element_size(), device)
-
-
 def _by_setting(names: list[str], quant: QuantConfig, prefix: str) -> list[list[str]]:
     """Linears that share a Hessian, split into runs of one (bits, group size) each (mixed precision can give
     q, k and v different settings; each run is solved separately), in their first module's order."""
@@ -260,13 +153,26 @@ def _by_setting(names: list[str], quant: QuantConfig, prefix: str) -> list[list[
     return list(runs.values())
 
 
+def block_function(device: torch.device) -> BlockFn:
+    """The solver's block step for tensors on `device`: the fused CUDA kernel where it runs, else the torch loop
+    (same contract, same results)."""
+    return kernels.gptq_block if kernels.backend_name(device) == "cuda-ext" else quantize_block
+
+
 def solve_weight(W: torch.Tensor, H: torch.Tensor, quant: QuantConfig, bits: int, group_size: int
                  ) -> QuantizedWeight:
     """GPTQ of W [N, K] on H with `quant`'s settings that every module shares and this module's bits and group
-    size; each block through kernels.gptq_block (the fused CUDA kernel where it runs, else the torch loop)."""
-    return quantize_weight(W, H, bits=bits, group_size=group_size, sym=quant.sym, desc_act=quant.desc_act,
-                           static_groups=quant.static_groups, act_group_aware=quant.act_group_aware,
-                           damp_percent=quant.damp_percent, mse=quant.mse, block_fn=gptq_block)
+    size, each block through block_function; a Hessian the solver cannot use becomes a GptqError saying why."""
+    try:
+        return quantize_weight(W, H, bits=bits, group_size=group_size, sym=quant.sym, desc_act=quant.desc_act,
+                               static_groups=quant.static_groups, act_group_aware=quant.act_group_aware,
+                               damp_percent=quant.damp_percent, mse=quant.mse, block_fn=block_function(W.device))
+    except NonFiniteHessian as e:
+        raise GptqError(f"{e}: the calibration activations overflowed; try --dtype float32 or check the "
+                        "calibration data") from e
+    except IndefiniteHessian as e:
+        raise GptqError(f"{e}; the layer's calibration inputs are degenerate: use more or different calibration "
+                        "samples") from e
 
 
 def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens: int, quant: QuantConfig,

@@ -33,7 +33,8 @@ import torch
 from gptq_cli.allocate import (Candidate, allocate, average_bits, budget_range, check_target, inward,
                                parse_candidates, stored_bits)
 from gptq_cli.arch import block_linears, linear_weight
-from gptq_cli.engine import Calibration, advance, capture_inputs, collect_hessians, solve_weight
+from gptq_cli.calibration import Calibration, advance, collect_hessians
+from gptq_cli.engine import capture_inputs, solve_weight
 from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.dynamic import encode

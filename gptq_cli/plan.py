@@ -124,8 +124,9 @@ def probe(device: torch.device, cdtype: torch.dtype) -> dict[str, float]:
     flops_f32 / flops_act: matmul FLOP/s in float32 and in the activation dtype; column_s and column_row_s:
     the solver's column loop, seconds per column = column_s + column_row_s × rows; chol_s: the Cholesky,
     inverse and second factor of a 1024×1024 Hessian."""
-    from gptq_cli.kernels import gptq_block
+    from gptq_cli.engine import block_function
     from gptq_cli.solver import inverse_hessian_factor, single_thread_on_cpu
+    gptq_block = block_function(device)   # the block step the engine solves with on this device
 
     def timed(fn, repeat: int = 3) -> float:
         fn()

@@ -7,7 +7,7 @@ kernels   GEMV vs fp16 F.linear and vs the measured copy bandwidth; the block ke
 quantize  a Llama-2-7B-shaped model (hidden 4096, MLP 11008, 32 heads, vocab 32000; LAYERS layers; random fp16
           weights made here, a BPE tokenizer trained here on the built-in calibration text) quantized at
           128 x 2048 (4-bit, g128, act-order) with per-phase timers and peak GPU memory, extrapolated to 32
-          layers; then the same with every submodule's inputs recorded (shortcuts.CUDA_RECORD_LIMIT lifted)
+          layers; then the same with every submodule's inputs recorded (calibration.CUDA_RECORD_LIMIT lifted)
           if the budget allows; then batch-1 decode tokens/s, 4-bit vs fp16.               -> quantize.json
 ppl       a tiny Llama quantized here, its perplexity on CUDA and on the CPU (within 1%).    -> ppl.json
 Nothing is downloaded. --cpu runs the same code at toy sizes on the CPU, to show the script works.
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import bench_kernels  # noqa: E402
-from gptq_cli import api, engine, shortcuts  # noqa: E402
+from gptq_cli import api, calibration, engine  # noqa: E402
 from gptq_cli.evaluate import evaluate  # noqa: E402
 from gptq_cli.format.config import QuantConfig  # noqa: E402
 from gptq_cli.textdata import BUILTIN_TEXT  # noqa: E402
@@ -83,9 +83,9 @@ def make_llama(path: Path, dims: dict, layers: int, device: str) -> Path:
 class PhaseTimers:
     """Wraps the engine's phases with synchronized wall-clock timers (seconds summed per phase)."""
 
-    PHASES = [(api, "capture_inputs", "capture"), (engine, "collect_hessians", "forward_and_hessians"),
-              (engine, "accumulate_hessian", "hessian_matmuls"), (engine, "_solve", "solve"),
-              (engine, "advance", "advance"), (api, "_write_output", "write")]
+    PHASES = [(api, "capture_inputs", "capture"), (calibration, "collect_hessians", "forward_and_hessians"),
+              (calibration, "accumulate_hessian", "hessian_matmuls"), (engine, "_solve", "solve"),
+              (calibration, "advance", "advance"), (api, "_write_output", "write")]
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -138,7 +138,7 @@ def quantize_run(model_dir: Path, out: Path, *, nsamples: int, seqlen: int, laye
     row = {"layers": layers, "total_s": total, "phases_s": dict(timers.seconds), "block_s": block_times,
            "mean_block_s_after_first": blocks,
            "extrapolated_32_layers_s": total + (32 - layers) * blocks,
-           "records_inputs_limit_bytes": shortcuts.CUDA_RECORD_LIMIT}
+           "records_inputs_limit_bytes": calibration.CUDA_RECORD_LIMIT}
     if device == "cuda":
         row["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -173,7 +173,7 @@ def step_quantize(outdir: Path, cpu: bool, budget: float, layers: int) -> dict:
     print(json.dumps(report["default"], indent=1), flush=True)
     spent = time.perf_counter() - t_start
     if budget - spent > 1.5 * report["default"]["total_s"] + 60:   # room for the comparison and decode
-        shortcuts.CUDA_RECORD_LIMIT = 1 << 62
+        calibration.CUDA_RECORD_LIMIT = 1 << 62
         report["record_all_inputs"] = quantize_run(model_dir, work / "q_record", nsamples=nsamples,
                                                    seqlen=seqlen, layers=layers, device=device)
         print(json.dumps(report["record_all_inputs"], indent=1), flush=True)

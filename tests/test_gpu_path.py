@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptq_cli import modelio, shortcuts, solver
+from gptq_cli import calibration, modelio, solver
 from gptq_cli.format.pack import pack_qweight, pack_qzeros
 from gptq_cli.format.quantized import QuantizedWeight
 
@@ -122,7 +122,7 @@ def test_recorded_inputs_on_a_gpu_are_capped(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (139 << 30, 141 << 30))
     cuda = torch.device("cuda")
     down_proj_inputs = 128 * 2048 * 11008 * 2        # a 7B's at 128 x 2048 in fp16: 5.4 GiB
-    assert not shortcuts.fits_in_memory(down_proj_inputs, cuda)
-    assert shortcuts.fits_in_memory(8 * 512 * 4096 * 2, cuda)      # a small calibration set: 32 MiB
+    assert not calibration.fits_in_memory(down_proj_inputs, cuda)
+    assert calibration.fits_in_memory(8 * 512 * 4096 * 2, cuda)      # a small calibration set: 32 MiB
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 141 << 30))
-    assert not shortcuts.fits_in_memory(512 << 20, cuda)           # and never more than a share of what is free
+    assert not calibration.fits_in_memory(512 << 20, cuda)           # and never more than a share of what is free

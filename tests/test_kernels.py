@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from gptq_cli import kernels, solver
+from gptq_cli import engine, kernels, solver
 from gptq_cli.format.pack import pack_qweight, pack_qzeros
 from gptq_cli.kernels.extension import extension_loaded
 from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_4bit, gemv_4bit_torch, layout_4bit
@@ -425,11 +425,13 @@ def test_dispatch_on_cpu_is_the_twin_exactly() -> None:
     out = kernels.gemv_4bit(layer.x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx, "gptq_v2")
     assert torch.equal(out, gemv_4bit_torch(layer.x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx,
                                             "gptq_v2"))
-    W, H = torch.randn(24, 96) * 0.1, correlated_hessian(96, seed=2)
-    settings = dict(bits=3, group_size=32, sym=False, desc_act=True)
-    dispatched = solver.quantize_weight(W, H, **settings, block_fn=kernels.gptq_block)
-    direct = solver.quantize_weight(W, H, **settings)
-    assert torch.equal(dispatched.codes, direct.codes) and dispatched.loss == direct.loss
+    # the solver's block step: the engine picks the torch loop for CPU tensors; the kernel refuses them
+    assert engine.block_function(torch.device("cpu")) is solver.quantize_block
+    W, Hinv = torch.randn(4, 8), torch.eye(8)
+    scales, zeros = torch.ones(4, 1), torch.zeros(4, 1)
+    with pytest.raises(ValueError, match="solver.quantize_block"):
+        kernels.gptq_block(W, Hinv, scales, zeros, torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.bool),
+                           bits=4, sym=True, mse=False, group_size=8)
 
 
 def test_gemv_rejects_an_unknown_checkpoint_format() -> None:

@@ -13,7 +13,8 @@ import torch
 
 from gptq_cli import api
 from gptq_cli.arch import QUANTIZABLE, block_linears, linear_weight, resolve_arch, set_linear_weight
-from gptq_cli.engine import capture_inputs, collect_hessians
+from gptq_cli.calibration import collect_hessians
+from gptq_cli.engine import capture_inputs
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
 from gptq_cli.loader import load_quantized_model
@@ -228,8 +229,8 @@ def test_a_gguf_sources_tokenizer_files_are_staged_in_a_directory_that_is_remove
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "phi3"])
 def test_tail_shortcuts_skip_recomputation_and_change_no_byte(arch, tmp_path, calib_file, monkeypatch):
     """Once an attention or MLP submodule's last linear is quantized, later passes compute that submodule as
-    one matmul on its recorded inputs (shortcuts.py): fewer linear calls, byte-identical checkpoint."""
-    from gptq_cli import engine
+    one matmul on its recorded inputs (calibration.py): fewer linear calls, byte-identical checkpoint."""
+    from gptq_cli import calibration
     model_dir = save_tiny_model(tmp_path / "model", arch)
     calls = []
     counting = torch.nn.modules.module.register_module_forward_hook(
@@ -238,7 +239,7 @@ def test_tail_shortcuts_skip_recomputation_and_change_no_byte(arch, tmp_path, ca
     try:
         for use in (True, False):
             if not use:
-                monkeypatch.setattr(engine, "find_tails", lambda *a, **k: {})
+                monkeypatch.setattr(calibration, "fits_in_memory", lambda *a: False)   # no tail records
             calls.clear()
             out = run_quantize(model_dir, tmp_path / f"out-{use}", calib_file, bits=4, group_size=32).output
             linear_calls.append(len(calls))
@@ -246,5 +247,4 @@ def test_tail_shortcuts_skip_recomputation_and_change_no_byte(arch, tmp_path, ca
     finally:
         counting.remove()
     assert digests[0] == digests[1]
-    # fewer even with the one-batch probe that finds the shortcuts (a large share here: only two batches)
     assert linear_calls[0] < linear_calls[1], linear_calls

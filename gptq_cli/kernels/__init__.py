@@ -1,7 +1,8 @@
 """Kernel dispatch: the CUDA extension (csrc/) when it is loaded and the tensors are on CUDA, else the torch twins.
 
-- `gptq_block(...)`: one block of GPTQ's column loop, solver.quantize_block's contract (docs/DESIGN.md);
-  pass it as `solver.quantize_weight(..., block_fn=gptq_block)`.
+- `gptq_block(...)`: one block of GPTQ's column loop in one CUDA launch, solver.quantize_block's contract
+  (docs/DESIGN.md) for CUDA float32 blocks; the engine passes it to the solver as block_fn where the extension
+  runs (engine.block_function), the solver's own loop elsewhere. Nothing here imports the solver.
 - `gemv_4bit(x, qweight, scales, qzeros, g_idx, checkpoint_format, layout=None)`: x @ Wᵀ for a 4-bit GPTQ
   linear, any batch: the GEMV kernel for 1..8 rows of fp16/bf16 activations, else the dequantize kernel and one
   matmul; `layout` (from `layout_4bit`, computed once per layer by QuantLinear) saves recomputing the
@@ -9,8 +10,8 @@
 - `dequantize_4bit_kernel_order(layout, scales, qzeros, checkpoint_format, dtype)`: the weight in kernel order.
 - `backend_name(device)`: "cuda-ext" or "torch", which of the two runs for tensors on that device.
 
-A call the kernel cannot take (a shape, dtype or batch size outside its limits) goes to the twin, which
-computes the same thing, so callers never need to check.
+A GEMV or dequantize call the kernels cannot take (a shape, dtype or batch size outside their limits) goes to
+the twin, which computes the same thing, so callers never need to check.
 """
 from __future__ import annotations
 
@@ -32,17 +33,17 @@ def backend_name(device: torch.device | str) -> str:
 
 def gptq_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group_of_col: Tensor, new_group: Tensor,
                *, bits: int, sym: bool, mse: bool, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """solver.quantize_block, fused into one CUDA launch when possible (same arguments, same results)."""
+    """solver.quantize_block fused into one CUDA launch (same arguments, same results); ValueError for tensors
+    the kernel does not take."""
     fits = (W.dim() == 2 and 1 <= W.shape[1] <= MAX_BLOCK_COLUMNS
             and all(t.dtype == torch.float32 for t in (W, Hinv, scales, zeros))
             and all(t.is_contiguous() for t in (W, scales, zeros)))
-    if fits and backend_name(W.device) == "cuda-ext":
-        return torch.ops.gptq_cli.gptq_block(W, Hinv, scales, zeros, group_of_col.to(torch.int64).contiguous(),
-                                             new_group.to(torch.bool).contiguous(), bits, sym, mse, group_size)
-    from gptq_cli.solver import quantize_block   # lazily: the solver may itself import this module
-
-    return quantize_block(W, Hinv, scales, zeros, group_of_col, new_group, bits=bits, sym=sym, mse=mse,
-                          group_size=group_size)
+    if not fits or backend_name(W.device) != "cuda-ext":
+        raise ValueError(f"gptq_block takes contiguous float32 blocks of at most {MAX_BLOCK_COLUMNS} columns on a "
+                         f"GPU with the CUDA extension (got {tuple(W.shape)} {W.dtype} on {W.device}); elsewhere "
+                         "use solver.quantize_block")
+    return torch.ops.gptq_cli.gptq_block(W, Hinv, scales, zeros, group_of_col.to(torch.int64).contiguous(),
+                                         new_group.to(torch.bool).contiguous(), bits, sym, mse, group_size)
 
 
 _ACT = {torch.float16: 0, torch.bfloat16: 1}   # csrc/kernels.h Act
