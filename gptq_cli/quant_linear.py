@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptq_cli.format.config import BITS, FORMATS
-from gptq_cli.format.pack import pack_qweight, packed_len, unpack_qweight, unpack_qzeros
+from gptq_cli.format.pack import pack_qweight, packed_len, unpack_qweight
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.kernels import backend_name, gemv_4bit
-from gptq_cli.kernels.gemv_torch import Layout4bit, layout_4bit
+from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_packed, layout_4bit
 
 
 class QuantLinear(nn.Module):
@@ -111,11 +111,8 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full-precision weight [out_features, in_features], in `dtype` (default: the scales' dtype)."""
-        codes = unpack_qweight(self.checkpoint_qweight(), self.bits, self.in_features)     # [K, N]
-        zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features, self.checkpoint_format)  # [G, N]
-        g = self.g_idx.long()
-        weight = self.scales.float()[g] * (codes - zeros[g]).float()                        # [K, N]
-        return weight.t().to(dtype or self.scales.dtype)
+        return dequantize_packed(self.checkpoint_qweight(), self.scales, self.qzeros, self.g_idx,
+                                 self.checkpoint_format, dtype or self.scales.dtype, self.bits).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantized_matmul(x)

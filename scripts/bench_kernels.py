@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from gptq_cli import kernels, solver  # noqa: E402
 from gptq_cli.format.pack import pack_qweight, pack_qzeros  # noqa: E402
-from gptq_cli.kernels.gemv_torch import dequantize_4bit, layout_4bit  # noqa: E402
+from gptq_cli.kernels.gemv_torch import dequantize_packed, layout_4bit  # noqa: E402
 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (N, K) = (out, in) features of a 7B
 BATCHES = (1, 4, 8)
@@ -104,7 +104,7 @@ def bench_gemv(device: torch.device, shapes=GEMV_SHAPES, batches=BATCHES, copy_g
             n_copies = max(1, math.ceil(L2_DEFEAT_BYTES / layer_bytes)) if device.type == "cuda" else 1
             copies = [{k: v.clone() for k, v in layer.items()} for _ in range(n_copies)]
             layouts = [layout_4bit(c["qweight"], c["g_idx"]) for c in copies]
-            dense = dequantize_4bit(**layer, dtype=torch.float16).t().contiguous()   # [N, K]
+            dense = dequantize_packed(**layer, dtype=torch.float16).t().contiguous()   # [N, K]
             n_dense = max(1, math.ceil(L2_DEFEAT_BYTES / dense.nbytes)) if device.type == "cuda" else 1
             denses = [dense.clone() for _ in range(n_dense)]
             for dtype in (torch.float16, torch.bfloat16):

@@ -28,7 +28,7 @@ from torch import Tensor
 from gptq_cli import engine, kernels, solver
 from gptq_cli.format.pack import pack_qweight, pack_qzeros
 from gptq_cli.kernels.extension import extension_loaded
-from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_4bit, gemv_4bit_torch, layout_4bit
+from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_packed, gemv_4bit_torch, layout_4bit
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 ACT = {torch.float16: 0, torch.bfloat16: 1}   # csrc/kernels.h Act
@@ -220,7 +220,7 @@ def test_torch_gemv_twin_keeps_leading_dims_and_dtype(x_dtype: torch.dtype, monk
 def test_twin_dequantization_rounds_the_exact_weight_once(dtype: torch.dtype, monkeypatch) -> None:
     monkeypatch.setattr("gptq_cli.kernels.gemv_torch.CHUNK_ROWS", 40)
     layer = random_layer(1, 128, 24, 32, True, "gptq_v2", seed=5)
-    got = dequantize_4bit(layer.qweight, layer.scales, layer.qzeros, layer.g_idx, "gptq_v2", dtype)
+    got = dequantize_packed(layer.qweight, layer.scales, layer.qzeros, layer.g_idx, "gptq_v2", dtype)
     assert got.dtype == dtype and torch.equal(got, layer.weight.to(dtype))
 
 
@@ -240,8 +240,8 @@ def test_kernel_layout_makes_act_order_groups_contiguous() -> None:
     assert layout is not None and layout.group_size == 64 and layout.perm is not None
     perm = layout.perm.long()
     assert torch.equal(layer.g_idx[perm].long(), torch.arange(256) // 64)     # groups contiguous, in order
-    codes = dequantize_4bit(layout.qweight, layer.scales, layer.qzeros, layer.g_idx[perm], "gptq")
-    assert torch.equal(codes, dequantize_4bit(layer.qweight, layer.scales, layer.qzeros, layer.g_idx)[perm])
+    codes = dequantize_packed(layout.qweight, layer.scales, layer.qzeros, layer.g_idx[perm], "gptq")
+    assert torch.equal(codes, dequantize_packed(layer.qweight, layer.scales, layer.qzeros, layer.g_idx)[perm])
     ordered = random_layer(1, 256, 8, 64, False, "gptq")
     assert layout_4bit(ordered.qweight, ordered.g_idx).perm is None
     per_channel = random_layer(1, 40, 8, -1, False, "gptq")                   # one group: any K % 8 == 0
@@ -259,7 +259,7 @@ def test_dequantize_kernel_is_the_twin_bit_for_bit(backend: Backend, dtype, K, N
     layer = random_layer(1, K, N, group_size, act_order, checkpoint_format, seed=K + N, device=backend.device)
     layout = layout_4bit(layer.qweight, layer.g_idx)
     got = backend.dequantize_kernel_order(layout, layer.scales, layer.qzeros, checkpoint_format, dtype)
-    twin = dequantize_4bit(layer.qweight, layer.scales, layer.qzeros, layer.g_idx, checkpoint_format, dtype)
+    twin = dequantize_packed(layer.qweight, layer.scales, layer.qzeros, layer.g_idx, checkpoint_format, dtype)
     rows = layout.perm.long() if layout.perm is not None else slice(None)
     assert got.dtype == dtype and torch.equal(got.cpu(), twin[rows].cpu())
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from gptq_cli.kernels.extension import extension_loaded
-from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_4bit, gemv_4bit_torch, layout_4bit
+from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_packed, gemv_4bit_torch, layout_4bit
 
 MAX_BLOCK_COLUMNS = 128   # csrc/kernels.h kMaxBlockColumns
 GEMV_MAX_BATCH = 8        # csrc/kernels.h kGemvMaxBatch
@@ -89,4 +89,4 @@ def dequantize_4bit_kernel_order(layout: Layout4bit, scales: Tensor, qzeros: Ten
     if backend_name(scales.device) == "cuda-ext" and dtype in _ACT:
         return torch.ops.gptq_cli.dequantize_4bit(layout.qweight, scales, qzeros, layout.group_size,
                                                   ZERO_OFFSET[checkpoint_format], _ACT[dtype])
-    return dequantize_4bit(layout.qweight, scales, qzeros, layout.group_index(), checkpoint_format, dtype)
+    return dequantize_packed(layout.qweight, scales, qzeros, layout.group_index(), checkpoint_format, dtype)

@@ -1,10 +1,11 @@
 """The torch twins of the CUDA 4-bit kernels (csrc/gemv_4bit.cu), and the kernels' layout of a 4-bit layer.
 
-The twins are what CPUs run and the references the kernels are tested against. Weights are computed as the
+The twins are what CPUs run and the references the kernels are tested against; dequantize_packed, at any
+width, is also the one dequantization of packed tensors (QuantLinear's for widths the kernels do not take). Weights are computed as the
 kernels compute them: s·(q − z) exactly, rounded once to fp16 when the activations are fp16 (the GEMV's
 HMUL2), kept exact in fp32 otherwise (its bf16 path multiplies in fp32). Products are summed in fp32; only
 the order of the sum differs from the kernel. Nothing of size K×N in fp32 is built per call: the weight is
-dequantized CHUNK_ROWS input rows at a time.
+dequantized CHUNK_ROWS input rows at a time (a multiple of every width's packing chunk, at most 32 values).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gptq_cli.format.pack import pack_qweight, unpack_qweight, unpack_qzeros
+from gptq_cli.format.pack import pack_qweight, packed_len, unpack_qweight, unpack_qzeros
 
 CHUNK_ROWS = 1024   # rows of K dequantized at a time: 1024 × N floats of scratch
 KERNEL_STEP = 32    # values of K per step of the GEMV (csrc/gemv_4bit.cu kUnroll · 8): groups must align to it
@@ -53,25 +54,25 @@ def layout_4bit(qweight: Tensor, g_idx: Tensor) -> Layout4bit | None:
 
 
 def _chunk_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, k0: int, k1: int,
-                  dtype: torch.dtype) -> Tensor:
-    """W rows k0..k1 [k1 - k0, N] in `dtype`: s·(q − z) computed exactly in fp32, rounded once. k0, k1 % 8 == 0
-    (k1 may be K)."""
-    codes = unpack_qweight(qweight[k0 // 8:(k1 + 7) // 8], 4, k1 - k0)
+                  dtype: torch.dtype, bits: int = 4) -> Tensor:
+    """W rows k0..k1 [k1 - k0, N] in `dtype`: s·(q − z) computed exactly in fp32, rounded once. k0 and k1 are
+    multiples of the packing chunk (k1 may be K)."""
+    codes = unpack_qweight(qweight[packed_len(k0, bits):packed_len(k1, bits)], bits, k1 - k0)
     groups = g_idx[k0:k1].to(device=qweight.device, dtype=torch.long)
     weight = scales.to(torch.float32)[groups] * (codes - zeros[groups]).to(torch.float32)
     return weight.to(dtype)
 
 
-def dequantize_4bit(qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
-                    checkpoint_format: str = "gptq", dtype: torch.dtype = torch.float32) -> Tensor:
-    """The weight [K, N] (input-major, ready for x @ W) of a 4-bit GPTQ linear in `dtype`; K = len(g_idx).
-    Bit for bit what the CUDA dequantize kernel writes (in kernel order) for fp16 and bf16."""
+def dequantize_packed(qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
+                      checkpoint_format: str = "gptq", dtype: torch.dtype = torch.float32, bits: int = 4) -> Tensor:
+    """The weight [K, N] (input-major, ready for x @ W) of a `bits`-bit GPTQ linear in `dtype`; K = len(g_idx).
+    For 4 bits, bit for bit what the CUDA dequantize kernel writes (in kernel order) for fp16 and bf16."""
     K, N = g_idx.numel(), qweight.shape[1]
-    zeros = unpack_qzeros(qzeros, 4, N, checkpoint_format)
+    zeros = unpack_qzeros(qzeros, bits, N, checkpoint_format)
     out = torch.empty(K, N, dtype=dtype, device=qweight.device)
     for k0 in range(0, K, CHUNK_ROWS):
         k1 = min(k0 + CHUNK_ROWS, K)
-        out[k0:k1] = _chunk_weight(qweight, scales, zeros, g_idx, k0, k1, dtype)
+        out[k0:k1] = _chunk_weight(qweight, scales, zeros, g_idx, k0, k1, dtype, bits)
     return out
 
 
