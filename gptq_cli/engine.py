@@ -70,7 +70,6 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
     return calib
 
 
-
 def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, calib: Calibration,
                     quant: QuantConfig, device: torch.device, dtype: torch.dtype,
                     start: int = 0, on_module: Callable[[ModuleResult], None] | None = None,
@@ -98,7 +97,7 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
         for k in range(len(groups)):
             hessians = distributed.reduce_hessians(ranks, passes.hessians(k))
             results += _solve_group(hessians, linears, quant, prefix, dtype, ranks, on_module)
-            del hessians
+            del hessians   # before the next group's are collected
             passes.quantized()
         passes.advance()
     return results

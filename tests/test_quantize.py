@@ -248,3 +248,18 @@ def test_tail_shortcuts_skip_recomputation_and_change_no_byte(arch, tmp_path, ca
         counting.remove()
     assert digests[0] == digests[1]
     assert linear_calls[0] < linear_calls[1], linear_calls
+
+
+def test_solver_errors_reach_the_user_in_the_clis_words():
+    """The solver raises plain ValueErrors; the engine says what they mean for a quantize run (exit 1)."""
+    from gptq_cli.engine import solve_weight
+    from gptq_cli.errors import GptqError
+    W, quant = torch.randn(4, 8), QuantConfig(group_size=-1)
+    H = torch.eye(8)
+    H[2, 3] = float("nan")
+    with pytest.raises(GptqError, match=r"^the Hessian has NaN/Inf entries: the calibration activations overflowed; "
+                                        r"try --dtype float32 or check the calibration data$"):
+        solve_weight(W, H, quant, 4, -1)
+    with pytest.raises(GptqError, match=r"^the Hessian is not positive definite even with damp_percent 0\.99; the "
+                                        r"layer's calibration inputs are degenerate: use more or different"):
+        solve_weight(W, -torch.eye(8), quant, 4, -1)
