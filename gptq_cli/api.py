@@ -1,4 +1,5 @@
-"""The plain Python API under the CLI: `quantize(...)`, and `evaluate(...)` re-exported from evaluate.py.
+"""The plain Python API under the CLI: `quantize(...)`, with `evaluate(...)` (evaluate.py) and `pack_workdir(...)`
+(export.py, `gptq pack WORKDIR`) re-exported.
 
     from gptq_cli.api import QuantConfig, evaluate, quantize
     result = quantize("smollm2-135m", QuantConfig(bits=4, group_size=128), dataset="builtin",

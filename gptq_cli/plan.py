@@ -44,7 +44,7 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     solves = _solves(layers[0], arch, shapes, quant.true_sequential)
     n_blocks = len(layers)
     block_params = sum(p.numel() for p in layers[0].parameters())
-    outside = sum(p.numel() for n, p in skeleton.named_parameters() if not n.startswith(layers_path + "."))
+    outside = [p.numel() for n, p in skeleton.named_parameters() if not n.startswith(layers_path + ".")]
     embed = skeleton.get_input_embeddings().weight.numel()
     hidden = getattr(config, "hidden_size", None) or max(k for _, k in shapes.values())
     tokens = nsamples * seqlen
@@ -65,7 +65,8 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
         solve = max(solve, held + 2 * k * k * 4 + n * k * (12 + elt))
         held += n * k * quant.bits / 8
     capture = embed * (elt + 2) + activations
-    write = 2 * (out_bytes + outside * 2)             # the tensors, and safetensors' serialised copy of them
+    # the checkpoint is written one tensor at a time (export.py): the largest, read and possibly converted
+    write = 2 * max(outside, default=0) * storage_dtype(ref).itemsize
     work = max(capture, block + solve, write)
     baseline = _own_peak_rss()   # this process: the same imports
     on_gpu = dev.type == "cuda"

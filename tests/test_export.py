@@ -83,11 +83,13 @@ def test_the_final_write_holds_about_one_tensor_not_the_model(tmp_path, monkeypa
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
+    quant = QuantConfig(group_size=32)
     with monkeypatch.context() as mp:
         mp.setattr(checkpoint, "write_checkpoint", interrupted)
         with pytest.raises(Interrupted):
-            api.quantize(str(model), QuantConfig(group_size=32), dataset="builtin", nsamples=4, seqlen=16,
-                         batch_size=4, device="cpu", dtype="float32", output=tmp_path / "out")
+            api.quantize(str(model), quant, dataset="builtin", nsamples=4, seqlen=16, batch_size=4, device="cpu",
+                         dtype="float32", output=tmp_path / "out")
+    assert quant == QuantConfig(group_size=32)   # the caller's settings are not changed behind its back
     counter = LiveTensors()
     monkeypatch.setattr(FileTensors, "__getitem__", counter.wrap(FileTensors.__getitem__))
     out = export.pack_workdir(tmp_path / "out.work", tmp_path / "packed")
