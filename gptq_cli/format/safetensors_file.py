@@ -36,6 +36,7 @@ Spec = tuple[torch.dtype, tuple[int, ...]]
 
 
 def nbytes(spec: Spec) -> int:
+    """The bytes a tensor of this dtype and shape takes in a safetensors file."""
     dtype, shape = spec
     return math.prod(shape) * dtype.itemsize
 
@@ -50,7 +51,8 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     @classmethod
     def holding(cls, tensors: Mapping[str, torch.Tensor]) -> LazyTensors:
-        """Tensors already in memory (or any mapping that has a `spec`), for the same writer."""
+        """The tensors of another mapping, each taken from it only when read: tensors already in memory, or a
+        FileTensors (whose `spec` gives dtype and shape without reading the data)."""
         out = cls()
         for key in tensors:
             spec = tensors.spec(key) if hasattr(tensors, "spec") else (tensors[key].dtype, tuple(tensors[key].shape))
