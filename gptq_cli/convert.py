@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from gptq_cli.errors import GptqError, UsageError
-from gptq_cli.format.checkpoint import (INDEX_FILE, QUANTIZE_CONFIG_FILE, parse_size, read_tensors,
-                                        write_checkpoint)
-from gptq_cli.format.config import FORMATS
+from gptq_cli.format.checkpoint import (INDEX_FILE, QUANTIZE_CONFIG_FILE, check_model_dir, parse_size,
+                                        quantized_module_names, read_tensors, write_checkpoint)
+from gptq_cli.format.config import FORMATS, QuantConfig
 from gptq_cli.format.pack import pack_qzeros, unpack_qzeros
+from gptq_cli.format.safetensors_file import LazyTensors
 from gptq_cli.inspect import inspect_checkpoint
-from gptq_cli.loader import check_model_dir, quantized_module_names
 
 # Files the conversion writes itself; everything else at the top level of the source is copied.
 _WRITTEN_FILES = {"config.json", QUANTIZE_CONFIG_FILE, INDEX_FILE}
@@ -48,14 +48,9 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, checkpoint_format: s
     source_format = report.quant.checkpoint_format
     target_format = checkpoint_format or source_format
 
-    stored = read_tensors(src)
-    tensors = {key: stored[key] for key in stored}
+    tensors = LazyTensors.holding(read_tensors(src))   # each read only while it is written
     if target_format != source_format:
-        out_features = {m.name: m.out_features for m in report.modules}
-        for name in quantized_module_names(tensors):
-            key = f"{name}.qzeros"
-            tensors[key] = convert_qzeros(tensors[key], report.quant.module_setting(name)[0], out_features[name], source_format,
-                                          target_format, name=name)
+        convert_all_qzeros(tensors, report.quant, source_format, target_format)
 
     config = json.loads((src / "config.json").read_text())
     config.pop("quantization_config", None)
@@ -72,6 +67,15 @@ def convert_qzeros(qzeros: torch.Tensor, bits: int, out_features: int, source_fo
         raise UsageError(f"{name} has {int((zeros < 1).sum())} asymmetric zero point(s) of 0, which format 'gptq' "
                          f"(v1, stores zero - 1) cannot store; keep this checkpoint as --format gptq_v2")
     return pack_qzeros(zeros, bits, target_format)
+
+
+def convert_all_qzeros(tensors: LazyTensors, quant: QuantConfig, source_format: str, target_format: str) -> None:
+    """Every quantized module's qzeros in `tensors` converted (as it is written) from `source_format` to
+    `target_format`, with the module's own bits (quant.module_setting) and width (its scales' columns)."""
+    for name in quantized_module_names(tensors):
+        bits, out_features = quant.module_setting(name)[0], tensors.spec(f"{name}.scales")[1][-1]
+        tensors.transform(f"{name}.qzeros", lambda q, b=bits, n=out_features, m=name:
+                          convert_qzeros(q, b, n, source_format, target_format, name=m))
 
 
 def relabel_format(quantization_config: dict[str, Any], checkpoint_format: str) -> dict[str, Any]:

@@ -20,6 +20,18 @@ class UsageError(GptqError):
     exit_code = 2
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (exit code 130, as for any SIGINT), with a message saying what was kept and how to continue
+    (quantize: the finished blocks of `total`, in the work dir). A KeyboardInterrupt still, so that code
+    catching Exception does not swallow it."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, *, finished: int = 0, total: int = 0):
+        super().__init__(message)
+        self.finished, self.total = finished, total
+
+
 @contextmanager
 def noting_interrupts() -> Iterator[Callable[[], bool]]:
     """Yields a function that says whether SIGINT arrived within. Ctrl-C still raises KeyboardInterrupt at once,

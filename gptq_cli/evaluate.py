@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from gptq_cli import __version__, kernels
 from gptq_cli.errors import UsageError
-from gptq_cli.textdata import BUILTIN_TEXT, eval_windows, tokenize
+from gptq_cli.documents import BUILTIN_TEXT
+from gptq_cli.textdata import eval_windows, tokenize
 
 # progress(label, windows_done, windows_total): label names the model being evaluated.
 ProgressFn = Callable[[str, int, int], None]
@@ -155,13 +156,12 @@ def open_model(model_path: str) -> ModelSource:
     before the (possibly long) weight loading."""
     from transformers import AutoConfig
 
-    from gptq_cli.loader import is_quantized_checkpoint
+    from gptq_cli.format.checkpoint import is_quantized_checkpoint
     from gptq_cli.modelio import load_tokenizer, resolve_model
 
     ref = resolve_model(model_path)
-    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
     quantized = ref.gguf_file is None and is_quantized_checkpoint(ref.path)
-    return ModelSource(model_path, ref, load_tokenizer(ref), AutoConfig.from_pretrained(ref.path, **kwargs),
+    return ModelSource(model_path, ref, load_tokenizer(ref), AutoConfig.from_pretrained(ref.path, **ref.load_kwargs),
                        quantized)
 
 
@@ -183,8 +183,8 @@ def load_model(source: ModelSource, *, device: str | None = None, dtype: str = "
 
         model = load_quantized_model(source.ref.path, device=dev, dtype=cdtype)
     else:
-        kwargs = {"gguf_file": source.ref.gguf_file} if source.ref.gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(source.ref.path, dtype=cdtype, **kwargs).to(dev).eval()
+        model = AutoModelForCausalLM.from_pretrained(source.ref.path, dtype=cdtype,
+                                                     **source.ref.load_kwargs).to(dev).eval()
     return LoadedModel(model, source.tokenizer, source.quantized, dev, cdtype)
 
 

@@ -7,7 +7,6 @@ the list of problems found. The command layer prints it; this module prints noth
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -17,13 +16,14 @@ from typing import Any
 import torch
 
 from gptq_cli.allocate import Candidate, stored_bits
-from gptq_cli.errors import UsageError
-from gptq_cli.format.checkpoint import CheckpointTensors, read_quant_config, read_quantization_dict, read_tensors
+from gptq_cli.arch import QUANTIZABLE, linear_weight
+from gptq_cli.format.checkpoint import (check_model_dir, quantized_module_names, read_quant_config,
+                                        read_quantization_dict, read_tensors)
 from gptq_cli.format.compat import Verdict, read_facts, summary_line, verdicts
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import packed_len, unpack_last
-from gptq_cli.loader import check_model_dir, quantized_module_names
-from gptq_cli.moe import defuse_experts
+from gptq_cli.format.safetensors_file import FileTensors
+from gptq_cli.modelio import empty_model
 
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -155,28 +155,20 @@ def detect_tool(path: Path, qdict: dict[str, Any]) -> tuple[str, bool]:
 def _model_linear_shapes(path: Path) -> dict[str, tuple[int, int]] | None:
     """(in_features, out_features) of every linear of the architecture in config.json, built on the meta
     device; None when transformers cannot build it (then shapes are only checked against each other)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config)
+        model = empty_model(config)
     except Exception:  # an architecture this transformers does not know, custom code...: fall back, not fail
         return None
-    defuse_experts(model)
-    shapes = {}
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear):
-            shapes[name] = (m.in_features, m.out_features)
-        elif type(m).__name__ == "Conv1D":
-            shapes[name] = tuple(m.weight.shape)
-    return shapes
+    return {name: tuple(linear_weight(m).shape)[::-1] for name, m in model.named_modules()
+            if isinstance(m, QUANTIZABLE)}
 
 
-def _check_module(name: str, tensors: CheckpointTensors, quant: QuantConfig,
+def _check_module(name: str, tensors: FileTensors, quant: QuantConfig,
                   model_shape: tuple[int, int] | None, problems: list[str]) -> tuple[ModuleReport, str]:
     """Validate one quantized module; append problems; return its report row and the zero-point style."""
     bits, gs = quant.module_setting(name)
@@ -228,7 +220,7 @@ def _check_module(name: str, tensors: CheckpointTensors, quant: QuantConfig,
     return report, style
 
 
-def _check_zeros(name: str, tensors: CheckpointTensors, quant: QuantConfig, bits: int, n: int,
+def _check_zeros(name: str, tensors: FileTensors, quant: QuantConfig, bits: int, n: int,
                  problems: list[str]) -> str:
     """Check the stored zero points against the declared format; return which convention they follow.
 
@@ -261,7 +253,7 @@ def _check_zeros(name: str, tensors: CheckpointTensors, quant: QuantConfig, bits
     return style
 
 
-def _add_sizes(report: InspectReport, tensors: CheckpointTensors) -> None:
+def _add_sizes(report: InspectReport, tensors: FileTensors) -> None:
     """Bytes of all stored tensors, and of the same model in fp16 (quantized layers as fp16 linears)."""
     quantized = {m.name for m in report.modules}
     report.fp16_bytes = sum(m.fp16_bytes for m in report.modules)
@@ -270,49 +262,3 @@ def _add_sizes(report: InspectReport, tensors: CheckpointTensors) -> None:
         report.total_bytes += _DTYPE_BYTES.get(dtype, 4) * math.prod(shape)
         if key.rpartition(".")[0] not in quantized:
             report.fp16_bytes += (2 if dtype in _FLOAT_DTYPES else _DTYPE_BYTES.get(dtype, 4)) * math.prod(shape)
-
-
-def read_quant_log(path: str | Path) -> list[dict[str, Any]]:
-    """Per-module quantization log rows ({"name", "loss", ...}) from quant_log.json (ours) or GPTQModel's
-    quant_log.csv; UsageError when the checkpoint has neither."""
-    path = Path(path)
-    if (path / "quant_log.json").is_file():
-        modules = json.loads((path / "quant_log.json").read_text()).get("modules")
-        if not isinstance(modules, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("loss"), (int, float))
-                for m in modules):
-            raise UsageError(f"{path / 'quant_log.json'} has no \"modules\" list of {{name, loss}} rows; "
-                             f"it is not a gptq quantization log")
-        return modules
-    if (path / "quant_log.csv").is_file():
-        with open(path / "quant_log.csv", newline="") as f:
-            return [{"name": f"{row['layer']}.{row['module']}", "loss": float(row["loss"])} for row in csv.DictReader(f)]
-    raise UsageError(f"{path} has no quant_log.json (nor GPTQModel's quant_log.csv) to plot; it is written by "
-                     f"`gptq quantize`")
-
-
-def plot_losses(rows: list[dict[str, Any]], out_file: str | Path, title: str = "") -> Path:
-    """Draw the per-module GPTQ loss (log scale, in quantization order, coloured by module kind) to a PNG."""
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise UsageError("--plot needs matplotlib: pip install 'gptq-cli[plot]'") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = sorted({r["name"].rsplit(".", 1)[-1] for r in rows})
-    colors = {kind: plt.get_cmap("tab10")(i % 10) for i, kind in enumerate(kinds)}
-    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.08 * len(rows)), 30.0), 4.0))
-    for kind in kinds:
-        points = [(i, r["loss"]) for i, r in enumerate(rows) if r["name"].rsplit(".", 1)[-1] == kind]
-        ax.bar([i for i, _ in points], [max(loss, 1e-12) for _, loss in points], color=colors[kind], label=kind)
-    ax.set_yscale("log")
-    ax.set_xlabel("module (quantization order)")
-    ax.set_ylabel("GPTQ loss")
-    ax.set_title(title or "per-module quantization loss")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    out_file = Path(out_file)
-    fig.savefig(out_file, dpi=100)
-    plt.close(fig)
-    return out_file

@@ -12,45 +12,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gptq_cli.arch import QUANTIZABLE, linear_weight
 from gptq_cli.errors import GptqError, UsageError
-from gptq_cli.format.checkpoint import CheckpointTensors, read_quant_config, read_quantization_dict, read_tensors
+from gptq_cli.format.checkpoint import (PACKED_NAMES, check_model_dir, quantized_module_names, read_quant_config,
+                                        read_tensors)
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.moe import defuse_experts
+from gptq_cli.format.safetensors_file import FileTensors
+from gptq_cli.modelio import empty_model
 from gptq_cli.quant_linear import QuantLinear
 
-PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 # Tensors old checkpoints carry that current transformers models compute instead of loading.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """The path as a Path if it is a model directory; a one-line UsageError saying what is wrong if not."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{path} does not exist; pass the directory of a GPTQ checkpoint")
-    if not path.is_dir():
-        raise UsageError(f"{path} is not a directory; pass the directory of a GPTQ checkpoint")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{path} is not a model directory (no config.json); pass the directory of a GPTQ checkpoint")
-    return path
-
-
-def is_quantized_checkpoint(path: str | Path) -> bool:
-    """True when `path` is a directory with a GPTQ quantization config (quantize_config.json or config.json's
-    quantization_config with quant_method gptq)."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    try:
-        d = read_quantization_dict(path)
-    except UsageError:
-        return False
-    return d is not None and str(d.get("quant_method", d.get("method", "gptq"))).lower() == "gptq"
-
-
-def quantized_module_names(keys: list[str] | CheckpointTensors) -> list[str]:
-    """Names of the quantized modules in a checkpoint: every `<name>` with a `<name>.qweight` tensor."""
-    return sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
 
 
 def load_quantized_model(path: str | Path, device: str | torch.device = "cpu",
@@ -60,8 +32,7 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu",
     dtype: for the non-quantized weights (embeddings, norms, lm_head); default the checkpoint's config dtype.
     Scales and biases of quantized linears keep their stored dtype; QuantLinear computes in the input's dtype.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = check_model_dir(path)
     quant = read_quant_config(path)
@@ -72,13 +43,11 @@ def load_quantized_model(path: str | Path, device: str | torch.device = "cpu",
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # else transformers would hand the model to its own GPTQ backend
         dtype = dtype or _config_dtype(config)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = empty_model(config, dtype)   # MoE experts as their own linears, as a GPTQ file stores them
     except (ValueError, KeyError, OSError) as e:
         reason = " ".join(str(e).split())  # transformers' messages span lines; ours are one line
         raise UsageError(f"{path}: transformers cannot build this model ({type(e).__name__}: {reason})") from e
 
-    defuse_experts(model)  # a GPTQ file stores each expert's own linears (moe.py)
     consumed = _swap_quantized_modules(model, tensors, quant)
     _load_remaining(model, tensors, consumed, dtype)
     if quantization_config is not None:
@@ -94,16 +63,14 @@ def _config_dtype(config) -> torch.dtype:
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D (weight stored [K, N])."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
-        k, n = module.weight.shape
-        return k, n
-    raise GptqError(f"cannot replace a {type(module).__name__} with a quantized linear")
+    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D (arch.linear_weight's orientation)."""
+    if not isinstance(module, QUANTIZABLE):
+        raise GptqError(f"cannot replace a {type(module).__name__} with a quantized linear")
+    n, k = linear_weight(module).shape
+    return k, n
 
 
-def _swap_quantized_modules(model: nn.Module, tensors: CheckpointTensors, quant: QuantConfig) -> set[str]:
+def _swap_quantized_modules(model: nn.Module, tensors: FileTensors, quant: QuantConfig) -> set[str]:
     """Replace each module with a `.qweight` in the files by a loaded QuantLinear; return the keys used."""
     consumed: set[str] = set()
     for name in quantized_module_names(tensors):
@@ -134,7 +101,7 @@ def _swap_quantized_modules(model: nn.Module, tensors: CheckpointTensors, quant:
     return consumed
 
 
-def _load_remaining(model: nn.Module, tensors: CheckpointTensors, consumed: set[str], dtype: torch.dtype) -> None:
+def _load_remaining(model: nn.Module, tensors: FileTensors, consumed: set[str], dtype: torch.dtype) -> None:
     """Read every other tensor into its parameter or buffer (floats cast to dtype); tie what the files omit."""
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from gptq_cli.errors import UsageError
 from gptq_cli.format.checkpoint import read_tensors, weight_files
+from gptq_cli.format.safetensors_file import FileTensors
 from gptq_cli.moe import checkpoint_names, defuse_experts
 
 # Built-in names that resolve without the network: the README's quick-start model.
@@ -34,6 +34,13 @@ class ModelRef:
     path: Path
     gguf_file: str | None = None
     name: str = ""
+    # the safetensors files' headers, read (and checked) once by resolve_model; None: read when needed
+    tensors: FileTensors | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def load_kwargs(self) -> dict[str, str]:
+        """What transformers' from_pretrained needs beside the path: the GGUF file's name, if it is one."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
 def resolve_model(model: str) -> ModelRef:
@@ -51,9 +58,9 @@ def resolve_model(model: str) -> ModelRef:
         if not (p / "config.json").is_file():
             raise UsageError(f"{p} is not a Hugging Face model directory (no config.json)")
         _check_config_json(p / "config.json")
-        if any(p.glob("*.safetensors")):
-            read_tensors(p)  # reads only the headers: a truncated or corrupt file is named now, before any work
-        return ModelRef(p, None, p.resolve().name)
+        # reads only the headers: a truncated or corrupt file is named now, before any work
+        tensors = read_tensors(p) if any(p.glob("*.safetensors")) else None
+        return ModelRef(p, None, p.resolve().name, tensors)
     if p.exists() or model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         raise UsageError(f"model {model!r} not found: give a local model directory, a .gguf file or a Hub id "
                          f"like org/name")
@@ -119,45 +126,6 @@ class StreamingModel:
         trim_freed_memory()
 
 
-class FileTensors(Mapping[str, torch.Tensor]):
-    """The tensors of safetensors files, each read on access with plain reads into a fresh tensor.
-
-    Not memory-mapped on purpose: a mapping keeps every page read so far in the process's resident set (RSS)
-    until the file is closed, so reading a model block by block would grow RSS by a block each time; read
-    pages stay only in the kernel's page cache, which the kernel reclaims as it needs."""
-
-    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-    def __init__(self, files: dict[str, Path]):
-        self._entries: dict[str, tuple[Path, int, dict]] = {}   # key -> (file, data start, header entry)
-        for path in files.values():
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            self._entries.update({key: (path, 8 + n, entry) for key, entry in header.items()})
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        path, base, entry = self._entries[key]
-        start, end = entry["data_offsets"]
-        out = torch.empty(entry["shape"], dtype=self.DTYPES[entry["dtype"]])
-        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        with open(path, "rb", buffering=0) as f:
-            f.seek(base + start)
-            done = 0
-            while done < end - start:   # readinto may return less than asked for
-                done += f.readinto(view[done:])
-        return out
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 def trim_freed_memory() -> None:
     """Hand memory the C allocator keeps after frees back to the system (glibc's malloc_trim): without it,
     freed block-sized buffers stay in the heap and the process's RSS creeps up block after block."""
@@ -183,16 +151,26 @@ def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
     owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
+def empty_model(config, dtype: torch.dtype | None = None, *, calibrate_all: bool = False) -> nn.Module:
+    """The causal LM of a transformers config with its parameters on the meta device (buffers such as rotary
+    frequencies computed for real) and fused MoE experts as per-expert linears (moe.py; calibrate_all: every
+    expert sees every token while quantizing). dtype None: the config's."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    defuse_experts(model, calibrate_all=calibrate_all)
+    return model
+
+
 def load_streaming(ref: ModelRef, compute_dtype: torch.dtype) -> StreamingModel:
     """The model skeleton with lazily loaded weights where the files allow it; else the whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if ref.gguf_file is None:
-        from accelerate import init_empty_weights
         config = AutoConfig.from_pretrained(ref.path)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-        defuse_experts(model, calibrate_all=True)
-        source = FileTensors(weight_files(ref.path))
+        model = empty_model(config, compute_dtype, calibrate_all=True)
+        source = ref.tensors if ref.tensors is not None else FileTensors(weight_files(ref.path))
         keys = set(source)
         prefix = getattr(model, "base_model_prefix", "") + "."
         key_of = {}
@@ -206,8 +184,7 @@ def load_streaming(ref: ModelRef, compute_dtype: torch.dtype) -> StreamingModel:
             model.eval()
             return StreamingModel(model, source, key_of)
     # GGUF, or weight names this transformers version renames on load: load the whole model.
-    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=compute_dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=compute_dtype, **ref.load_kwargs)
     defuse_experts(model, calibrate_all=True)
     model.eval()
     return StreamingModel(model, None)
@@ -215,8 +192,7 @@ def load_streaming(ref: ModelRef, compute_dtype: torch.dtype) -> StreamingModel:
 
 def load_tokenizer(ref: ModelRef):
     from transformers import AutoTokenizer
-    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
-    return AutoTokenizer.from_pretrained(ref.path, **kwargs)
+    return AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
 
 
 def storage_dtype(ref: ModelRef) -> torch.dtype:

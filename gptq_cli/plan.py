@@ -19,8 +19,7 @@ import torch
 from gptq_cli.allocate import Candidate, stored_bits
 from gptq_cli.arch import block_groups, block_linears, linear_weight, quantized_shapes, resolve_arch
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.modelio import resolve_device, resolve_dtype, resolve_model, storage_dtype
-from gptq_cli.moe import defuse_experts
+from gptq_cli.modelio import empty_model, resolve_device, resolve_dtype, resolve_model, storage_dtype
 
 FORWARD_PASSES = 2.5      # calibration passes through a block's weights per block (early stops and shortcuts)
 SLACK = 1.15              # allocator overhead and short-lived temporaries not modelled below
@@ -31,17 +30,13 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
               seqlen: int, batch_size: int, seed: int, target_bits: float | None = None,
               candidates: list[Candidate] | None = None, measurements: str | Path | None = None) -> dict:
     """The plan of a quantize run; with target_bits, also what mixed.dry_run says of its allocation."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     ref = resolve_model(model)
     dev = resolve_device(device)
     cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
-    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
-    config = AutoConfig.from_pretrained(ref.path, **kwargs)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    defuse_experts(skeleton)
+    config = AutoConfig.from_pretrained(ref.path, **ref.load_kwargs)
+    skeleton = empty_model(config)
     layers_path, arch = resolve_arch(skeleton)
     layers = skeleton.get_submodule(layers_path)
     linears = block_linears(layers[0])
@@ -49,7 +44,7 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     solves = _solves(layers[0], arch, shapes, quant.true_sequential)
     n_blocks = len(layers)
     block_params = sum(p.numel() for p in layers[0].parameters())
-    outside = sum(p.numel() for n, p in skeleton.named_parameters() if not n.startswith(layers_path + "."))
+    outside = [p.numel() for n, p in skeleton.named_parameters() if not n.startswith(layers_path + ".")]
     embed = skeleton.get_input_embeddings().weight.numel()
     hidden = getattr(config, "hidden_size", None) or max(k for _, k in shapes.values())
     tokens = nsamples * seqlen
@@ -70,7 +65,8 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
         solve = max(solve, held + 2 * k * k * 4 + n * k * (12 + elt))
         held += n * k * quant.bits / 8
     capture = embed * (elt + 2) + activations
-    write = 2 * (out_bytes + outside * 2)             # the tensors, and safetensors' serialised copy of them
+    # the checkpoint is written one tensor at a time (export.py): the largest, read and possibly converted
+    write = 2 * max(outside, default=0) * storage_dtype(ref).itemsize
     work = max(capture, block + solve, write)
     baseline = _own_peak_rss()   # this process: the same imports
     on_gpu = dev.type == "cuda"

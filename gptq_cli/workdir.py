@@ -35,6 +35,7 @@ from gptq_cli.errors import GptqError, UsageError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
 from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.format.safetensors_file import FileTensors
 from gptq_cli.modelio import ModelRef
 
 PLAN_FILE = "plan.json"
@@ -232,19 +233,21 @@ class WorkDir:
                               "modules": json.dumps(rows)})
         write_atomic(self.block_file(index), data)
 
-    def read_block(self, index: int) -> tuple[dict[str, torch.Tensor], list[dict], float]:
-        """(tensors, quant_log rows, seconds) of a finished block."""
-        from safetensors import safe_open
-
+    def open_block(self, index: int) -> tuple[FileTensors, list[dict], float]:
+        """(its tensors, each read on access; quant_log rows; seconds) of a finished block."""
         path = self.block_file(index)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = FileTensors({path.name: path})
+            meta = tensors.metadata()[path.name] or {}
             return tensors, json.loads(meta["modules"]), float(meta["seconds"])
         except Exception as e:  # truncated by hand, wrong file...
             raise GptqError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it and rerun the same "
                             f"command to redo that block") from e
+
+    def read_block(self, index: int) -> tuple[dict[str, torch.Tensor], list[dict], float]:
+        """(tensors, quant_log rows, seconds) of a finished block."""
+        tensors, rows, seconds = self.open_block(index)
+        return dict(tensors.items()), rows, seconds
 
     def remove_if_unfinished(self) -> None:
         """After a failed run: a work dir without a finished block holds nothing worth keeping; remove it."""

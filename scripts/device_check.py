@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import bench_kernels  # noqa: E402
-from gptq_cli import api, calibration, engine  # noqa: E402
+from gptq_cli import api, calibration, engine, export  # noqa: E402
 from gptq_cli.evaluate import evaluate  # noqa: E402
 from gptq_cli.format.config import QuantConfig  # noqa: E402
-from gptq_cli.textdata import BUILTIN_TEXT  # noqa: E402
+from gptq_cli.documents import BUILTIN_TEXT  # noqa: E402
 
 SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                vocab_size=32000, max_position_embeddings=4096)
@@ -85,7 +85,7 @@ class PhaseTimers:
 
     PHASES = [(api, "capture_inputs", "capture"), (calibration, "collect_hessians", "forward_and_hessians"),
               (calibration, "accumulate_hessian", "hessian_matmuls"), (engine, "_solve", "solve"),
-              (calibration, "advance", "advance"), (api, "_write_output", "write")]
+              (calibration, "advance", "advance"), (export, "write_output", "write")]
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)

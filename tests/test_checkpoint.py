@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 from safetensors import safe_open
 
@@ -87,19 +86,21 @@ def test_same_input_gives_byte_identical_files(tmp_path):
 
 
 def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
-    real_save = safetensors.torch.save_file
+    import gptq_cli.format.checkpoint as checkpoint
+
+    real_write = checkpoint.write_file
     calls = []
 
-    def save_then_fail(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 2:
+    def write_then_fail(path, *args, **kwargs):
+        calls.append(path)
+        real_write(path, *args, **kwargs)
+        if len(calls) == 2:   # the second shard is on disk, then the disk is full
             raise OSError("disk full")
-        return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
+    monkeypatch.setattr(checkpoint, "write_file", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
         write(tmp_path / "ckpt", max_shard_size="8KB")
-    assert len(calls) == 2                      # it did fail after writing one shard
+    assert len(calls) == 2                      # it did fail after writing two shards
     assert list(tmp_path.iterdir()) == []       # no checkpoint, no temporary directory
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptq_cli import textdata
+from gptq_cli import documents, textdata
 from gptq_cli.errors import UsageError
 from gptq_cli.textdata import calibration_samples, eval_windows, load_text
 from tests.tiny_models import make_tiny_tokenizer
@@ -138,7 +138,7 @@ def test_builtin_calibration_text_is_shipped_as_package_data():
     assert len(docs) > 100 and all(d.strip() for d in docs)
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["gptq_cli"]
-    relative = textdata.BUILTIN_TEXT.relative_to(Path(textdata.__file__).parent).as_posix()
+    relative = documents.BUILTIN_TEXT.relative_to(Path(documents.__file__).parent).as_posix()
     assert any(fnmatch.fnmatch(relative, p) for p in patterns)
 
 

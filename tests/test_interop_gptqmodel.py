@@ -141,7 +141,8 @@ def test_our_loader_matches_gptqmodel_forward_on_its_checkpoint(gptqmodel_side, 
 @pytest.mark.parametrize("desc_act", DESC_ACT)
 def test_gptqmodel_checkpoint_reads_and_inspects_cleanly(gptqmodel_side, desc_act, tmp_path):
     from gptq_cli.format.checkpoint import read_quant_config
-    from gptq_cli.inspect import inspect_checkpoint, plot_losses, read_quant_log
+    from gptq_cli.inspect import inspect_checkpoint
+    from gptq_cli.losses import plot_losses, read_quant_log
 
     _, theirs, _, _, _ = gptqmodel_side
     quant = read_quant_config(theirs[desc_act])

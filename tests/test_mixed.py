@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptq_cli import api, mixed
+from gptq_cli import api, export, mixed
 from gptq_cli.allocate import parse_candidates
 from gptq_cli.arch import linear_weight, set_linear_weight
 from gptq_cli.cli import app
 from gptq_cli.convert import convert_checkpoint
-from gptq_cli.errors import UsageError
+from gptq_cli.errors import Interrupted, UsageError
 from gptq_cli.format.checkpoint import read_quant_config, read_tensors
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
@@ -107,7 +107,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(mixed_ckpt, tiny_llama_dir, c
             raise KeyboardInterrupt
 
     monkeypatch.setattr(api, "quantize_blocks", one_block_then_ctrl_c)
-    with pytest.raises(api.QuantizeInterrupted):
+    with pytest.raises(Interrupted):
         run(tiny_llama_dir, calib_file, tmp_path / "out")
     monkeypatch.setattr(api, "quantize_blocks", real)
     monkeypatch.setattr(mixed, "measure", lambda *a, **k: pytest.fail("resume measured again"))
@@ -165,8 +165,8 @@ def test_pack_of_a_finished_mixed_work_dir_writes_what_quantize_writes(mixed_ckp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint, "write_checkpoint", interrupted)
-    with pytest.raises(api.QuantizeInterrupted):
+    with pytest.raises(Interrupted):
         run(tiny_llama_dir, calib_file, tmp_path / "out")
     monkeypatch.undo()
-    packed = api.pack_workdir(tmp_path / "out.work", tmp_path / "packed")
+    packed = export.pack_workdir(tmp_path / "out.work", tmp_path / "packed")
     assert digests(packed) == digests(mixed_ckpt)

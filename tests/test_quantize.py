@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from gptq_cli import api
+from gptq_cli import api, export
 from gptq_cli.arch import QUANTIZABLE, block_linears, linear_weight, resolve_arch, set_linear_weight
 from gptq_cli.calibration import collect_hessians
 from gptq_cli.engine import capture_inputs
@@ -219,10 +219,10 @@ def test_a_gguf_sources_tokenizer_files_are_staged_in_a_directory_that_is_remove
     checkpoint writer to copy, and that directory is gone afterwards."""
     from gptq_cli.modelio import ModelRef
     from tests.tiny_models import make_tiny_tokenizer
-    with api._tokenizer_dir(ModelRef(path=tmp_path, gguf_file="model.gguf"), make_tiny_tokenizer()) as staged:
+    with export.tokenizer_dir(ModelRef(path=tmp_path, gguf_file="model.gguf"), make_tiny_tokenizer()) as staged:
         assert staged != tmp_path and (staged / "tokenizer_config.json").is_file()
     assert not staged.exists()
-    with api._tokenizer_dir(ModelRef(path=tmp_path), make_tiny_tokenizer()) as plain:
+    with export.tokenizer_dir(ModelRef(path=tmp_path), make_tiny_tokenizer()) as plain:
         assert plain == tmp_path   # a directory source already has its tokenizer files
 
 

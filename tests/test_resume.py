@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from gptq_cli import api
 from gptq_cli.cli import app
 from gptq_cli.convert import convert_checkpoint
-from gptq_cli.errors import UsageError
+from gptq_cli.errors import Interrupted, UsageError
 from gptq_cli.format.config import QuantConfig
 from tests.tiny_models import random_input_ids, save_tiny_model
 
@@ -84,7 +84,7 @@ def finished_work_dir(tmp_path_factory, model_dir, calib_file) -> Path:
     out = tmp_path_factory.mktemp("resume_finished") / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checkpoint, "write_checkpoint", interrupted)
-        with pytest.raises(api.QuantizeInterrupted) as info:
+        with pytest.raises(Interrupted) as info:
             api_quantize(model_dir, calib_file, out)
     assert (info.value.finished, info.value.total) == (BLOCKS, BLOCKS)
     assert not out.exists()

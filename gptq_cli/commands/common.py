@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from gptq_cli.errors import GptqError, noting_interrupts
+from gptq_cli.errors import GptqError, Interrupted, noting_interrupts
 
 # Progress, tables and logs go to stderr so that stdout carries only the --json object. markup=False: paths, model
 # names and messages print as typed ("x[/]" or "a[bold]b" are file names, not rich markup); styles come from Text.
@@ -46,6 +46,9 @@ def run(work: Callable[[], Any], *, debug: bool = False) -> Any:
         except GptqError as e:
             if debug:
                 raise
+            say("error", str(e))
+            raise typer.Exit(e.exit_code)
+        except Interrupted as e:   # what was kept and how to continue
             say("error", str(e))
             raise typer.Exit(e.exit_code)
         except KeyboardInterrupt:

@@ -38,7 +38,8 @@ def inspect(
     known loaders (transformers, GPTQModel, AutoGPTQ, vLLM, ExLlama) will load it and why not."""
 
     def work() -> None:
-        from gptq_cli.inspect import inspect_checkpoint, plot_losses, read_quant_log
+        from gptq_cli.inspect import inspect_checkpoint
+        from gptq_cli.losses import plot_losses, read_quant_log
 
         report = inspect_checkpoint(checkpoint)
         if json_out:

@@ -1,7 +1,7 @@
 """`gptq pack PATH -o OUT`: turn PATH into a final GPTQ checkpoint.
 
 PATH is dispatched on what it is: a quantize work directory (plan.json + blocks/) is assembled into a checkpoint
-by the same code quantize ends with (gptq_cli.api.pack_workdir); a GPTQ checkpoint directory (config.json with a
+by the same code quantize ends with (gptq_cli.export.pack_workdir); a GPTQ checkpoint directory (config.json with a
 quantization_config) is converted (zero-point format, shards) by gptq_cli.convert. Anything else is refused
 with what PATH must be.
 """
@@ -46,7 +46,7 @@ def pack(
     and eval_results.json come along."""
 
     def work() -> None:
-        from gptq_cli.loader import is_quantized_checkpoint
+        from gptq_cli.format.checkpoint import is_quantized_checkpoint
         from gptq_cli.workdir import WorkDir, check_new_directory, is_work_dir
 
         if fmt is not None and fmt not in FORMATS:
@@ -60,7 +60,7 @@ def pack(
         busy = (console.status(Text(f"packing {path} → {output}")) if show_progress(quiet or json_out)
                 else nullcontext())
         if is_work_dir(path):
-            from gptq_cli.api import pack_workdir
+            from gptq_cli.export import pack_workdir
 
             source_format = WorkDir(path).read_plan()["config"]["checkpoint_format"]
             with busy:

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, progress_bar, run,
                                       say, show_progress)
-from gptq_cli.errors import GptqError, UsageError
+from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
 
 if TYPE_CHECKING:
@@ -42,12 +42,6 @@ Examples:
   gptq quantize ./my-model --target-bits 4.25 --dry-run \\
       --measurements my-model-mixed/measurements.json
 """
-
-
-class Interrupted(GptqError):
-    """Ctrl-C: the finished blocks are kept in the work dir (exit code 130, as for any SIGINT)."""
-
-    exit_code = 130
 
 
 def load_preset(config: str) -> dict:
@@ -156,7 +150,7 @@ def quantize(
                              candidates=cands, measurements=measurements)
             _print_plan(plan, json_out, quiet)
             return
-        from gptq_cli.api import QuantizeInterrupted, quantize as api_quantize
+        from gptq_cli.api import quantize as api_quantize
         with progress_bar(quiet or json_out) as bar:
             blocks = bar.add_task("blocks", total=None)
 
@@ -185,13 +179,10 @@ def quantize(
             # What the user typed, under the console script's name however Python was started; None when the
             # command was invoked programmatically (sys.argv is then some other program's).
             command = shlex.join(["gptq", *sys.argv[1:]]) if "quantize" in sys.argv[1:] else None
-            try:
-                result = api_quantize(model, quant, dataset_path=dataset_path, device=device, dtype=dtype,
-                                      output=output, work_dir=work_dir, resume=resume, command=command,
-                                      progress=on_progress, target_bits=target_bits, candidates=cands,
-                                      measurements=measurements, **run_args)
-            except QuantizeInterrupted as e:
-                raise Interrupted(str(e)) from None
+            result = api_quantize(model, quant, dataset_path=dataset_path, device=device, dtype=dtype,
+                                  output=output, work_dir=work_dir, resume=resume, command=command,
+                                  progress=on_progress, target_bits=target_bits, candidates=cands,
+                                  measurements=measurements, **run_args)
         if not result.writer:   # another torchrun rank: rank 0 reports the checkpoint it wrote
             return
         summary = run_summary(model, result, quant)

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.hf_config import with_legacy_keys
 from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.format.safetensors_file import FileTensors, LazyTensors, nbytes, write_file
 
 SAFETENSORS_METADATA = {"format": "pt"}
+PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")   # a quantized linear's tensors, `<module>.<name>`
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
@@ -54,12 +56,13 @@ def quantized_to_tensors(prefix: str, qw: QuantizedWeight, checkpoint_format: st
     return out
 
 
-def write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], model_config: Any,
+def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], model_config: Any,
                      quant: QuantConfig | Mapping[str, Any], *, max_shard_size: int | str = "5GB",
                      extra_files: dict[str, bytes] | None = None, src_dir: str | Path | None = None,
                      overwrite: bool = False) -> Path:
     """Write a complete GPTQ checkpoint directory atomically and return its path.
 
+    tensors: a LazyTensors (each produced only while it is written) or any mapping of tensors.
     model_config: a transformers PretrainedConfig or its dict; it gets `quantization_config` added.
     quant: the settings, or a quantization_config dict written as is (conversion keeps the source tool's keys).
     extra_files: more files to write, by plain file name (e.g. quant_log.json).
@@ -78,7 +81,8 @@ def write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], mode
         if src_dir is not None:
             _copy_source_files(Path(src_dir), tmp)
         _write_config_files(tmp, model_config, quant)
-        _write_safetensors(tmp, tensors, parse_size(max_shard_size))
+        lazy = tensors if isinstance(tensors, LazyTensors) else LazyTensors.holding(tensors)
+        _write_safetensors(tmp, lazy, parse_size(max_shard_size))
         for name, data in sorted((extra_files or {}).items()):
             (tmp / name).write_bytes(data)
         _apply_umask(tmp)
@@ -109,7 +113,7 @@ def _write_config_files(dst: Path, model_config: Any, quant: QuantConfig | Mappi
     (dst / QUANTIZE_CONFIG_FILE).write_bytes(_json_bytes(qdict))
 
 
-def _shard_plan(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+def _shard_plan(tensors: LazyTensors, max_bytes: int) -> list[list[str]]:
     """Keys per shard, in sorted order; a module's tensors (same prefix) never straddle two shards."""
     modules: dict[str, list[str]] = {}
     for key in sorted(tensors):
@@ -117,36 +121,27 @@ def _shard_plan(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[s
     shards: list[list[str]] = [[]]
     size = 0
     for keys in modules.values():
-        nbytes = sum(tensors[k].numel() * tensors[k].element_size() for k in keys)
-        if shards[-1] and size + nbytes > max_bytes:
+        module_bytes = sum(nbytes(tensors.spec(k)) for k in keys)
+        if shards[-1] and size + module_bytes > max_bytes:
             shards.append([])
             size = 0
         shards[-1].extend(keys)
-        size += nbytes
+        size += module_bytes
     return shards
 
 
-def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], max_bytes: int) -> None:
-    from safetensors.torch import save_file
-
-    seen: set[int] = set()
-    prepared = {}
-    for key in sorted(tensors):
-        t = tensors[key].detach().to("cpu").contiguous()
-        if t.numel() and t.data_ptr() in seen:  # safetensors refuses tensors that share memory (tied weights)
-            t = t.clone()
-        seen.add(t.data_ptr())
-        prepared[key] = t
-    shards = _shard_plan(prepared, max_bytes)
+def _write_safetensors(dst: Path, tensors: LazyTensors, max_bytes: int) -> None:
+    """The weights as model.safetensors, or as numbered shards with their index; one tensor in memory at a time."""
+    shards = _shard_plan(tensors, max_bytes)
     if len(shards) == 1:
-        save_file(prepared, str(dst / SINGLE_FILE), metadata=SAFETENSORS_METADATA)
+        write_file(dst / SINGLE_FILE, tensors, shards[0], SAFETENSORS_METADATA)
         return
     weight_map = {}
     for i, keys in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: prepared[k] for k in keys}, str(dst / name), metadata=SAFETENSORS_METADATA)
+        write_file(dst / name, tensors, keys, SAFETENSORS_METADATA)
         weight_map.update(dict.fromkeys(keys, name))
-    total = sum(t.numel() * t.element_size() for t in prepared.values())
+    total = sum(nbytes(tensors.spec(k)) for k in tensors)
     (dst / INDEX_FILE).write_bytes(_json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
@@ -177,46 +172,6 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-class CheckpointTensors(Mapping[str, torch.Tensor]):
-    """Lazy read-only access to a checkpoint's tensors: each is read from its safetensors file on access."""
-
-    def __init__(self, files: dict[str, Path]):
-        self._handles = {name: _open_safetensors(path) for name, path in files.items()}
-        self._file_of = {key: name for name, h in self._handles.items() for key in h.keys()}
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._handles[self._file_of[key]].get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._file_of))
-
-    def __len__(self) -> int:
-        return len(self._file_of)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._file_of
-
-    def dtype_and_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
-        """The stored dtype ('I32', 'F16', 'BF16', ...) and shape of a tensor, without reading its data."""
-        sl = self._handles[self._file_of[key]].get_slice(key)
-        return sl.get_dtype(), tuple(sl.get_shape())
-
-    def metadata(self) -> dict[str, dict[str, str] | None]:
-        """The safetensors metadata of each file."""
-        return {name: h.metadata() for name, h in self._handles.items()}
-
-
-def _open_safetensors(path: Path):
-    """safe_open, with a UsageError naming the file when it is truncated or not safetensors at all."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
-                         f"copy or download it again") from e
-
-
 def weight_files(ckpt_dir: str | Path) -> dict[str, Path]:
     """The safetensors files of a checkpoint: the index's shards, model.safetensors, or (AutoGPTQ's
     gptq_model-4bit-128g.safetensors style) whatever .safetensors files are there."""
@@ -237,9 +192,39 @@ def weight_files(ckpt_dir: str | Path) -> dict[str, Path]:
     return {n: ckpt_dir / n for n in names}
 
 
-def read_tensors(ckpt_dir: str | Path) -> CheckpointTensors:
-    """All tensors of a checkpoint directory as a lazy mapping (nothing is read until accessed)."""
-    return CheckpointTensors(weight_files(ckpt_dir))
+def check_model_dir(path: str | Path) -> Path:
+    """The path as a Path if it is a model directory; a one-line UsageError saying what is wrong if not."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist; pass the directory of a GPTQ checkpoint")
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a directory; pass the directory of a GPTQ checkpoint")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not a model directory (no config.json); pass the directory of a GPTQ checkpoint")
+    return path
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    """True when `path` is a directory with a GPTQ quantization config (quantize_config.json or config.json's
+    quantization_config with quant_method gptq)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    try:
+        d = read_quantization_dict(path)
+    except UsageError:
+        return False
+    return d is not None and str(d.get("quant_method", d.get("method", "gptq"))).lower() == "gptq"
+
+
+def quantized_module_names(keys: Iterable[str]) -> list[str]:
+    """Names of the quantized modules in a checkpoint: every `<name>` with a `<name>.qweight` tensor."""
+    return sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
+
+
+def read_tensors(ckpt_dir: str | Path) -> FileTensors:
+    """All tensors of a checkpoint directory as a lazy mapping (headers read and checked; data on access)."""
+    return FileTensors(weight_files(ckpt_dir))
 
 
 def read_quantization_dict(ckpt_dir: str | Path) -> dict[str, Any] | None:
