@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,3 +85,45 @@ def test_a_dying_rank_makes_the_other_exit_with_one_line(tmp_path: Path, tiny_ll
     lines = [line for line in err.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and "lost the other processes" in lines[0], err[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+RESUME_MODEL = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=32)
+
+
+def launch(nproc: int, model: Path, out: Path) -> list[subprocess.Popen]:
+    """`nproc` ranks of one run, started as torchrun would start them (environment variables)."""
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc)}
+    args = [sys.executable, *quantize_args(model, out), "--group-size", "32"]
+    return [subprocess.Popen(args, env={**env, "RANK": str(r)} if nproc > 1 else ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for r in range(nproc)]
+
+
+def kill_when(procs: list[subprocess.Popen], path: Path) -> None:
+    while not path.exists():
+        assert all(p.poll() is None for p in procs), f"the run ended before {path.name} appeared"
+        time.sleep(0.002)
+    for p in procs:
+        p.kill()
+        p.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_a_killed_run_resumes_with_another_number_of_processes(tmp_path: Path, before: int, after: int) -> None:
+    from tests.tiny_models import save_tiny_model
+    model = save_tiny_model(tmp_path / "model", "llama", **RESUME_MODEL)
+    out, blocks = tmp_path / "out", tmp_path / "out.work" / "blocks"
+    kill_when(launch(before, model, out), blocks / "block-00001.safetensors")
+    kept = {p.name: load_file(str(p)) for p in blocks.glob("block-*.safetensors")}
+    assert 2 <= len(kept) < 4 and not out.exists()
+    procs = launch(after, model, out)
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    final = load_file(str(out / "model.safetensors"))
+    for block in kept.values():   # the finished blocks were taken from the work dir, not solved again
+        for key, t in block.items():
+            assert key in final and torch.equal(final[key], t), key
+    log = json.loads((out / "quant_log.json").read_text())["modules"]
+    assert len(log) == 4 * 7 and all(m["tokens"] == 8 * 32 for m in log)   # every token counted once
+    assert not (tmp_path / "out.work").exists()
