@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gptq_cli.arch import block_linears, resolve_arch
-from gptq_cli.engine import advance, capture_inputs
+from gptq_cli.calibration import advance
+from gptq_cli.engine import capture_inputs
 from gptq_cli.modelio import load_streaming, resolve_model
 from gptq_cli.sensitivity import output_fisher
 from tests.tiny_models import random_input_ids, save_tiny_model
