@@ -125,9 +125,10 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     used_seqlen = max(s.shape[-1] for s in samples)
     plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=used_seqlen, seed=seed,
                       batch_size=batch_size, device=dev, dtype=cdtype, blocks=n_blocks, command=command, notes=notes)
-    done = distributed.broadcast_int(ranks, wd.open(plan) if ranks.writer else 0)   # rank 0 alone writes
+    done = wd.open(plan) if ranks.writer else 0   # rank 0 alone writes
     with noting_interrupts() as interrupted:
         try:
+            done = distributed.broadcast_int(ranks, done)   # inside: a rank lost here leaves no empty work dir
             if target_bits is not None:
                 quant = mixed.allocate_run(wd, plan, sm, layers_path, batch_samples(samples, batch_size), quant,
                                            dev, cdtype, measurements,

@@ -89,13 +89,20 @@ def reduce_hessians(ranks: Ranks, hessians: list[tuple[list[str], torch.Tensor, 
         _collective(ranks, "sharing Hessians", lambda: dist.all_gather(
             counts, torch.tensor([float(n)], dtype=torch.float64, device=H.device)))
         _collective(ranks, "sharing Hessians", lambda: dist.all_gather(parts, H.contiguous()))
-        total = int(sum(float(c) for c in counts))
-        H = torch.zeros_like(H)
-        for c, part in zip(counts, parts):
-            H.add_(part, alpha=float(c) / total)
+        H, total = combine_means(parts, [int(c) for c in counts])
         del parts
         out.append((names, H, total))
     return out
+
+
+def combine_means(parts: list[torch.Tensor], counts: list[int]) -> tuple[torch.Tensor, int]:
+    """Σ_r (n_r / n) H_r in list order: the mean over all tokens from the ranks' means (and the token count).
+    Equal to one process's running mean up to float32 rounding (tests/test_distributed.py bounds it)."""
+    total = sum(counts)
+    H = torch.zeros_like(parts[0])
+    for c, part in zip(counts, parts):
+        H.add_(part, alpha=c / total)
+    return H, total
 
 
 def owners(ranks: Ranks, shapes: list[tuple[int, int]]) -> list[int]:

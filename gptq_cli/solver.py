@@ -18,19 +18,11 @@ from torch import Tensor
 
 from gptq_cli.format.config import check_setting
 from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.hessian_inverse import (DAMP_STEP, IndefiniteHessian, NonFiniteHessian,  # noqa: F401 (the solver's)
+                                      inverse_hessian_factor)
 from gptq_cli.quantizer import dequantize, find_params, quantize
 
-DAMP_STEP = 0.01                    # automatic damping increase when Cholesky fails
-
 BlockFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
-
-
-class NonFiniteHessian(ValueError):
-    """The Hessian has NaN/Inf entries."""
-
-
-class IndefiniteHessian(ValueError):
-    """The Hessian is not positive definite at any damping the solver tries."""
 
 
 @contextmanager
@@ -127,56 +119,6 @@ def block_ranges(columns: int, group_size: int, block_size: int, align_groups: b
         ranges.append((start, end))
         start = end
     return ranges
-
-
-def inverse_hessian_factor(H: Tensor, damp_percent: float, perm: Tensor | None = None,
-                           dead: Tensor | None = None) -> tuple[Tensor, float]:
-    """Hinv = upper Cholesky factor of (H' + damp·mean(diag H')·I)⁻¹, raising damp by DAMP_STEP until it works;
-    H' = H[perm][:, perm] (H itself without perm) with the diagonal entries at the positions `dead` (of H')
-    set to 1. H is not modified.
-
-    Memory: one K×K buffer besides H. H' is written into it a slice at a time, and the Cholesky factor, its
-    inverse and the second factor are computed in place (LAPACK works in place on a column-major matrix);
-    a failed factorisation is retried by rewriting the buffer from H. Returns (Hinv, column-major, the damp
-    fraction used)."""
-    if not _all_finite(H):
-        raise NonFiniteHessian("the Hessian has NaN/Inf entries")
-    K = H.shape[0]
-    A = torch.empty_strided((K, K), (1, K), dtype=torch.float32, device=H.device)
-    info = torch.empty((), dtype=torch.int32, device=H.device)
-    mean_diag = None
-    tries = math.ceil((1 - damp_percent) / DAMP_STEP)
-    for i in range(tries):
-        damp = round(damp_percent + i * DAMP_STEP, 6)   # round: no drift from repeated float additions
-        _load_permuted(A, H, perm)
-        if dead is not None:
-            A.diagonal()[dead] = 1
-        if mean_diag is None:
-            mean_diag = A.diagonal().mean()
-        A.diagonal().add_(damp * mean_diag)
-        torch.linalg.cholesky_ex(A, out=(A, info))
-        if info == 0:
-            torch.cholesky_inverse(A, out=A)
-            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
-            if info == 0 and _all_finite(A):
-                return A, damp
-    raise IndefiniteHessian(f"the Hessian is not positive definite even with damp_percent {damp}")
-
-
-def _load_permuted(A: Tensor, H: Tensor, perm: Tensor | None, rows: int = 1024) -> None:
-    """A[i, j] = H[perm[i], perm[j]] for a column-major A, written through its row-major transpose
-    (Aᵀ[j, i] = Hᵀ[perm[j], perm[i]]) a slice of rows at a time: the temporaries are slices, not K×K."""
-    At, Ht = A.mT, H.mT
-    for r in range(0, H.shape[0], rows):
-        if perm is None:
-            At[r:r + rows].copy_(Ht[r:r + rows])
-        else:
-            torch.index_select(Ht.index_select(0, perm[r:r + rows]), 1, perm, out=At[r:r + rows])
-
-
-def _all_finite(M: Tensor, cols: int = 1024) -> bool:
-    """torch.isfinite(M).all() without a K×K boolean temporary."""
-    return all(bool(torch.isfinite(M[:, c:c + cols]).all()) for c in range(0, M.shape[1], cols))
 
 
 def group_aware_order(diag: Tensor, group_size: int) -> Tensor:

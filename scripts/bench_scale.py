@@ -138,11 +138,18 @@ def measure(name: str, work: Path, nsamples: int, seqlen: int) -> dict:
     res = subprocess.run(wrapper, env=env, capture_output=True, text=True)
     child = json.loads(res.stdout.strip().splitlines()[-1])
     disk = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    estimate = {k: plan.get(k) for k in ("peak_host_memory_gb", "peak_device_memory_gb", "estimated_seconds")}
+    ratios = {"peak_rss_over_estimate": round(child["peak_gb"] / plan["peak_host_memory_gb"], 2),
+              "seconds_over_estimate": round(child["seconds"] / plan["estimated_seconds"], 2)}
+    log = out / "quant_log.json"
+    solves = {}
+    if layers == 1 and log.is_file():   # where the time of one big layer goes
+        for m in json.loads(log.read_text())["modules"]:
+            solves[m["name"]] = m.get("seconds")
     return {"model": f"llama-{name}", "layers": layers, "hidden": hidden, "intermediate": inter, "heads": heads,
             "kv_heads": kv, "on_disk_gb": round(disk / 1e9, 2), "exit_code": child["rc"],
             "peak_rss_gb": round(child["peak_gb"], 2), "seconds": round(child["seconds"], 1),
-            "dry_run": {k: plan.get(k) for k in ("peak_host_memory_gb", "peak_device_memory_gb",
-                                                  "estimated_minutes", "estimate")},
+            "dry_run": estimate, **ratios, **({"solve_seconds_by_module": solves} if solves else {}),
             **load, "loadavg_after": os.getloadavg(), "tail": child["tail"] if child["rc"] else ""}
 
 
