@@ -19,11 +19,13 @@ import torch
 from gptq_cli.allocate import Candidate, stored_bits
 from gptq_cli.arch import block_groups, block_linears, linear_weight, quantized_shapes, resolve_arch
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.modelio import empty_model, resolve_device, resolve_dtype, resolve_model, storage_dtype
 
 FORWARD_PASSES = 2.5      # calibration passes through a block's weights per block (early stops and shortcuts)
 SLACK = 1.15              # allocator overhead and short-lived temporaries not modelled below
-PROBE_COLUMNS = 32
+PROBE_COLUMNS = 128       # the solver's block: a column's in-block update spans the rest of its block
+PROBE_FACTOR = 2048       # the Hessian size the factorisation is timed at (smaller ones are all overhead)
 
 
 def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str, dataset: str, nsamples: int,
@@ -73,7 +75,7 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     host = baseline + SLACK * (max(capture, write) if on_gpu else work)
 
     startup = _seconds_since_start()   # imports and reading the config, as a real run does them too
-    rates = probe(dev, cdtype)
+    rates = probe(dev, cdtype, [n for n, _ in solves])
     seconds = startup + n_blocks * (_forward_seconds(block_params, tokens, rates)
                           + sum(_solve_seconds(n, k, tokens, quant, rates) for n, k in solves))
     plan = {
@@ -88,7 +90,8 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
         "peak_device_memory_gb": round(SLACK * (block + solve) / 1e9, 2) if on_gpu else None,
         "quantized_weights_gb": round(out_bytes / 1e9, 3),
         "estimated_minutes": round(seconds / 60, 1), "estimated_seconds": round(seconds, 1),
-        "probe": {k: float(f"{v:.3g}") for k, v in rates.items()},
+        "probe": {k: ({n: float(f"{t:.3g}") for n, t in v.items()} if isinstance(v, dict) else float(f"{v:.3g}"))
+                  for k, v in rates.items()},
     }
     if target_bits is not None:
         from gptq_cli.mixed import dry_run as mixed_dry_run
@@ -115,11 +118,13 @@ def _solves(block, arch, shapes: dict[str, tuple[int, int]], true_sequential: bo
     return solves
 
 
-def probe(device: torch.device, cdtype: torch.dtype) -> dict[str, float]:
-    """Throughputs of this machine as the solver and the calibration passes will use it (about a second):
-    flops_f32 / flops_act: matmul FLOP/s in float32 and in the activation dtype; column_s and column_row_s:
-    the solver's column loop, seconds per column = column_s + column_row_s × rows; chol_s: the Cholesky,
-    inverse and second factor of a 1024×1024 Hessian."""
+def probe(device: torch.device, cdtype: torch.dtype, rows: list[int]) -> dict[str, float | dict[int, float]]:
+    """Throughputs of this machine as the solver and the calibration passes will use it (a few seconds):
+    flops_f32 / flops_act: matmul FLOP/s in float32 and in the activation dtype; chol_s: the Cholesky and
+    inverse of a PROBE_FACTOR² Hessian; flops_lazy: the lazy block update's rate; pack_s: seconds per weight to
+    dequantize and pack a result; column_s[N]: seconds per column of the solver's column loop on N rows,
+    timed on one block of each row count the run solves (its cost per row grows once a block's N×128 floats
+    leave the cache, so a smaller probe would not tell)."""
     from gptq_cli.engine import block_function
     from gptq_cli.solver import inverse_hessian_factor, single_thread_on_cpu
     gptq_block = block_function(device)   # the block step the engine solves with on this device
@@ -141,23 +146,30 @@ def probe(device: torch.device, cdtype: torch.dtype) -> dict[str, float]:
     flops = 2 * 512 * 1024 * 1024
     rates = {"flops_f32": flops / timed(lambda: a @ b),
              "flops_act": flops / timed(lambda: a.to(cdtype) @ b.to(cdtype))}
-    H = (b @ b.t() / 1024).contiguous()
+    x = torch.randn(PROBE_FACTOR, 256, generator=gen).to(device)
+    H = torch.eye(PROBE_FACTOR, device=device).addmm_(x, x.t(), alpha=1 / 256)
     rates["chol_s"] = timed(lambda: inverse_hessian_factor(H, 0.01), repeat=1)
-    Hinv = inverse_hessian_factor(H[:PROBE_COLUMNS, :PROBE_COLUMNS], 0.01)[0]
-    per_column = []
-    for rows in (256, 4096):
-        W = torch.randn(rows, PROBE_COLUMNS, generator=gen).to(device)
-        scales = torch.ones(rows, 1, device=device)
-        zeros = torch.full((rows, 1), 8.0, device=device)
-        group = torch.zeros(PROBE_COLUMNS, dtype=torch.long, device=device)
-        new = torch.zeros(PROBE_COLUMNS, dtype=torch.bool, device=device)
-        new[0] = True
+    # the lazy update as the solver does it: a thin product into a temporary, then a pass over W
+    W, Err = torch.zeros(2048, 1024 + 128, device=device), torch.randn(2048, 128, generator=gen).to(device)
+    rates["flops_lazy"] = 2 * 2048 * 128 * 1024 / timed(lambda: W[:, 128:].sub_(Err @ H[:128, 128:1152]))
+    # what follows a solve, per weight: the dequantized weight put in place and the packed tensors
+    codes = torch.randint(0, 16, (1024, 1024), generator=gen, dtype=torch.int32).to(device)
+    qw = QuantizedWeight(codes, torch.ones(8, 1024, dtype=torch.float16, device=device),
+                         torch.full((8, 1024), 8, dtype=torch.int32, device=device),
+                         torch.arange(1024, device=device, dtype=torch.int32) // 128, 4, 128)
+    rates["pack_s"] = timed(lambda: (qw.dequantize(cdtype), qw.to_tensors("gptq")), repeat=1) / codes.numel()
+    Hinv = inverse_hessian_factor(H[:PROBE_COLUMNS, :PROBE_COLUMNS], 0.01)[0].contiguous()   # as the solver
+    group = torch.zeros(PROBE_COLUMNS, dtype=torch.long, device=device)
+    new = torch.zeros(PROBE_COLUMNS, dtype=torch.bool, device=device)
+    new[0] = True
+    rates["column_s"] = {}
+    for n in sorted(set(rows)):
+        W = torch.randn(n, PROBE_COLUMNS, generator=gen).to(device)
+        scales, zeros = torch.ones(n, 1, device=device), torch.full((n, 1), 8.0, device=device)
         with single_thread_on_cpu(device):
-            per_column.append(timed(lambda: gptq_block(W.clone(), Hinv, scales, zeros, group, new, bits=4,
-                                                       sym=True, mse=False, group_size=PROBE_COLUMNS))
-                              / PROBE_COLUMNS)
-    rates["column_row_s"] = max(0.0, (per_column[1] - per_column[0]) / (4096 - 256))
-    rates["column_s"] = max(0.0, per_column[0] - 256 * rates["column_row_s"])
+            rates["column_s"][n] = timed(lambda: gptq_block(W.clone(), Hinv, scales, zeros, group, new, bits=4,
+                                                            sym=True, mse=False, group_size=PROBE_COLUMNS),
+                                         repeat=1) / PROBE_COLUMNS
     return rates
 
 
@@ -176,14 +188,19 @@ def _forward_seconds(block_params: int, tokens: int, rates: dict[str, float]) ->
 
 
 def _solve_seconds(n: int, k: int, tokens: int, quant: QuantConfig, rates: dict[str, float]) -> float:
-    """One stacked solve: its Hessian (2·tokens·K² in float32), the factorisations (K³ scaled from the probe's
-    1024), the lazy block updates (N·K² FLOPs), the column loop, and the clip search when asked for."""
+    """One stacked solve: its Hessian (2·tokens·K² in float32), the factorisation (K³, from the probe's at
+    PROBE_FACTOR), the lazy block updates (N·K² FLOPs), the column loop, the clip search when asked for, and
+    the dequantization and packing of the result."""
     hessian = 2 * tokens * k * k / rates["flops_f32"]
-    factor = rates["chol_s"] * (k / 1024) ** 3
-    lazy = n * k * k / rates["flops_f32"]
-    columns = k * (rates["column_s"] + rates["column_row_s"] * n)
-    clip = 80 * k * rates["column_row_s"] * n if quant.mse else 0.0   # 80 shrink steps over all of W
-    return hessian + factor + lazy + columns + clip
+    # K³ at the probe's rate, which rises with K (BLAS works on bigger panels; measured ~K/2048-fold to 5632)
+    # up to the matmul rate
+    rate = min(rates["flops_f32"], PROBE_FACTOR ** 3 / rates["chol_s"] * max(1.0, k / PROBE_FACTOR))
+    factor = k ** 3 / rate if k > PROBE_FACTOR else rates["chol_s"] * (k / PROBE_FACTOR) ** 3
+    lazy = n * k * k / rates["flops_lazy"]
+    columns = k * rates["column_s"][n]
+    pack = n * k * rates["pack_s"]
+    clip = 80 * columns if quant.mse else 0.0   # 80 shrink steps over all of W, each like one pass over it
+    return hessian + factor + lazy + columns + clip + pack
 
 
 def _own_peak_rss() -> int:
