@@ -3,8 +3,9 @@
 Memory is the largest of the run's phases (capturing block 0's inputs, solving one group of a block, writing
 the checkpoint), each the sum of the buffers the engine and solver hold at that moment, on top of what this
 process itself already holds (Python, torch, transformers: the same imports as a real run). Time comes from a
-short probe on this machine (~1 s): matmul throughput in float32 and in the activation dtype, the solver's
-column loop, and one Cholesky/inverse, scaled to each layer's shape (_solve_seconds).
+short probe on this machine (a few seconds): matmul throughput in float32 and in the activation dtype, one
+Cholesky/inverse at 2048, the lazy update, packing, and the solver's column loop on one block of each row
+count the run solves, scaled to each layer's shape (_solve_seconds).
 """
 from __future__ import annotations
 
