@@ -22,8 +22,8 @@ from gptq_cli.errors import Interrupted, UsageError, noting_interrupts
 from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is quantize + evaluate)
 from gptq_cli.export import pack_workdir, write_kept_blocks  # noqa: F401  (pack_workdir: `gptq pack`'s API)
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.modelio import (ModelRef, StreamingModel, load_streaming, load_tokenizer, resolve_device,
-                             resolve_dtype, resolve_model, storage_dtype)
+from gptq_cli.modelio import (ModelRef, StreamingModel, bound_allocator, load_streaming, load_tokenizer,
+                             resolve_device, resolve_dtype, resolve_model, storage_dtype)
 from gptq_cli import mixed
 from gptq_cli.allocate import Candidate, check_target, parse_candidates
 from gptq_cli.preflight import calibration_notes, calibration_seqlen, group_size_notes
@@ -95,6 +95,7 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
                          f"or pass the --work-dir an interrupted run left")
     dev = resolve_device(device)
     resolve_dtype(dtype, dev)   # a bad --dtype is refused before the model is looked for
+    bound_allocator()
     ranks = distributed.init(dev)   # under torchrun: this process's share of the batches and solves
     progress = progress if ranks.writer else None
     torch.manual_seed(seed)

@@ -126,6 +126,19 @@ class StreamingModel:
         trim_freed_memory()
 
 
+MMAP_THRESHOLD = 4 << 20   # bytes: C allocations at least this large get their own mapping
+
+
+def bound_allocator() -> None:
+    """Keep glibc's heap from creeping over a long run: by default its mmap threshold rises to the largest
+    buffer freed so far (up to 32 MB), after which block-sized temporaries come from the heap and fragment it:
+    peak RSS grew ~0.04 GB per block (4 layers 1.38 GB, 24 layers 1.97 GB at hidden 2048). A fixed threshold
+    gives each large tensor its own mapping, returned to the system when freed; the solver reuses its per-column
+    buffer, so the mapping calls stay few."""
+    if _libc is not None:
+        _libc.mallopt(-3, MMAP_THRESHOLD)   # M_MMAP_THRESHOLD (fixing it also stops the dynamic adjustment)
+
+
 def trim_freed_memory() -> None:
     """Hand memory the C allocator keeps after frees back to the system (glibc's malloc_trim): without it,
     freed block-sized buffers stay in the heap and the process's RSS creeps up block after block."""
@@ -136,7 +149,7 @@ def trim_freed_memory() -> None:
 def _load_libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018  (glibc only)
+        libc.malloc_trim, libc.mallopt  # noqa: B018  (glibc only)
         return libc
     except (OSError, AttributeError):
         return None

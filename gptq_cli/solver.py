@@ -88,6 +88,10 @@ def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group
     maxq = 2 ** bits - 1
     codes = torch.empty_like(W)
     Err = torch.empty_like(W)
+    # err ⊗ Hinv[c, c+1:] of each column goes into the front of one buffer, contiguous, instead of a fresh
+    # N×(B−c−1) tensor per column: fresh ones would be mapped and unmapped each time (the allocator keeps
+    # large ones out of its heap, modelio.bound_allocator), which costs more than the arithmetic
+    update = torch.empty(W.numel(), dtype=W.dtype, device=W.device)
     # Python scalars and column views keep the per-column work to a handful of tensor ops: on a CPU the
     # loop's cost is dispatch overhead, not arithmetic.
     diag, groups, starts = Hinv.diagonal().tolist(), group_of_col.tolist(), new_group.tolist()
@@ -102,7 +106,8 @@ def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group
         code = quantize(w, scale, zero, maxq)
         codes[:, c] = code
         err = torch.sub(w, dequantize(code, scale, zero), out=Err[:, c]).div_(diag[c])
-        W[:, c + 1:] -= torch.outer(err, Hinv[c, c + 1:])
+        rest = W.shape[1] - c - 1
+        W[:, c + 1:] -= torch.mul(err[:, None], Hinv[c, c + 1:], out=update[:W.shape[0] * rest].view(W.shape[0], rest))
     losses = Err.square().sum(dim=1) / 2   # (w - q)² / Hinv[c, c]² = err²
     return codes.to(torch.int32), Err, losses
 
