@@ -1,6 +1,7 @@
 """The solver's quantize_weight as it was before its memory work (issue 19), kept verbatim for one test: the
-new one, which works in a single K×K buffer, must give the same result bit for bit. Only the parts that
-changed are here; the block loop and quantizer are imported from the solver."""
+new one, which works in a single K×K buffer, must give the same result bit for bit when both get Hinv by the
+paper's route (old_inverse_hessian_factor; the solver's own factorisation is checked against that route
+separately). Only the parts that changed are here; the block loop and quantizer are imported from the solver."""
 from __future__ import annotations
 
 import math
