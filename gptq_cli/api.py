@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from gptq_cli import __version__, distributed
+from gptq_cli import __version__, distributed, phases
 from gptq_cli.arch import Arch, quantized_shapes, resolve_arch
 from gptq_cli.engine import ModuleResult, capture_inputs, quantize_blocks, replay_block
 from gptq_cli.errors import Interrupted, UsageError, noting_interrupts
@@ -44,6 +44,7 @@ class QuantizeResult:
     plan: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)     # settings not applied as asked, and what was done instead
     writer: bool = True   # False on the ranks of a torchrun other than 0: they wrote nothing
+    phases: dict[str, float] = field(default_factory=dict)   # seconds per phase of this process (phases.py)
 
 
 def default_output(model: str, quant: QuantConfig, target_bits: float | None = None) -> Path:
@@ -100,14 +101,16 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     progress = progress if ranks.writer else None
     torch.manual_seed(seed)
     t_start = time.perf_counter()
+    phases.restart()
 
-    ref = resolve_model(model)
-    cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
-    tokenizer = load_tokenizer(ref)
-    sm = load_streaming(ref, cdtype)
-    seqlen = calibration_seqlen(sm.model.config, seqlen)
-    samples = calibration_samples(tokenizer, dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                  dataset_path=dataset_path)
+    with phases.phase("load"):
+        ref = resolve_model(model)
+        cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
+        tokenizer = load_tokenizer(ref)
+        sm = load_streaming(ref, cdtype)
+        seqlen = calibration_seqlen(sm.model.config, seqlen)
+        samples = calibration_samples(tokenizer, dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                      dataset_path=dataset_path)
     layers_path, arch = resolve_arch(sm.model)
     n_blocks = len(sm.model.get_submodule(layers_path))
     shapes = quantized_shapes(sm.model, layers_path)
@@ -141,7 +144,9 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
                             ranks)
             if not ranks.writer:
                 return QuantizeResult(out, [], time.perf_counter() - t_start, plan, notes, writer=False)
-            rows = write_kept_blocks(wd, plan, out, sm, ref, tokenizer, command=command)
+            with phases.phase("write"):
+                rows = write_kept_blocks(wd, plan, out, sm, ref, tokenizer, command=command,
+                                         phases=phases.report)
         except Exception as e:
             if not interrupted():
                 if ranks.writer:
@@ -154,7 +159,7 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
             if ranks.writer:
                 wd.close()
     wd.remove()
-    return QuantizeResult(out, rows, time.perf_counter() - t_start, plan, notes)
+    return QuantizeResult(out, rows, time.perf_counter() - t_start, plan, notes, phases=phases.report())
 
 
 def _work_plan(model: str, ref: ModelRef, quant: QuantConfig, samples: list[torch.Tensor], *, dataset: str,
@@ -192,7 +197,8 @@ def _solve_into(wd: WorkDir, sm: StreamingModel, layers_path: str, arch: Arch | 
         if not ranks.writer:
             continue
         tensors = {f"{r.name}.{key}": value for r in results for key, value in r.tensors.items()}
-        wd.write_block(i, tensors, [_log_row(r, len(samples)) for r in results], time.perf_counter() - t_block)
+        with phases.phase("write"):
+            wd.write_block(i, tensors, [_log_row(r, len(samples)) for r in results], time.perf_counter() - t_block)
         t_block = time.perf_counter()
         if progress:
             progress("block", i + 1, n_blocks)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gptq_cli import distributed, kernels
+from gptq_cli.phases import phase
 from gptq_cli.arch import Arch, StopForward, block_groups, block_linears, linear_weight, set_linear_weight
 from gptq_cli.calibration import BlockPasses, Calibration, Hessians, advance
 from gptq_cli.distributed import Ranks
@@ -42,7 +43,8 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
     # Not the output head: nothing before block 0 uses it (dropping it here leaves a tied one alone).
     head = sm.model.get_output_embeddings()
     head_names = tuple(n + "." for n, m in sm.model.named_modules() if m is head and n) if head is not None else ()
-    sm.materialize("", device, dtype, exclude=(layers_path + ".", *head_names))
+    with phase("load"):
+        sm.materialize("", device, dtype, exclude=(layers_path + ".", *head_names))
     layers = sm.model.get_submodule(layers_path)
     first = layers[0]
     calib = Calibration([], [])
@@ -59,7 +61,8 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
     try:
         for ids in batches:
             try:
-                sm.model(input_ids=ids.to(device), use_cache=False)
+                with phase("forward"):
+                    sm.model(input_ids=ids.to(device), use_cache=False)
             except StopForward:
                 pass
     finally:
@@ -78,8 +81,9 @@ def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, cal
     layers = sm.model.get_submodule(layers_path)
     for i in range(start, len(layers)):
         block, prefix = layers[i], f"{layers_path}.{i}."
-        sm.materialize(prefix, device, dtype)
-        with torch.no_grad():
+        with phase("load"):
+            sm.materialize(prefix, device, dtype)
+        with torch.no_grad(), phase("forward"):
             results = _quantize_block(block, prefix, arch, calib, quant, device, dtype, on_module, ranks)
         sm.release(block)
         yield i, results
@@ -135,8 +139,9 @@ def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibr
     if set(stored) != set(linears):
         raise GptqError(f"the stored results of block {index} do not match the model's linears "
                         f"({sorted(set(stored) ^ set(linears))[:3]}); remove the work dir and quantize again")
-    sm.materialize(prefix, device, dtype)
-    with torch.no_grad():
+    with phase("load"):
+        sm.materialize(prefix, device, dtype)
+    with torch.no_grad(), phase("forward"):
         for name, module in linears.items():
             set_linear_weight(module, stored[name].to(device).dequantize(dtype))
         advance(calib, block)
@@ -187,17 +192,18 @@ def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens
     if ranks.rank == owner:
         # Stacked in the model's dtype: quantize_weight makes the one float32 copy it works on.
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-        qw = solve_weight(stacked, H, quant, bits, group_size)
+        with phase("solve"):
+            qw = solve_weight(stacked, H, quant, bits, group_size)
         del stacked
     qw, seconds = distributed.broadcast_result(ranks, qw, time.perf_counter() - t0, owner, (sum(rows), H.shape[0]),
                                                bits, group_size, H.device)
     parts = qw.split_rows(rows)
     results = []
     for name, module, part in zip(names, modules, parts):
-        # Later groups and blocks must see what the quantized model will compute.
-        set_linear_weight(module, part.dequantize(dtype))
-        # Packed where it was solved: only the packed words (1/8 of the codes for 4-bit) cross to the host.
-        packed = {key: t.to("cpu") for key, t in part.to_tensors(quant.checkpoint_format).items()}
+        with phase("solve"):   # later groups and blocks must see what the quantized model will compute
+            set_linear_weight(module, part.dequantize(dtype))
+        with phase("pack"):   # where it was solved: only the packed words (1/8 of 4-bit codes) cross to the host
+            packed = {key: t.to("cpu") for key, t in part.to_tensors(quant.checkpoint_format).items()}
         results.append(ModuleResult(prefix + name, packed, part.loss, part.damp,
                                     seconds * part.codes.shape[0] / sum(rows), n_tokens))
     return results

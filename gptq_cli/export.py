@@ -12,7 +12,7 @@ import platform
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -26,10 +26,10 @@ from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir, model_fingerprint
 
 
 def write_kept_blocks(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: ModelRef, tokenizer, *,
-                      command: str | None) -> list[dict]:
+                      command: str | None, phases: Callable[[], dict] | None = None) -> list[dict]:
     """write_output at the end of a run; when it fails, say that the solved blocks are kept and how to pack them."""
     try:
-        return write_output(wd, plan, out, sm, ref, tokenizer, command=command)
+        return write_output(wd, plan, out, sm, ref, tokenizer, command=command, phases=phases)
     except (UsageError, OSError) as e:
         keep = (f"; the {plan['blocks']} quantized blocks are kept in {wd.path}: `gptq pack {wd.path} -o DIR` "
                 f"writes the checkpoint without quantizing again")
@@ -67,9 +67,10 @@ def pack_workdir(work_dir: str | Path, output: str | Path, *, checkpoint_format:
 
 def write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: ModelRef, tokenizer, *,
                  command: str | None, checkpoint_format: str | None = None,
-                 max_shard_size: int | str = "5GB") -> list[dict]:
+                 max_shard_size: int | str = "5GB", phases: Callable[[], dict] | None = None) -> list[dict]:
     """Write the checkpoint of the work dir's blocks and the model's unquantized tensors atomically to `out`;
-    return quant_log.json's per-module rows."""
+    return quant_log.json's per-module rows. `phases`: the run's seconds per phase, asked for once the tensors
+    are written, for quant_log.json."""
     tensors = LazyTensors()
     rows: list[dict] = []
     seconds = 0.0
@@ -106,7 +107,10 @@ def write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: Mo
         measured = json.loads((wd.path / MEASUREMENTS_FILE).read_text())
         log["measure_seconds"] = measured.pop("seconds", None)   # timings go in the log, the rest is deterministic
         extra_files[MEASUREMENTS_FILE] = (json.dumps(measured, indent=1) + "\n").encode()
-    extra_files["quant_log.json"] = json.dumps(log, indent=2).encode()
+    if phases is None:
+        extra_files["quant_log.json"] = json.dumps(log, indent=2).encode()
+    else:   # written after the tensors, so that the checkpoint's own writing is counted
+        extra_files["quant_log.json"] = lambda: json.dumps({**log, "phases": phases()}, indent=2).encode()
     with tokenizer_dir(ref, tokenizer) as src_dir:
         generation = getattr(sm.model, "generation_config", None)
         if not (src_dir / "generation_config.json").is_file() and generation is not None:

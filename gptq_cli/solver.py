@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from gptq_cli.format.config import check_setting
+from gptq_cli.kernels import cpu_gemm
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.hessian_inverse import (DAMP_STEP, IndefiniteHessian, NonFiniteHessian,  # noqa: F401 (the solver's)
                                       inverse_hessian_factor)
@@ -51,26 +52,59 @@ def single_thread_on_cpu(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+HESSIAN_PANEL = 512   # columns per panel of the Hessian's lower triangle (see hessian_panels)
+
+
+def hessian_panels(K: int) -> list[tuple[int, int]]:
+    """[start, end) of the column panels H is accumulated in: equal widths of at most HESSIAN_PANEL columns.
+    Panel j computes H[start_j:, start_j:end_j], so P panels cost (P + 1) / 2P of the full XᵀX's products;
+    narrower panels save more arithmetic but run the GEMM at a lower rate."""
+    count = max(1, math.ceil(K / HESSIAN_PANEL))
+    bounds = [round(j * K / count) for j in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None = None) -> tuple[Tensor, int]:
-    """Fold activations X [..., K] into the running mean H = 2/n · Σ x xᵀ (float32, updated in place).
+    """Fold activations X [..., K] into the running mean H = 2/n · Σ x xᵀ (float32, updated in place), the
+    lower triangle only: each panel of hessian_panels from the diagonal down (about half the products of the
+    whole XᵀX). complete_hessian mirrors it into the full matrix once, when the solve needs it.
 
     mask [...] (X's leading dims) marks the tokens to keep, e.g. the attention mask, so padding is excluded.
     Returns (H, new token count n). H is None on the first call; it lives on X's device then.
-    On CUDA, fp16/bf16 activations use TF32 tensor cores: TF32 keeps 11 significant bits, as fp16 does (bf16
-    has 8), so products are exact and sums fp32: the Hessian loses nothing (SPEC §3). fp32 ones do not."""
+    fp16/bf16 activations lose nothing: their products are exact in float32 and the sums are float32 (SPEC §3),
+    on a CPU through MKL's 16-bit-input, float32-output GEMM (kernels/cpu_gemm.py), on CUDA through TF32
+    tensor cores (TF32 keeps 11 significant bits, as fp16 does; bf16 has 8). fp32 activations use fp32."""
     X = X.reshape(-1, X.shape[-1])
     if mask is not None:
         X = X[mask.reshape(-1).to(device=X.device, dtype=torch.bool)]
+    K = X.shape[1]
     if H is None:
-        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+        H = torch.zeros(K, K, dtype=torch.float32, device=X.device)
     m = X.shape[0]
     if m == 0:
         return H, n
+    alpha, beta = 2 / (n + m), n / (n + m)
+    if X.device.type == H.device.type == "cpu" and cpu_gemm.available(X.dtype):
+        X = X.contiguous()
+        for start, end in hessian_panels(K):
+            cpu_gemm.xtx_panel(X, H, start, end, alpha, beta)
+        return H, n + m
     tensor_cores = X.dtype in (torch.float16, torch.bfloat16)
     X = X.to(device=H.device, dtype=torch.float32)
     with matmul_tf32(tensor_cores):
-        H.mul_(n / (n + m)).addmm_(X.t(), X, alpha=2 / (n + m))
+        for start, end in hessian_panels(K):
+            H[start:, start:end].addmm_(X[:, start:].t(), X[:, start:end], beta=beta, alpha=alpha)
     return H, n + m
+
+
+def complete_hessian(H: Tensor) -> Tensor:
+    """The full symmetric H from accumulate_hessian's lower triangle, in place (and returned): a panel's strip
+    at a time, so the temporaries stay a strip, not K×K. The result is exactly symmetric."""
+    for start, end in hessian_panels(H.shape[0]):
+        diagonal = H[start:end, start:end]
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).t())
+        H[start:end, end:].copy_(H[end:, start:end].t())
+    return H
 
 
 def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group_of_col: Tensor,

@@ -238,6 +238,7 @@ def run_summary(model: str, result: "QuantizeResult", quant: QuantConfig) -> dic
     rows = result.modules
     out = shlex.quote(str(result.output))
     return {"model": model, "output": str(result.output), "seconds": round(result.seconds, 2),
+            "phases": result.phases,
             "config": result.plan.get("config", quant.to_hf_dict()),   # --target-bits: the allocated one
             "modules": len(rows), "bits_per_weight": round(report.bits_per_weight, 4),
             "mean_loss": sum(r["loss"] for r in rows) / max(len(rows), 1),
@@ -258,7 +259,10 @@ def _print_summary(summary: dict) -> None:
     worst = ", ".join(f"{m['name']} {m['loss']:.4g}" for m in summary["worst_modules"])
     check = (Text("ok", style="green") if not summary["problems"] else
              Text(f"{len(summary['problems'])} problem(s): gptq inspect {summary['output']}", style="bold red"))
+    phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in summary["phases"].items()
+                       if name != "total" and seconds >= 0.05)
     lines = [("quantized", f"{summary['model']} → {summary['output']} in {summary['seconds']:.1f} s"),
+             ("seconds", phases),
              ("size", f"{_mb(summary['bytes'])} vs {_mb(summary['fp16_bytes'])} in fp16 "
                       f"({summary['compression_ratio']:.2f}x smaller)"),
              ("modules", f"{summary['modules']} quantized, "

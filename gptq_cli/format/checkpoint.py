@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,16 @@ def quantized_to_tensors(prefix: str, qw: QuantizedWeight, checkpoint_format: st
 
 def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], model_config: Any,
                      quant: QuantConfig | Mapping[str, Any], *, max_shard_size: int | str = "5GB",
-                     extra_files: dict[str, bytes] | None = None, src_dir: str | Path | None = None,
+                     extra_files: Mapping[str, bytes | Callable[[], bytes]] | None = None,
+                     src_dir: str | Path | None = None,
                      overwrite: bool = False) -> Path:
     """Write a complete GPTQ checkpoint directory atomically and return its path.
 
     tensors: a LazyTensors (each produced only while it is written) or any mapping of tensors.
     model_config: a transformers PretrainedConfig or its dict; it gets `quantization_config` added.
     quant: the settings, or a quantization_config dict written as is (conversion keeps the source tool's keys).
-    extra_files: more files to write, by plain file name (e.g. quant_log.json).
+    extra_files: more files to write, by plain file name (e.g. quant_log.json), after the tensors: their bytes,
+        or a function that gives them then.
     src_dir: the source model directory, whose tokenizer files and generation_config.json are copied.
     overwrite: replace an existing out_dir (only once the new checkpoint is complete).
     """
@@ -84,7 +86,7 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], m
         lazy = tensors if isinstance(tensors, LazyTensors) else LazyTensors.holding(tensors)
         _write_safetensors(tmp, lazy, parse_size(max_shard_size))
         for name, data in sorted((extra_files or {}).items()):
-            (tmp / name).write_bytes(data)
+            (tmp / name).write_bytes(data() if callable(data) else data)
         _apply_umask(tmp)
         _move_into_place(tmp, out_dir)
     except BaseException:

@@ -1,0 +1,87 @@
+"""The Hessian's accumulation (solver.accumulate_hessian / complete_hessian) and its CPU 16-bit GEMM route
+(kernels/cpu_gemm.py): panels of the lower triangle, mirrored once, within float32 summation rounding of the
+exact XᵀX whichever route computed it."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from gptq_cli import solver
+from gptq_cli.kernels import cpu_gemm
+from gptq_cli.solver import accumulate_hessian, complete_hessian, hessian_panels
+
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def activations(m: int, K: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Columns of very different scales, as real activations have (a few outlier channels)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 0.05 + 4 * torch.rand(K, generator=gen) ** 4
+    return (torch.randn(m, K, generator=gen) * scale).to(dtype)
+
+
+def within_summation_rounding(H: torch.Tensor, X: torch.Tensor) -> None:
+    """|H − 2/m XᵀX| ≤ m·ε₃₂·2/m |X|ᵀ|X| elementwise: the classic bound for float32 sums of m exact products
+    (the products of 16-bit numbers are exact in float32), with X's values as given (no further rounding)."""
+    Xd = X.double()
+    m = X.shape[0]
+    exact = 2 / m * Xd.t() @ Xd
+    bound = m * FP32_EPS * (2 / m * Xd.abs().t() @ Xd.abs())
+    excess = ((H.double() - exact).abs() - bound).max().item()
+    assert excess <= 0, f"float32 summation bound exceeded by {excess:.3g}"
+
+
+def test_panels_cover_the_columns_in_equal_widths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(solver, "HESSIAN_PANEL", 7)
+    panels = hessian_panels(30)
+    assert panels[0][0] == 0 and panels[-1][1] == 30 and len(panels) == 5
+    assert all(a[1] == b[0] for a, b in zip(panels, panels[1:]))
+    assert {e - s for s, e in panels} == {6}
+    assert hessian_panels(5) == [(0, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_panels_then_mirror_give_the_exact_symmetric_hessian(dtype: torch.dtype,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(solver, "HESSIAN_PANEL", 7)    # several panels on a small matrix
+    X = activations(3 * 40, 30, dtype, seed=1)
+    H, n = None, 0
+    for part in X.split(40):
+        H, n = accumulate_hessian(H, n, part)
+    assert n == 120
+    assert torch.equal(H[:6, 6:], torch.zeros(6, 24))   # above the first panel: not computed (half the work)
+    H = complete_hessian(H)
+    assert torch.equal(H, H.t())
+    within_summation_rounding(H, X)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_route_is_as_close_as_float32s(dtype: torch.dtype) -> None:
+    """The 16-bit-input GEMM and the float32 route of the same activations both stay within float32 summation
+    rounding of the exact product, and of each other by twice that."""
+    X = activations(4096, 600, dtype, seed=2)       # two panels of the default width
+    fast = complete_hessian(accumulate_hessian(None, 0, X)[0])
+    wide = complete_hessian(accumulate_hessian(None, 0, X.float())[0])
+    within_summation_rounding(fast, X)
+    within_summation_rounding(wide, X)
+    assert not torch.equal(fast, torch.zeros_like(fast))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not torch.backends.mkl.is_available(),
+                    reason="MKL's mixed-precision GEMM ships in torch's x86-64 builds only")
+def test_mkl_16bit_gemm_is_found_in_torch() -> None:
+    assert cpu_gemm.available(torch.bfloat16) and cpu_gemm.available(torch.float16)
+
+
+@pytest.mark.skipif(not cpu_gemm.available(torch.bfloat16), reason="no MKL bf16 GEMM in this torch")
+def test_xtx_panel_touches_its_panel_only() -> None:
+    X = activations(64, 20, torch.bfloat16, seed=3)
+    H = torch.full((20, 20), 5.0)
+    cpu_gemm.xtx_panel(X, H, 8, 13, alpha=0.5, beta=2.0)
+    expected = torch.full((20, 20), 5.0)
+    expected[8:, 8:13] = 10.0 + 0.5 * (X[:, 8:].double().t() @ X[:, 8:13].double()).float()
+    torch.testing.assert_close(H, expected, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError):
+        cpu_gemm.xtx_panel(X.t(), H, 0, 5, 1.0, 0.0)     # not contiguous
