@@ -23,7 +23,7 @@ from gptq_cli.distributed import Ranks
 from gptq_cli.errors import GptqError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
-from gptq_cli.modelio import StreamingModel
+from gptq_cli.modelio import StreamingModel, activations_in_heap
 from gptq_cli.solver import BlockFn, IndefiniteHessian, NonFiniteHessian, quantize_block, quantize_weight
 
 
@@ -61,7 +61,7 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
     try:
         for ids in batches:
             try:
-                with phase("forward"):
+                with phase("forward"), activations_in_heap():
                     sm.model(input_ids=ids.to(device), use_cache=False)
             except StopForward:
                 pass
@@ -99,11 +99,14 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
     results: list[ModuleResult] = []
     with BlockPasses(block, linears, groups, calib, device) as passes:
         for k in range(len(groups)):
-            hessians = distributed.reduce_hessians(ranks, passes.hessians(k))
+            with activations_in_heap():
+                collected = passes.hessians(k)
+            hessians = distributed.reduce_hessians(ranks, collected)
             results += _solve_group(hessians, linears, quant, prefix, dtype, ranks, on_module)
-            del hessians   # before the next group's are collected
+            del hessians, collected   # before the next group's are collected
             passes.quantized()
-        passes.advance()
+        with activations_in_heap():
+            passes.advance()
     return results
 
 
@@ -144,7 +147,8 @@ def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibr
     with torch.no_grad(), phase("forward"):
         for name, module in linears.items():
             set_linear_weight(module, stored[name].to(device).dequantize(dtype))
-        advance(calib, block)
+        with activations_in_heap():
+            advance(calib, block)
     sm.release(block)
 
 

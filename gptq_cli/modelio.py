@@ -12,8 +12,10 @@ import importlib.util
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -126,17 +128,41 @@ class StreamingModel:
         trim_freed_memory()
 
 
-MMAP_THRESHOLD = 4 << 20   # bytes: C allocations at least this large get their own mapping
+# bytes: C allocations at least this large get their own mapping; chosen by measuring time and peak RSS
+MMAP_THRESHOLD = 4 << 20              # (issue 19) big buffers: weights, Hessians, the solver's
+ACTIVATIONS_MMAP_THRESHOLD = 64 << 20  # (issue 29) while calibration passes run: activations, per-op temporaries
 
 
 def bound_allocator() -> None:
-    """Keep glibc's heap from creeping over a long run: by default its mmap threshold rises to the largest
+    """Keep glibc's heap from creeping over a long run. By default its mmap threshold rises to the largest
     buffer freed so far (up to 32 MB), after which block-sized temporaries come from the heap and fragment it:
     peak RSS grew ~0.04 GB per block (4 layers 1.38 GB, 24 layers 1.97 GB at hidden 2048). A fixed threshold
-    gives each large tensor its own mapping, returned to the system when freed; the solver reuses its per-column
-    buffer, so the mapping calls stay few."""
+    gives each large buffer its own mapping, returned to the system when freed; calibration passes raise it
+    meanwhile (activations_in_heap)."""
+    _set_thresholds(MMAP_THRESHOLD)
+
+
+@contextmanager
+def activations_in_heap() -> Iterator[None]:
+    """While calibration passes run, activation-sized tensors and per-op temporaries (4.7 MB for a batch of
+    8 x 512 at hidden 576) come from the heap: with their own mappings, each would be fresh zeroed pages every
+    time, and page faults took a third of SmolLM2's run. The heap is trimmed after every block
+    (trim_freed_memory), and the threshold is back to MMAP_THRESHOLD for what outlives the passes' temporaries.
+    GPTQ_ACTIVATIONS_MMAP_THRESHOLD_MB overrides the value, for measuring others."""
+    _set_thresholds(int(float(os.environ.get("GPTQ_ACTIVATIONS_MMAP_THRESHOLD_MB",
+                                             ACTIVATIONS_MMAP_THRESHOLD / 2**20)) * 2**20))
+    try:
+        yield
+    finally:
+        _set_thresholds(MMAP_THRESHOLD)
+
+
+def _set_thresholds(mmap_bytes: int) -> None:
     if _libc is not None:
-        _libc.mallopt(-3, MMAP_THRESHOLD)   # M_MMAP_THRESHOLD (fixing it also stops the dynamic adjustment)
+        _libc.mallopt(-3, mmap_bytes)   # M_MMAP_THRESHOLD (fixing it also stops the dynamic adjustment)
+        # M_TRIM_THRESHOLD: free bytes kept at the heap's top. Kept high throughout, so that the heap the
+        # passes grew is not handed back and faulted in again at every group (the engine trims after each block)
+        _libc.mallopt(-1, 2 * ACTIVATIONS_MMAP_THRESHOLD)
 
 
 def trim_freed_memory() -> None:

@@ -42,6 +42,7 @@ def test_hessian_allows_tf32_only_for_half_precision_activations(dtype, allowed,
         return addmm(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "addmm_", spy)
+    monkeypatch.setattr(solver.cpu_gemm, "available", lambda dtype: False)   # the torch route, as on a GPU
     before = torch.backends.cuda.matmul.allow_tf32
     solver.accumulate_hessian(None, 0, activations(dtype))
     assert seen == [allowed] and torch.backends.cuda.matmul.allow_tf32 == before
