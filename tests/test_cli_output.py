@@ -36,9 +36,15 @@ def test_the_end_of_a_run_is_a_short_summary_and_the_table_is_behind_a_flag(tmp_
     assert result.exit_code == 0, result.output
     lines = result.stderr.strip().splitlines()
     log = json.loads((tmp_path / "out" / "quant_log.json").read_text())
-    assert len(lines) <= 12                            # a summary of fixed length, not a row per module
+    assert len(lines) <= 13                            # a summary of fixed length, not a row per module
     text = result.stderr
     assert re.search(r"quantized +.*model → .*out in [\d.]+ s", text)
+    assert re.search(r"seconds +load [\d.]+, forward [\d.]+, hessian [\d.]+, solve [\d.]+, pack [\d.]+, "
+                     r"write [\d.]+\n", text)
+    phases = log["phases"]     # exclusive seconds per phase: they add up to the run's wall time
+    assert set(phases) == {"load", "forward", "hessian", "solve", "pack", "write", "other", "total"}
+    assert all(v >= 0 for v in phases.values()) and phases["forward"] > 0 and phases["solve"] > 0
+    assert sum(v for k, v in phases.items() if k != "total") == pytest.approx(phases["total"], abs=0.06)
     assert re.search(r"size +[\d.]+ MB vs [\d.]+ MB in fp16 \([\d.]+x smaller\)", text)
     worst = max(log["modules"], key=lambda r: r["loss"])["name"]
     assert re.search(rf"worst loss +{re.escape(worst)} ", text)

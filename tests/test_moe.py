@@ -36,7 +36,10 @@ def test_defused_experts_compute_what_the_fused_ones_do():
         calibrating = model(ids).logits
         _set_calibrate_all(model, False)
         routed = model(ids).logits
-    assert torch.equal(fused, calibrating) and torch.equal(fused, routed)
+    assert torch.equal(fused, routed)
+    # every expert on every token: the same products, but each expert's matmul has more rows, and on some CPUs
+    # (MKL on an Intel Xeon with AMX) BLAS then picks another kernel: float32 rounding apart (seen 7e-7 of 1.3)
+    torch.testing.assert_close(calibrating, fused, rtol=1e-5, atol=1e-5)
 
 
 def test_an_expert_the_router_never_picks_still_sees_every_token_while_calibrating():

@@ -259,8 +259,8 @@ def _print_summary(summary: dict) -> None:
     worst = ", ".join(f"{m['name']} {m['loss']:.4g}" for m in summary["worst_modules"])
     check = (Text("ok", style="green") if not summary["problems"] else
              Text(f"{len(summary['problems'])} problem(s): gptq inspect {summary['output']}", style="bold red"))
-    phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in summary["phases"].items()
-                       if name != "total" and seconds >= 0.05)
+    phases = ", ".join(f"{name} {summary['phases'].get(name, 0):.1f}"
+                       for name in ("load", "forward", "hessian", "solve", "pack", "write"))
     lines = [("quantized", f"{summary['model']} → {summary['output']} in {summary['seconds']:.1f} s"),
              ("seconds", phases),
              ("size", f"{_mb(summary['bytes'])} vs {_mb(summary['fp16_bytes'])} in fp16 "
