@@ -121,13 +121,14 @@ def _solves(block, arch, shapes: dict[str, tuple[int, int]], true_sequential: bo
 
 def probe(device: torch.device, cdtype: torch.dtype, rows: list[int]) -> dict[str, float | dict[int, float]]:
     """Throughputs of this machine as the solver and the calibration passes will use it (a few seconds):
-    flops_f32 / flops_act: matmul FLOP/s in float32 and in the activation dtype; chol_s: the Cholesky and
+    flops_f32 / flops_act: matmul FLOP/s in float32 and in the activation dtype; flops_hessian: the Hessian
+    accumulation's (two FLOPs per product it computes); chol_s: the Cholesky and
     inverse of a PROBE_FACTOR² Hessian; flops_lazy: the lazy block update's rate; pack_s: seconds per weight to
     dequantize and pack a result; column_s[N]: seconds per column of the solver's column loop on N rows,
     timed on one block of each row count the run solves (its cost per row grows once a block's N×128 floats
     leave the cache, so a smaller probe would not tell)."""
     from gptq_cli.engine import block_function
-    from gptq_cli.solver import inverse_hessian_factor, single_thread_on_cpu
+    from gptq_cli.solver import accumulate_hessian, inverse_hessian_factor, single_thread_on_cpu
     gptq_block = block_function(device)   # the block step the engine solves with on this device
 
     def timed(fn, repeat: int = 3) -> float:
@@ -147,6 +148,8 @@ def probe(device: torch.device, cdtype: torch.dtype, rows: list[int]) -> dict[st
     flops = 2 * 512 * 1024 * 1024
     rates = {"flops_f32": flops / timed(lambda: a @ b),
              "flops_act": flops / timed(lambda: a.to(cdtype) @ b.to(cdtype))}
+    acts = torch.randn(2048, 1024, generator=gen).to(device=device, dtype=cdtype)
+    rates["flops_hessian"] = 2 * 2048 * _hessian_products(1024) / timed(lambda: accumulate_hessian(None, 0, acts))
     x = torch.randn(PROBE_FACTOR, 256, generator=gen).to(device)
     H = torch.eye(PROBE_FACTOR, device=device).addmm_(x, x.t(), alpha=1 / 256)
     rates["chol_s"] = timed(lambda: inverse_hessian_factor(H, 0.01), repeat=1)
@@ -184,15 +187,22 @@ def _seconds_since_start() -> float:
     return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
+def _hessian_products(k: int) -> int:
+    """Products per token that accumulate_hessian computes for width k: its lower panels, about k²/2."""
+    from gptq_cli.solver import hessian_panels
+    return sum((k - start) * (end - start) for start, end in hessian_panels(k))
+
+
 def _forward_seconds(block_params: int, tokens: int, rates: dict[str, float]) -> float:
     return FORWARD_PASSES * 2 * block_params * tokens / rates["flops_act"]
 
 
 def _solve_seconds(n: int, k: int, tokens: int, quant: QuantConfig, rates: dict[str, float]) -> float:
-    """One stacked solve: its Hessian (2·tokens·K² in float32), the factorisation (K³, from the probe's at
+    """One stacked solve: its Hessian (2·tokens times the products of its lower panels, at the rate of the
+    route the activations take: solver.accumulate_hessian), the factorisation (K³, from the probe's at
     PROBE_FACTOR), the lazy block updates (N·K² FLOPs), the column loop, the clip search when asked for, and
     the dequantization and packing of the result."""
-    hessian = 2 * tokens * k * k / rates["flops_f32"]
+    hessian = 2 * tokens * _hessian_products(k) / rates["flops_hessian"]
     # K³ at the probe's rate, which rises with K (BLAS works on bigger panels; measured ~K/2048-fold to 5632)
     # up to the matmul rate
     rate = min(rates["flops_f32"], PROBE_FACTOR ** 3 / rates["chol_s"] * max(1.0, k / PROBE_FACTOR))
