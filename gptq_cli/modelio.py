@@ -130,7 +130,7 @@ class StreamingModel:
 
 # bytes: C allocations at least this large get their own mapping; chosen by measuring time and peak RSS
 MMAP_THRESHOLD = 4 << 20              # (issue 19) big buffers: weights, Hessians, the solver's
-ACTIVATIONS_MMAP_THRESHOLD = 64 << 20  # (issue 29) while calibration passes run: activations, per-op temporaries
+ACTIVATIONS_MMAP_THRESHOLD = 16 << 20  # (issue 29) while calibration passes run: activations, per-op temporaries
 
 
 def bound_allocator() -> None:
