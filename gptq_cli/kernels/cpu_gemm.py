@@ -40,7 +40,22 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
     return found
 
 
-_GEMM = _load() if os.name == "posix" else {}
+def _checked(found: dict[torch.dtype, ctypes._CFuncPtr]) -> dict[torch.dtype, ctypes._CFuncPtr]:
+    """Only the functions that compute a known small product exactly: a library built with other integer or
+    enum conventions than the signature above assumes must fall back, not give wrong Hessians."""
+    X = torch.tensor([[1.0, 2.0, -3.0], [4.0, 0.5, 6.0], [-7.0, 8.0, 9.0], [0.25, 1.0, 2.0]])
+    expected = X.t() @ X
+    good = {}
+    for dtype, fn in found.items():
+        Xd = X.to(dtype).contiguous()
+        H = torch.full((3, 3), 7.0)
+        fn(_ROW_MAJOR, _TRANS, _NO_TRANS, 3, 3, 4, 1.0, Xd.data_ptr(), 3, Xd.data_ptr(), 3, 0.0, H.data_ptr(), 3)
+        if torch.equal(H, expected):
+            good[dtype] = fn
+    return good
+
+
+_GEMM = _checked(_load()) if os.name == "posix" else {}
 
 
 def available(dtype: torch.dtype) -> bool:
