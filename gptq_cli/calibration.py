@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gptq_cli.arch import StopForward, linear_weight
+from gptq_cli.modelio import activations_in_heap
 from gptq_cli.phases import phase
 from gptq_cli.solver import accumulate_hessian, complete_hessian
 
@@ -52,9 +53,10 @@ class Calibration:
 def advance(calib: Calibration, block: nn.Module) -> None:
     """Replace the block's inputs by its outputs, the next block's inputs, one batch at a time (so that at most
     one batch is held twice)."""
-    for b, run_pass in enumerate(calib.passes(block)):
-        out = run_pass()
-        calib.hidden[b] = out[0] if isinstance(out, tuple) else out
+    with activations_in_heap():
+        for b, run_pass in enumerate(calib.passes(block)):
+            out = run_pass()
+            calib.hidden[b] = out[0] if isinstance(out, tuple) else out
 
 
 @dataclass
@@ -116,7 +118,8 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
             captured.append([])
             done, through = False, probe is not None and i == 0
             try:
-                probe(run_pass) if through else run_pass()
+                with activations_in_heap():
+                    probe(run_pass) if through else run_pass()
             except StopForward:
                 pass
             owners = set(acc) if len(acc) + len(shares) == len(modules) else owners

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from gptq_cli import distributed, kernels
-from gptq_cli.phases import phase
 from gptq_cli.arch import Arch, StopForward, block_groups, block_linears, linear_weight, set_linear_weight
 from gptq_cli.calibration import BlockPasses, Calibration, Hessians, advance
 from gptq_cli.distributed import Ranks
@@ -24,6 +23,7 @@ from gptq_cli.errors import GptqError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.modelio import StreamingModel, activations_in_heap
+from gptq_cli.phases import phase
 from gptq_cli.solver import BlockFn, IndefiniteHessian, NonFiniteHessian, quantize_block, quantize_weight
 
 
@@ -99,14 +99,11 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
     results: list[ModuleResult] = []
     with BlockPasses(block, linears, groups, calib, device) as passes:
         for k in range(len(groups)):
-            with activations_in_heap():
-                collected = passes.hessians(k)
-            hessians = distributed.reduce_hessians(ranks, collected)
+            hessians = distributed.reduce_hessians(ranks, passes.hessians(k))
             results += _solve_group(hessians, linears, quant, prefix, dtype, ranks, on_module)
-            del hessians, collected   # before the next group's are collected
+            del hessians   # before the next group's are collected
             passes.quantized()
-        with activations_in_heap():
-            passes.advance()
+        passes.advance()
     return results
 
 
@@ -147,8 +144,7 @@ def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibr
     with torch.no_grad(), phase("forward"):
         for name, module in linears.items():
             set_linear_weight(module, stored[name].to(device).dequantize(dtype))
-        with activations_in_heap():
-            advance(calib, block)
+        advance(calib, block)
     sm.release(block)
 
 

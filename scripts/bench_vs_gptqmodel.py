@@ -27,11 +27,16 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench_quality import DATA, cpu_info, cpu_model_and_isa, cpu_slug, timed  # noqa: E402
 
-SETTINGS = {  # name -> flags of both tools
-    "4bit-g128": ["--bits", "4", "--group-size", "128"],
-    "4bit-g128-act": ["--bits", "4", "--group-size", "128", "--desc-act"],
-    "3bit-g128": ["--bits", "3", "--group-size", "128"],
+SETTINGS = {  # name -> (bits, group size, act-order), the flags both tools get
+    "4bit-g128": (4, 128, False),
+    "4bit-g128-act": (4, 128, True),
+    "3bit-g128": (3, 128, False),
 }
+
+
+def flags(setting: str) -> list[str]:
+    bits, group_size, desc_act = SETTINGS[setting]
+    return ["--bits", str(bits), "--group-size", str(group_size), *(["--desc-act"] if desc_act else [])]
 
 
 def run_ours(model: Path, out: Path, flags: list[str], dtype: str, calib: Path) -> dict:
@@ -46,10 +51,8 @@ def run_ours(model: Path, out: Path, flags: list[str], dtype: str, calib: Path) 
 
 def run_gptqmodel(model: Path, out: Path, flags: list[str], dtype: str, calib: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    args = {flags[i]: flags[i + 1] for i in range(0, len(flags) - 1, 2) if flags[i] != "--desc-act"}
-    cmd = [sys.executable, str(ROOT / "scripts" / "gptqmodel_run.py"), str(model), str(out),
-           "--bits", args["--bits"], "--group-size", args["--group-size"], "--calib", str(calib), "--dtype", dtype,
-           *(["--desc-act"] if "--desc-act" in flags else [])]
+    cmd = [sys.executable, str(ROOT / "scripts" / "gptqmodel_run.py"), str(model), str(out), *flags,
+           "--calib", str(calib), "--dtype", dtype]
     res = timed(cmd, env={"GPTQMODEL_CPU_WORKERS": "2"})
     own = json.loads(res["stdout"].strip().splitlines()[-1])
     return {"wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_mb"], "own_process_peak_rss_mb": own["peak_rss_mb"],
@@ -89,11 +92,11 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     for dtype in args.dtypes:
         for setting in args.settings:
-            flags = SETTINGS[setting]
             print(f"{dtype} {setting}: ours ...", file=sys.stderr, flush=True)
-            ours = run_ours(args.model, args.work / f"ours-{dtype}-{setting}", flags, dtype, calib)
+            ours = run_ours(args.model, args.work / f"ours-{dtype}-{setting}", flags(setting), dtype, calib)
             print(f"  {ours['wall_s']} s; GPTQModel ...", file=sys.stderr, flush=True)
-            theirs = run_gptqmodel(args.model, args.work / f"gptqmodel-{dtype}-{setting}", flags, dtype, calib)
+            theirs = run_gptqmodel(args.model, args.work / f"gptqmodel-{dtype}-{setting}", flags(setting), dtype,
+                                   calib)
             print(f"  {theirs['wall_s']} s", file=sys.stderr, flush=True)
             results[f"{dtype}/{setting}"] = {
                 "dtype": dtype, "setting": setting, "ours": ours, "gptqmodel": theirs,
