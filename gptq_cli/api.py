@@ -17,7 +17,7 @@ import torch
 
 from gptq_cli import __version__, distributed, phases
 from gptq_cli.arch import Arch, quantized_shapes, resolve_arch
-from gptq_cli.engine import ModuleResult, capture_inputs, quantize_blocks, replay_block
+from gptq_cli.engine import ModuleResult, capture_inputs, quantize_decoder_block, replay_block
 from gptq_cli.errors import Interrupted, UsageError, noting_interrupts
 from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is quantize + evaluate)
 from gptq_cli.export import pack_workdir, write_kept_blocks  # noqa: F401  (pack_workdir: `gptq pack`'s API)
@@ -29,7 +29,7 @@ from gptq_cli.allocate import Candidate, check_target, parse_candidates
 from gptq_cli.preflight import calibration_notes, calibration_seqlen, group_size_notes
 from gptq_cli.solver import DAMP_STEP
 from gptq_cli.workdir import (WorkDir, calibration_fingerprint, check_new_directory, default_work_dir,
-                              model_fingerprint, stored_weights)
+                              model_fingerprint, plan_identity, stored_weights)
 
 # Progress events: ("resume", finished blocks, total, work dir), ("block", done, total), ("module", ModuleResult),
 # ("note", text): a setting that could not be applied as asked, and what is done instead
@@ -72,7 +72,8 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
              batch_size: int = 8, device: str | None = None, dtype: str = "auto",
              output: str | Path | None = None, work_dir: str | Path | None = None, resume: bool = False,
              command: str | None = None, progress: ProgressFn | None = None, target_bits: float | None = None,
-             candidates: list[Candidate] | None = None, measurements: str | Path | None = None) -> QuantizeResult:
+             candidates: list[Candidate] | None = None, measurements: str | Path | None = None,
+             trust_remote_code: bool = False) -> QuantizeResult:
     """Quantize `model` (Hub id, local dir, .gguf or built-in name) with GPTQ and write a GPTQ checkpoint.
 
     Each finished block is stored in `work_dir` (default `<output>.work`); a call that finds a work dir made with
@@ -82,7 +83,8 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     target_bits: choose each linear's bits and group size among `candidates` (default bits 2/3/4/8 x groups
     32/64/128) within that average of stored bits per weight (mixed.py); quant's bits/group_size are then
     ignored. `measurements`: a measurements.json of an earlier such run with the same model, calibration and
-    shared settings, instead of measuring again."""
+    shared settings, instead of measuring again. trust_remote_code: a model whose config.json names its own code
+    (auto_map) may run it; refused otherwise."""
     from gptq_cli.textdata import calibration_samples
 
     quant = quant or QuantConfig()
@@ -104,7 +106,7 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     phases.restart()
 
     with phases.phase("load"):
-        ref = resolve_model(model)
+        ref = resolve_model(model, trust_remote_code)
         cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
         tokenizer = load_tokenizer(ref)
         sm = load_streaming(ref, cdtype)
@@ -129,19 +131,26 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     used_seqlen = max(s.shape[-1] for s in samples)
     plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=used_seqlen, seed=seed,
                       batch_size=batch_size, device=dev, dtype=cdtype, blocks=n_blocks, command=command, notes=notes)
-    done = wd.open(plan) if ranks.writer else 0   # rank 0 alone writes
+    say = (lambda text: progress("note", text)) if progress else (lambda text: None)
+    for note in wd.open(plan) if ranks.writer else ():   # rank 0 alone writes
+        say(note)
     with noting_interrupts() as interrupted:
         try:
-            done = distributed.broadcast_int(ranks, done)   # inside: a rank lost here leaves no empty work dir
             if target_bits is not None:
                 quant = mixed.allocate_run(wd, plan, sm, layers_path, batch_samples(samples, batch_size), quant,
                                            dev, cdtype, measurements,
-                                           (lambda i, n: progress("measure", i, n)) if progress else None)
-            if done < n_blocks:
-                if done and progress:
-                    progress("resume", done, n_blocks, wd.path)
-                _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, done, progress,
-                            ranks)
+                                           (lambda i, n: progress("measure", i, n)) if progress else None, say)
+            identity = plan_identity(plan)   # with --target-bits, of the allocated configuration
+            stored, damaged = wd.check_blocks(n_blocks, identity) if ranks.writer else ([False] * n_blocks, [])
+            for note in damaged:
+                say(note)
+            # inside the try: a rank lost here leaves no empty work dir
+            stored = [bool(s) for s in distributed.broadcast_ints(ranks, [int(s) for s in stored])]
+            if not all(stored):
+                if any(stored) and progress:
+                    progress("resume", sum(stored), n_blocks, wd.path)
+                _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, stored, identity,
+                            progress, ranks)
             if not ranks.writer:
                 return QuantizeResult(out, [], time.perf_counter() - t_start, plan, notes, writer=False)
             with phases.phase("write"):
@@ -176,30 +185,30 @@ def _work_plan(model: str, ref: ModelRef, quant: QuantConfig, samples: list[torc
             "dtype": str(dtype).removeprefix("torch."), "device": str(device), "device_type": device.type,
             "versions": {"gptq_cli": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
-            "command": command, "notes": notes}
+            "command": command, "notes": notes, "trust_remote_code": ref.trust_remote_code}
 
 
 def _solve_into(wd: WorkDir, sm: StreamingModel, layers_path: str, arch: Arch | None, samples: list[torch.Tensor],
-                batch_size: int, quant: QuantConfig, dev: torch.device, cdtype: torch.dtype, done: int,
-                progress: ProgressFn | None, ranks: distributed.Ranks) -> None:
-    """Replay the `done` finished blocks, then quantize the rest, storing each block as it finishes (rank 0;
-    each rank calibrates on its share of the batches)."""
-    n_blocks = len(sm.model.get_submodule(layers_path))
+                batch_size: int, quant: QuantConfig, dev: torch.device, cdtype: torch.dtype, stored: list[bool],
+                identity: str, progress: ProgressFn | None, ranks: distributed.Ranks) -> None:
+    """Replay each stored block, quantize the others, in model order, storing each as it finishes (rank 0; each
+    rank calibrates on its share of the batches)."""
+    n_blocks = len(stored)
     calib = capture_inputs(sm, layers_path, ranks.share(batch_samples(samples, batch_size)), dev, cdtype)
-    for i in range(done):
-        replay_block(sm, layers_path, i, calib, stored_weights(wd.read_block(i)[0], quant), dev, cdtype)
-        if progress:
-            progress("block", i + 1, n_blocks)
-    t_block = time.perf_counter()
-    for i, results in quantize_blocks(sm, layers_path, arch, calib, quant, dev, cdtype, start=done,
-                                      on_module=(lambda r: progress("module", r)) if progress else None,
-                                      ranks=ranks):
-        if not ranks.writer:
-            continue
-        tensors = {f"{r.name}.{key}": value for r in results for key, value in r.tensors.items()}
-        with phases.phase("write"):
-            wd.write_block(i, tensors, [_log_row(r, len(samples)) for r in results], time.perf_counter() - t_block)
+    on_module = (lambda r: progress("module", r)) if progress else None
+    for i in range(n_blocks):
         t_block = time.perf_counter()
+        if stored[i]:
+            weights = stored_weights(wd.read_block(i, identity)[0], quant)
+            replay_block(sm, layers_path, i, calib, weights, dev, cdtype)
+        else:
+            results = quantize_decoder_block(sm, layers_path, i, arch, calib, quant, dev, cdtype, on_module,
+                                             ranks)
+            if ranks.writer:
+                tensors = {f"{r.name}.{key}": value for r in results for key, value in r.tensors.items()}
+                with phases.phase("write"):
+                    wd.write_block(i, tensors, [_log_row(r, len(samples)) for r in results],
+                                   time.perf_counter() - t_block, identity)
         if progress:
             progress("block", i + 1, n_blocks)
 

@@ -139,11 +139,11 @@ def broadcast_result(ranks: Ranks, qw: QuantizedWeight | None, seconds: float, o
     return qw, float(scalars[2])
 
 
-def broadcast_int(ranks: Ranks, value: int) -> int:
-    """Rank 0's `value` on every rank."""
+def broadcast_ints(ranks: Ranks, values: list[int]) -> list[int]:
+    """Rank 0's `values` on every rank (the same count on each)."""
     if ranks.world == 1:
-        return value
+        return values
     import torch.distributed as dist
-    t = torch.tensor([value], dtype=torch.int64, device=ranks.device)
+    t = torch.tensor(values, dtype=torch.int64, device=ranks.device)
     _collective(ranks, "starting", lambda: dist.broadcast(t, src=0))
-    return int(t)
+    return t.tolist()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -73,26 +73,24 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
     return calib
 
 
-def quantize_blocks(sm: StreamingModel, layers_path: str, arch: Arch | None, calib: Calibration,
-                    quant: QuantConfig, device: torch.device, dtype: torch.dtype,
-                    start: int = 0, on_module: Callable[[ModuleResult], None] | None = None,
-                    ranks: Ranks = Ranks()) -> Iterator[tuple[int, list[ModuleResult]]]:
-    """Quantize blocks start.. in order, yielding (block index, its module results) as each one finishes."""
-    layers = sm.model.get_submodule(layers_path)
-    for i in range(start, len(layers)):
-        block, prefix = layers[i], f"{layers_path}.{i}."
-        with phase("load"):
-            sm.materialize(prefix, device, dtype)
-        with torch.no_grad(), phase("forward"):
-            results = _quantize_block(block, prefix, arch, calib, quant, device, dtype, on_module, ranks)
-        sm.release(block)
-        yield i, results
+def quantize_decoder_block(sm: StreamingModel, layers_path: str, index: int, arch: Arch | None,
+                           calib: Calibration, quant: QuantConfig, device: torch.device, dtype: torch.dtype,
+                           on_module: Callable[[ModuleResult], None] | None = None, ranks: Ranks = Ranks()
+                           ) -> list[ModuleResult]:
+    """Quantize block `index` (`calib` holds its inputs), leaving `calib` advanced to the next block's inputs."""
+    block, prefix = sm.model.get_submodule(layers_path)[index], f"{layers_path}.{index}."
+    with phase("load"):
+        sm.materialize(prefix, device, dtype)
+    with torch.no_grad(), phase("forward"):
+        results = _quantize_block(block, prefix, arch, calib, quant, device, dtype, on_module, ranks)
+    sm.release(block)
+    return results
 
 
 def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Calibration, quant: QuantConfig,
                     device: torch.device, dtype: torch.dtype, on_module: Callable[[ModuleResult], None] | None,
                     ranks: Ranks) -> list[ModuleResult]:
-    """One block of quantize_blocks: per sequential group its Hessians, solve, swap; then `calib` advanced to the
+    """quantize_decoder_block's work: per sequential group its Hessians, solve, swap; then `calib` advanced to the
     next block's inputs."""
     linears = block_linears(block)
     groups = block_groups(block, arch, lambda: block(calib.hidden[0], **calib.kwargs[0]), quant.true_sequential)

@@ -2,6 +2,7 @@
 Ctrl-C), and how Ctrl-C is told apart from a failure."""
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 from contextlib import contextmanager
@@ -18,6 +19,22 @@ class UsageError(GptqError):
     """Bad usage or bad input (exit code 2). The message says what is wrong and what to do."""
 
     exit_code = 2
+
+
+# What an OSError from the file system means for the user, and what to do about it.
+_OS_ERRORS = {errno.ENOSPC: ("no space left on the device", "free space there or write elsewhere"),
+              errno.EDQUOT: ("disk quota exceeded", "free space there or write elsewhere"),
+              errno.EROFS: ("read-only file system", "choose a directory you can write to"),
+              errno.EACCES: ("permission denied", "choose a directory you can write to"),
+              errno.ENAMETOOLONG: ("a name too long for the file system", "choose a shorter name"),
+              errno.EIO: ("an I/O error", "check the disk")}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a file-system error: what happened, where (for a copy, its destination), what to do."""
+    what, advice = _OS_ERRORS.get(e.errno, (e.strerror or type(e).__name__, "check that path"))
+    where = e.filename2 or e.filename
+    return f"{what}{f' at {where}' if where else ''} ({errno.errorcode.get(e.errno, e.errno)}): {advice}"
 
 
 class Interrupted(KeyboardInterrupt):

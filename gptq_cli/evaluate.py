@@ -151,7 +151,7 @@ def check_context(config, seqlen: int, *, what: str = "--seqlen") -> None:
                          f"(max_position_embeddings); use {limit} or less")
 
 
-def open_model(model_path: str) -> ModelSource:
+def open_model(model_path: str, trust_remote_code: bool = False) -> ModelSource:
     """A model's files, tokenizer and config, without its weights: enough to check the data and the context
     before the (possibly long) weight loading."""
     from transformers import AutoConfig
@@ -159,7 +159,7 @@ def open_model(model_path: str) -> ModelSource:
     from gptq_cli.format.checkpoint import is_quantized_checkpoint
     from gptq_cli.modelio import load_tokenizer, resolve_model
 
-    ref = resolve_model(model_path)
+    ref = resolve_model(model_path, trust_remote_code)
     quantized = ref.gguf_file is None and is_quantized_checkpoint(ref.path)
     return ModelSource(model_path, ref, load_tokenizer(ref), AutoConfig.from_pretrained(ref.path, **ref.load_kwargs),
                        quantized)
@@ -181,7 +181,8 @@ def load_model(source: ModelSource, *, device: str | None = None, dtype: str = "
     if source.quantized:
         from gptq_cli.loader import load_quantized_model
 
-        model = load_quantized_model(source.ref.path, device=dev, dtype=cdtype)
+        model = load_quantized_model(source.ref.path, device=dev, dtype=cdtype,
+                                     trust_remote_code=source.ref.trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_pretrained(source.ref.path, dtype=cdtype,
                                                      **source.ref.load_kwargs).to(dev).eval()
@@ -190,23 +191,24 @@ def load_model(source: ModelSource, *, device: str | None = None, dtype: str = "
 
 def evaluate(model_path: str, *, dataset: str = "wikitext2", seqlen: int = 2048, limit: int | None = None,
              device: str | None = None, dtype: str = "auto", speed: bool = False, dataset_path: str | None = None,
-             batch_size: int = 1, progress: ProgressFn | None = None) -> dict:
+             batch_size: int = 1, progress: ProgressFn | None = None, trust_remote_code: bool = False) -> dict:
     """Perplexity of one model (full precision or GPTQ) on `dataset`, plus tokens/s when `speed`."""
     return compare([model_path], dataset=dataset, seqlen=seqlen, limit=limit, device=device, dtype=dtype,
-                   speed=speed, dataset_path=dataset_path, batch_size=batch_size, progress=progress)["models"][0]
+                   speed=speed, dataset_path=dataset_path, batch_size=batch_size, progress=progress,
+                   trust_remote_code=trust_remote_code)["models"][0]
 
 
 def compare(model_paths: list[str], *, dataset: str = "wikitext2", seqlen: int = 2048, limit: int | None = None,
             device: str | None = None, dtype: str = "auto", speed: bool = False, dataset_path: str | None = None,
-            batch_size: int = 1, progress: ProgressFn | None = None) -> dict:
+            batch_size: int = 1, progress: ProgressFn | None = None, trust_remote_code: bool = False) -> dict:
     """Evaluate each model on the same windows (tokenized once, with the first model's tokenizer; every other
     model must share that tokenizer). With several models, each result carries ppl_ratio = its ppl / the first
-    model's ppl."""
+    model's ppl. trust_remote_code: models whose config.json names their own code may run it."""
     if not model_paths:
         raise UsageError("give at least one model to evaluate")
     if batch_size < 1:  # checked before any model loads; perplexity() checks it again for direct callers
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    sources = [open_model(path) for path in model_paths]
+    sources = [open_model(path, trust_remote_code) for path in model_paths]
     for source in sources:
         check_context(source.config, seqlen)
         if not same_tokenizer(sources[0].tokenizer, source.tokenizer):

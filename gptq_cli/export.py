@@ -17,12 +17,13 @@ from typing import Callable, Iterator
 import torch
 
 from gptq_cli import __version__, mixed
-from gptq_cli.errors import GptqError, UsageError
+from gptq_cli.errors import GptqError, UsageError, describe_os_error
 from gptq_cli.format import checkpoint
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.safetensors_file import LazyTensors
 from gptq_cli.modelio import ModelRef, StreamingModel, load_streaming, load_tokenizer
-from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir, model_fingerprint
+from gptq_cli.checksums import Damaged, checked_json_bytes, read_checked_json
+from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir, model_fingerprint, plan_identity
 
 
 def write_kept_blocks(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: ModelRef, tokenizer, *,
@@ -33,7 +34,9 @@ def write_kept_blocks(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, re
     except (UsageError, OSError) as e:
         keep = (f"; the {plan['blocks']} quantized blocks are kept in {wd.path}: `gptq pack {wd.path} -o DIR` "
                 f"writes the checkpoint without quantizing again")
-        raise (UsageError if isinstance(e, UsageError) else GptqError)(f"{e}{keep}") from e
+        if isinstance(e, UsageError):
+            raise UsageError(f"{e}{keep}") from e
+        raise GptqError(f"{describe_os_error(e)}{keep}") from e
 
 
 def pack_workdir(work_dir: str | Path, output: str | Path, *, checkpoint_format: str | None = None,
@@ -45,13 +48,15 @@ def pack_workdir(work_dir: str | Path, output: str | Path, *, checkpoint_format:
     out = Path(output)
     plan = wd.read_plan()
     checkpoint.parse_size(max_shard_size)  # a bad size is a usage error before any work
-    missing = plan["blocks"] - wd.finished_blocks()
+    missing = sum(not wd.block_file(i).is_file() for i in range(plan["blocks"]))
     if missing:
         raise UsageError(f"{wd.path} is missing {missing} of {plan['blocks']} blocks; rerun the quantize command "
                          f"that made it to finish them")
     if out.exists():
         raise UsageError(f"{out} already exists; remove it or choose another output directory")
-    ref = ModelRef(Path(plan["model_path"]), plan.get("gguf_file"), plan["model"])
+    # the model's own code runs only if the quantize run that made the work dir was allowed to run it
+    ref = ModelRef(Path(plan["model_path"]), plan.get("gguf_file"), plan["model"],
+                   trust_remote_code=plan.get("trust_remote_code", False))
     found = (ref.path / (ref.gguf_file or "config.json")).is_file()
     if not found or model_fingerprint(ref) != plan["model_fingerprint"]:
         raise UsageError(f"the model {plan['model']} is no longer as it was at {ref.path} when {wd.path} was "
@@ -74,8 +79,9 @@ def write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: Mo
     tensors = LazyTensors()
     rows: list[dict] = []
     seconds = 0.0
+    identity = plan_identity(plan)   # each block is read only after it checks out under this plan
     for i in range(plan["blocks"]):
-        block, block_rows, block_seconds = wd.open_block(i)
+        block, block_rows, block_seconds = wd.open_block(i, identity)
         for key in block:
             tensors.add(key, block.spec(key), lambda b=block, k=key: b[k])
         rows += block_rows
@@ -101,12 +107,17 @@ def write_output(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: Mo
            "device": plan["device"], "dtype": plan["dtype"], "torch": torch.__version__,
            "platform": platform.platform(),
            "seconds": round(seconds, 2),  # time spent on the blocks, summed over interrupted runs
+           "trust_remote_code": plan.get("trust_remote_code", False),
            "notes": plan.get("notes", []), "modules": rows}
     extra_files = {}
     if (wd.path / MEASUREMENTS_FILE).is_file():   # --target-bits: reusable for other budgets (--measurements)
-        measured = json.loads((wd.path / MEASUREMENTS_FILE).read_text())
+        try:
+            measured = read_checked_json(wd.path / MEASUREMENTS_FILE)
+        except Damaged as e:
+            raise UsageError(f"{wd.path / MEASUREMENTS_FILE} {e}; rerun the quantize command that made {wd.path} "
+                             f"(it measures again)") from e
         log["measure_seconds"] = measured.pop("seconds", None)   # timings go in the log, the rest is deterministic
-        extra_files[MEASUREMENTS_FILE] = (json.dumps(measured, indent=1) + "\n").encode()
+        extra_files[MEASUREMENTS_FILE] = checked_json_bytes(measured, indent=1)
     if phases is None:
         extra_files["quant_log.json"] = json.dumps(log, indent=2).encode()
     else:   # written after the tensors, so that the checkpoint's own writing is counted

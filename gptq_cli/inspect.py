@@ -158,7 +158,7 @@ def _model_linear_shapes(path: Path) -> dict[str, tuple[int, int]] | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)   # never asks, never runs it
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model = empty_model(config)

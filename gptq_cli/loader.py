@@ -18,7 +18,7 @@ from gptq_cli.format.checkpoint import (PACKED_NAMES, check_model_dir, quantized
                                         read_tensors)
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.safetensors_file import FileTensors
-from gptq_cli.modelio import empty_model
+from gptq_cli.modelio import check_config_json, empty_model
 from gptq_cli.quant_linear import QuantLinear
 
 # Tensors old checkpoints carry that current transformers models compute instead of loading.
@@ -26,24 +26,26 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def load_quantized_model(path: str | Path, device: str | torch.device = "cpu",
-                         dtype: torch.dtype | None = None) -> nn.Module:
+                         dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
     """A transformers causal LM with the checkpoint's weights, quantized linears as QuantLinear, in eval mode.
 
     dtype: for the non-quantized weights (embeddings, norms, lm_head); default the checkpoint's config dtype.
     Scales and biases of quantized linears keep their stored dtype; QuantLinear computes in the input's dtype.
+    trust_remote_code: a checkpoint whose config.json names its own code (auto_map) may run it.
     """
     from transformers import AutoConfig
 
     path = check_model_dir(path)
+    check_config_json(path / "config.json", trust_remote_code)
     quant = read_quant_config(path)
     tensors = read_tensors(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         quantization_config = getattr(config, "quantization_config", None)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # else transformers would hand the model to its own GPTQ backend
         dtype = dtype or _config_dtype(config)
-        model = empty_model(config, dtype)   # MoE experts as their own linears, as a GPTQ file stores them
+        model = empty_model(config, dtype, trust_remote_code=trust_remote_code)   # MoE experts as their own linears, as a GPTQ file stores them
     except (ValueError, KeyError, OSError) as e:
         reason = " ".join(str(e).split())  # transformers' messages span lines; ours are one line
         raise UsageError(f"{path}: transformers cannot build this model ({type(e).__name__}: {reason})") from e

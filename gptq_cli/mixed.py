@@ -43,7 +43,8 @@ from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.dynamic import encode
 from gptq_cli.modelio import StreamingModel
 from gptq_cli.sensitivity import fisher_batches, output_fisher
-from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir, write_atomic
+from gptq_cli.checksums import CHECKSUM_KEY, Damaged, checked_json_bytes, read_checked_json, write_atomic
+from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir
 
 # Which loss measure a measurement file holds: files of another measure are refused, not mixed up.
 MEASURE = "fisher-weighted GPTQ row loss"
@@ -118,6 +119,11 @@ def read_measurements(path: str | Path, ident: dict | None, candidates: list[Can
         doc["modules"], doc["candidates"], doc["identity"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--measurements {path}: not a measurement file that quantize --target-bits wrote ({e})")
+    if CHECKSUM_KEY in doc:   # files of versions before checksums have none
+        try:
+            read_checked_json(Path(path))
+        except Damaged as e:
+            raise UsageError(f"--measurements {path} {e}; measure again (leave out --measurements)") from e
     if ident is not None:
         diffs = [k for k in ident if doc["identity"].get(k) != ident[k]]
         if diffs:
@@ -149,10 +155,17 @@ def choose(doc: dict, candidates: list[Candidate], target_bits: float) -> dict[s
 
 def allocate_run(wd: WorkDir, plan: dict, sm: StreamingModel, layers_path: str, batches: list[torch.Tensor],
                  quant: QuantConfig, device: torch.device, dtype: torch.dtype, measurements: str | Path | None,
-                 on_block: Callable[[int, int], None] | None) -> QuantConfig:
+                 on_block: Callable[[int, int], None] | None, note: Callable[[str], None]) -> QuantConfig:
     """quantize --target-bits: the measurement (the work dir's, the given file, or made now on `batches` and
     kept in the work dir), then the allocation; returns the mixed QuantConfig, also set as plan["config"]."""
-    if not (wd.path / MEASUREMENTS_FILE).is_file():
+    stored = wd.path / MEASUREMENTS_FILE
+    if stored.is_file():
+        try:
+            read_checked_json(stored)
+        except Damaged as e:
+            note(f"{stored} {e}; measuring again")
+            stored.unlink()
+    if not stored.is_file():
         ident = identity(quant, plan)
         candidates = parse_candidates(",".join(quant.meta["candidates"]))
         if measurements is not None:
@@ -162,7 +175,7 @@ def allocate_run(wd: WorkDir, plan: dict, sm: StreamingModel, layers_path: str, 
             calib = capture_inputs(sm, layers_path, batches, device, dtype)
             rows = measure(sm, layers_path, calib, batches, quant, candidates, device, dtype, on_block)
             doc = measurement_doc(ident, candidates, rows, time.perf_counter() - t0)
-        write_atomic(wd.path / MEASUREMENTS_FILE, (json.dumps(doc, indent=1) + "\n").encode())
+        write_atomic(stored, checked_json_bytes(doc, indent=1))
     mixed_quant = allocated_config(wd, plan, quant, check=True)
     plan["config"] = mixed_quant.to_hf_dict()
     return mixed_quant

@@ -15,7 +15,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -38,15 +38,19 @@ class ModelRef:
     name: str = ""
     # the safetensors files' headers, read (and checked) once by resolve_model; None: read when needed
     tensors: FileTensors | None = field(default=None, repr=False, compare=False)
+    trust_remote_code: bool = False   # --trust-remote-code: the model's own code (config.json auto_map) may run
 
     @property
-    def load_kwargs(self) -> dict[str, str]:
-        """What transformers' from_pretrained needs beside the path: the GGUF file's name, if it is one."""
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+    def load_kwargs(self) -> dict[str, Any]:
+        """What transformers' from_pretrained needs beside the path: the GGUF file's name, if it is one, and
+        whether the model's own code may run (always said: left unset, transformers asks on the terminal)."""
+        return {"trust_remote_code": self.trust_remote_code, **({"gguf_file": self.gguf_file} if self.gguf_file
+                                                                 else {})}
 
 
-def resolve_model(model: str) -> ModelRef:
-    """A Hub id, a local HF directory, a .gguf file, or a built-in name -> local files."""
+def resolve_model(model: str, trust_remote_code: bool = False) -> ModelRef:
+    """A Hub id, a local HF directory, a .gguf file, or a built-in name -> local files. A model whose config
+    needs its own code is refused unless trust_remote_code."""
     if model in BUILTIN_MODELS:
         package, filename, install = BUILTIN_MODELS[model]
         spec = importlib.util.find_spec(package)  # not imported: the package's own code needs other tools
@@ -59,10 +63,10 @@ def resolve_model(model: str) -> ModelRef:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UsageError(f"{p} is not a Hugging Face model directory (no config.json)")
-        _check_config_json(p / "config.json")
+        check_config_json(p / "config.json", trust_remote_code)
         # reads only the headers: a truncated or corrupt file is named now, before any work
         tensors = read_tensors(p) if any(p.glob("*.safetensors")) else None
-        return ModelRef(p, None, p.resolve().name, tensors)
+        return ModelRef(p, None, p.resolve().name, tensors, trust_remote_code)
     if p.exists() or model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         raise UsageError(f"model {model!r} not found: give a local model directory, a .gguf file or a Hub id "
                          f"like org/name")
@@ -73,12 +77,14 @@ def resolve_model(model: str) -> ModelRef:
     except Exception as e:  # offline, unknown repo, gated...
         raise UsageError(f"cannot fetch {model!r} from the Hub ({type(e).__name__}); "
                          f"download it and pass the local directory instead") from e
-    return ModelRef(Path(path), None, model.split("/")[-1])
+    check_config_json(Path(path) / "config.json", trust_remote_code)
+    return ModelRef(Path(path), None, model.split("/")[-1], trust_remote_code=trust_remote_code)
 
 
-def _check_config_json(path: Path) -> None:
+def check_config_json(path: Path, trust_remote_code: bool = False) -> None:
     """A UsageError naming the file when config.json is empty, not JSON or not an object (transformers would
-    fail later with an OSError that does not say what to do)."""
+    fail later with an OSError that does not say what to do), or names an architecture this transformers does
+    not have: then the model's own code (auto_map) runs only with trust_remote_code."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -86,6 +92,18 @@ def _check_config_json(path: Path) -> None:
     if not isinstance(config, dict) or not config.get("model_type"):
         raise UsageError(f"{path} holds no model_type, so transformers cannot tell the architecture; restore it "
                          f"from the model's original files")
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config["model_type"]
+    if model_type in CONFIG_MAPPING:
+        return
+    if not config.get("auto_map"):
+        raise UsageError(f"{path}: transformers {transformers.__version__} has no model type {model_type!r}; "
+                         f"upgrade transformers (pip install -U transformers) or check the model's config.json")
+    if not trust_remote_code:
+        raise UsageError(f"{path.parent} runs code from its own files (model type {model_type!r}, config.json "
+                         f"auto_map); pass --trust-remote-code to allow it, for a model whose code you trust")
 
 
 @dataclass
@@ -189,7 +207,8 @@ def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
     owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def empty_model(config, dtype: torch.dtype | None = None, *, calibrate_all: bool = False) -> nn.Module:
+def empty_model(config, dtype: torch.dtype | None = None, *, calibrate_all: bool = False,
+                trust_remote_code: bool = False) -> nn.Module:
     """The causal LM of a transformers config with its parameters on the meta device (buffers such as rotary
     frequencies computed for real) and fused MoE experts as per-expert linears (moe.py; calibrate_all: every
     expert sees every token while quantizing). dtype None: the config's."""
@@ -197,7 +216,8 @@ def empty_model(config, dtype: torch.dtype | None = None, *, calibrate_all: bool
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                 **({"dtype": dtype} if dtype is not None else {}))
     defuse_experts(model, calibrate_all=calibrate_all)
     return model
 
@@ -206,8 +226,8 @@ def load_streaming(ref: ModelRef, compute_dtype: torch.dtype) -> StreamingModel:
     """The model skeleton with lazily loaded weights where the files allow it; else the whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if ref.gguf_file is None:
-        config = AutoConfig.from_pretrained(ref.path)
-        model = empty_model(config, compute_dtype, calibrate_all=True)
+        config = AutoConfig.from_pretrained(ref.path, trust_remote_code=ref.trust_remote_code)
+        model = empty_model(config, compute_dtype, calibrate_all=True, trust_remote_code=ref.trust_remote_code)
         source = ref.tensors if ref.tensors is not None else FileTensors(weight_files(ref.path))
         keys = set(source)
         prefix = getattr(model, "base_model_prefix", "") + "."

@@ -31,15 +31,16 @@ PROBE_FACTOR = 2048       # the Hessian size the factorisation is timed at (smal
 
 def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str, dataset: str, nsamples: int,
               seqlen: int, batch_size: int, seed: int, target_bits: float | None = None,
-              candidates: list[Candidate] | None = None, measurements: str | Path | None = None) -> dict:
+              candidates: list[Candidate] | None = None, measurements: str | Path | None = None,
+              trust_remote_code: bool = False) -> dict:
     """The plan of a quantize run; with target_bits, also what mixed.dry_run says of its allocation."""
     from transformers import AutoConfig
 
-    ref = resolve_model(model)
+    ref = resolve_model(model, trust_remote_code)
     dev = resolve_device(device)
     cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
     config = AutoConfig.from_pretrained(ref.path, **ref.load_kwargs)
-    skeleton = empty_model(config)
+    skeleton = empty_model(config, trust_remote_code=trust_remote_code)
     layers_path, arch = resolve_arch(skeleton)
     layers = skeleton.get_submodule(layers_path)
     linears = block_linears(layers[0])

@@ -6,11 +6,15 @@
                                      the allocation is recomputed from it (deterministic), not stored
     blocks/block-00007.safetensors   one per finished decoder block: its quantized linears' checkpoint tensors
                                      (qweight/qzeros/scales/g_idx under the full module names) and, as
-                                     safetensors metadata, the quant_log rows of its modules
+                                     safetensors metadata, the quant_log rows of its modules, its index and the
+                                     identity of the plan it was solved under (plan_identity)
     .lock                            flock-ed by the run using the directory (a second run is refused)
 
 Every file is written to a temporary name in its own directory and renamed into place, so a run killed at
-any moment leaves only whole files behind. A rerun continues after the last finished block.
+any moment leaves only whole files behind, and carries a checksum (checksums.py) checked whenever it is read.
+The files are a cache: a damaged plan.json or measurements.json is written again, a damaged block (or one
+solved under another plan) is deleted and solved again from the blocks before it, each with a one-line note,
+and the checkpoint comes out as an uninterrupted run writes it. A rerun skips every block that checks out.
 
 Calibration activations are deliberately not stored: for a 70B model they are gigabytes per block
 (nsamples x seqlen x hidden in the activation dtype). Resuming instead replays the finished blocks -- each
@@ -25,13 +29,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gptq_cli.errors import GptqError, UsageError
+from gptq_cli.checksums import (Damaged, checked_json_bytes, checked_safetensors_bytes, read_checked_json,
+                                verify_safetensors, write_atomic)
+from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
 from gptq_cli.format.quantized import QuantizedWeight
@@ -87,6 +92,13 @@ def calibration_fingerprint(samples: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def plan_identity(plan: dict[str, Any]) -> str:
+    """sha256 of the plan's IDENTITY_FIELDS: stored in each block file, so that a block is used only under the
+    plan it was solved for (with --target-bits, plan["config"] is the allocated configuration)."""
+    fields = json.loads(json.dumps({k: plan.get(k) for k in IDENTITY_FIELDS}))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def plan_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """The identity fields (one level into dicts, e.g. "config.bits") where two plans differ, with the values
     ("config.bits 4 -> 3"); fingerprints by name only."""
@@ -104,43 +116,35 @@ def plan_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[s
 
 def check_new_directory(path: Path, what: str) -> None:
     """UsageError, before any work, when the directory `path` cannot be created later: it exists, a parent is a
-    file, its name is too long for the file system (with the temporary-name suffixes the writers add), or the
-    nearest existing parent is not writable. `what` names it in the message (e.g. "--output")."""
+    file, a name on the way is too long for the file system (its own with the temporary-name suffixes the writers
+    add), or the nearest existing parent is not writable. `what` names it in the message (e.g. "--output")."""
     path = Path(path)
-    if path.exists():
-        raise UsageError(f"{what} {path} already exists; remove it or choose another {what}")
-    parent = path.absolute().parent
-    while not parent.exists():
+    parent, missing = path.absolute(), []
+    while True:
+        try:
+            if parent.exists() or parent.is_symlink():
+                break
+        except OSError:   # ENAMETOOLONG and the like: judged below by the names' lengths
+            pass
+        missing.append(parent)
         parent = parent.parent
+    if not missing:
+        raise UsageError(f"{what} {path} already exists; remove it or choose another {what}")
     if not parent.is_dir():
         raise UsageError(f"{what} {path}: {parent} is a file, not a directory; choose another {what}")
     try:
         name_max = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
         name_max = 255
-    # the longest name written beside it: ".<name>.tmp-XXXXXXXX" (the checkpoint writer) or "<name>.work"
-    longest = len(path.name.encode()) + len(".tmp-XXXXXXXX") + 1
-    if longest > name_max:
-        raise UsageError(f"{what} {path}: the name is {len(path.name.encode())} bytes long, more than this file "
-                         f"system allows ({name_max - longest + len(path.name.encode())} at most here); choose a "
-                         f"shorter name")
+    # the longest name written beside the output: ".<name>.tmp-XXXXXXXX" (the checkpoint writer) or "<name>.work"
+    for directory in missing:
+        extra = len(".tmp-XXXXXXXX") + 1 if directory == missing[0] else 0
+        size = len(directory.name.encode())
+        if size + extra > name_max:
+            raise UsageError(f"{what} {path}: the name {directory.name[:20]}... is {size} bytes long, more than "
+                             f"this file system allows ({name_max - extra} at most here); choose a shorter name")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {path}: cannot write in {parent}; choose a directory you can write to")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and a rename: readers (and a
-    resumed run) see the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class WorkDir:
@@ -155,15 +159,16 @@ class WorkDir:
         return (self.path / PLAN_FILE).is_file()
 
     def read_plan(self) -> dict[str, Any]:
+        """plan.json, checked; UsageError when it is damaged (only the quantize run that made it can redo it)."""
         try:
-            return json.loads((self.path / PLAN_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UsageError(f"{self.path / PLAN_FILE} cannot be read ({e}); remove the work dir {self.path} "
-                             f"and quantize again") from e
+            return read_checked_json(self.path / PLAN_FILE)
+        except Damaged as e:
+            raise UsageError(f"{self.path / PLAN_FILE} {e}; rerun the quantize command that made {self.path} "
+                             f"(it writes the plan again and keeps the blocks that check out)") from e
 
-    def open(self, plan: dict[str, Any]) -> int:
-        """Start a new work dir for `plan`, or continue one made with the same plan; return how many blocks are
-        already finished. Holds the directory's lock until close(). UsageError when the directory is something
+    def open(self, plan: dict[str, Any]) -> list[str]:
+        """Start a new work dir for `plan`, or continue one made with the same plan; return notes on what was
+        found damaged. Holds the directory's lock until close(). UsageError when the directory is something
         else, was made with other settings, or another run holds it."""
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"work dir {self.path} is a file; remove it or pass another --work-dir")
@@ -174,20 +179,26 @@ class WorkDir:
                                  f"{PLAN_FILE}; pass an empty or new --work-dir")
         self.path.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
+        notes = []
         if self.has_plan():
-            diffs = plan_differences(self.read_plan(), plan)
+            try:
+                diffs = plan_differences(read_checked_json(self.path / PLAN_FILE), plan)
+            except Damaged as e:   # the blocks carry the identity of their plan: each is judged on its own
+                notes.append(f"{self.path / PLAN_FILE} {e}; writing it again")
+                diffs = None
             if diffs and self.finished_blocks():
                 self.close()
                 raise UsageError(f"work dir {self.path} was made with other settings ({'; '.join(diffs)}); "
                                  f"remove it to start over, or pass another --work-dir")
-            if diffs:  # a run that failed before finishing a block: nothing to keep, start afresh
+            if diffs is None or diffs:   # damaged, or a run that failed before finishing a block
                 (self.path / PLAN_FILE).unlink()
+                if diffs:
+                    shutil.rmtree(self.blocks_path, ignore_errors=True)
+                    (self.path / MEASUREMENTS_FILE).unlink(missing_ok=True)
         if not self.has_plan():
-            shutil.rmtree(self.blocks_path, ignore_errors=True)  # blocks without their plan cannot be trusted
-            (self.path / MEASUREMENTS_FILE).unlink(missing_ok=True)
-            write_atomic(self.path / PLAN_FILE, (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode())
+            write_atomic(self.path / PLAN_FILE, checked_json_bytes(plan))
         self.blocks_path.mkdir(exist_ok=True)
-        return self.finished_blocks()
+        return notes
 
     def _acquire_lock(self) -> None:
         """An exclusive flock on .lock: two runs writing one work dir would interleave their block files. The OS
@@ -214,39 +225,65 @@ class WorkDir:
         return self.blocks_path / f"block-{index:05d}.safetensors"
 
     def finished_blocks(self) -> int:
-        """How many blocks are finished: files block-00000, block-00001, ... without a gap."""
+        """How many block files there are (not checked: check_blocks does that)."""
         if not self.blocks_path.is_dir():
             return 0
-        present = {int(m.group(1)) for p in self.blocks_path.iterdir() if (m := _BLOCK_FILE.fullmatch(p.name))}
-        count = 0
-        while count in present:
-            count += 1
-        return count
+        return sum(1 for p in self.blocks_path.iterdir() if _BLOCK_FILE.fullmatch(p.name))
 
-    def write_block(self, index: int, tensors: dict[str, torch.Tensor], rows: list[dict], seconds: float) -> None:
-        """Store one finished block: its modules' checkpoint tensors and quant_log rows, and its wall time."""
-        from safetensors.torch import save
-
+    def write_block(self, index: int, tensors: dict[str, torch.Tensor], rows: list[dict], seconds: float,
+                    identity: str) -> None:
+        """Store one finished block: its modules' checkpoint tensors and quant_log rows, its wall time, and the
+        identity of the plan it was solved under (plan_identity)."""
         # clone: linears solved together share one g_idx tensor, and safetensors refuses shared memory
-        data = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
-                    metadata={"format": "pt", "block": str(index), "seconds": repr(float(seconds)),
-                              "modules": json.dumps(rows)})
+        data = checked_safetensors_bytes({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+                                         {"format": "pt", "block": str(index), "plan": identity,
+                                          "seconds": repr(float(seconds)), "modules": json.dumps(rows)})
         write_atomic(self.block_file(index), data)
 
-    def open_block(self, index: int) -> tuple[FileTensors, list[dict], float]:
-        """(its tensors, each read on access; quant_log rows; seconds) of a finished block."""
+    def _check_block(self, index: int, identity: str) -> dict[str, str]:
+        """The metadata of block `index` once its file checks out; Damaged saying why not."""
+        meta = verify_safetensors(self.block_file(index))
+        if meta.get("block") != str(index):
+            raise Damaged(f"holds block {meta.get('block')}")
+        if meta.get("plan") != identity:
+            raise Damaged("was solved under other settings")
+        return meta
+
+    def check_blocks(self, count: int, identity: str) -> tuple[list[bool], list[str]]:
+        """Which of blocks 0..count-1 are stored and check out under the plan `identity`, and a note for each
+        one that did not (deleted, so that it is solved again). Block files beyond `count` are deleted."""
+        usable, notes = [], []
+        for index in range(count):
+            path = self.block_file(index)
+            if not path.exists():
+                usable.append(False)
+                continue
+            try:
+                self._check_block(index, identity)
+                usable.append(True)
+            except Damaged as e:
+                notes.append(f"{path} {e}; solving block {index} again")
+                path.unlink()
+                usable.append(False)
+        for p in self.blocks_path.iterdir() if self.blocks_path.is_dir() else ():
+            if (m := _BLOCK_FILE.fullmatch(p.name)) and int(m.group(1)) >= count:
+                p.unlink()
+        return usable, notes
+
+    def open_block(self, index: int, identity: str) -> tuple[FileTensors, list[dict], float]:
+        """(its tensors, each read on access; quant_log rows; seconds) of a finished block, checked whole first;
+        UsageError when it is missing or does not check out (`gptq pack` cannot solve it again)."""
         path = self.block_file(index)
         try:
-            tensors = FileTensors({path.name: path})
-            meta = tensors.metadata()[path.name] or {}
-            return tensors, json.loads(meta["modules"]), float(meta["seconds"])
-        except Exception as e:  # truncated by hand, wrong file...
-            raise GptqError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it and rerun the same "
-                            f"command to redo that block") from e
+            meta = self._check_block(index, identity)
+        except Damaged as e:
+            raise UsageError(f"{path} {e}; rerun the quantize command that made {self.path}: it solves that "
+                             f"block again and keeps the others") from e
+        return FileTensors({path.name: path}), json.loads(meta["modules"]), float(meta["seconds"])
 
-    def read_block(self, index: int) -> tuple[dict[str, torch.Tensor], list[dict], float]:
+    def read_block(self, index: int, identity: str) -> tuple[dict[str, torch.Tensor], list[dict], float]:
         """(tensors, quant_log rows, seconds) of a finished block."""
-        tensors, rows, seconds = self.open_block(index)
+        tensors, rows, seconds = self.open_block(index, identity)
         return dict(tensors.items()), rows, seconds
 
     def remove_if_unfinished(self) -> None:

@@ -126,11 +126,11 @@ def test_a_run_failing_before_its_first_block_leaves_nothing_and_the_rerun_start
 def test_a_work_dir_without_finished_blocks_is_started_afresh_under_other_settings(tmp_path):
     plan = {"config": {"bits": 4}, "calibration_fingerprint": "a"}
     wd = WorkDir(tmp_path / "w")
-    assert wd.open(plan) == 0
+    assert wd.open(plan) == []
     wd.close()
-    assert wd.open({**plan, "calibration_fingerprint": "b"}) == 0   # nothing finished: nothing to protect
+    assert wd.open({**plan, "calibration_fingerprint": "b"}) == []   # nothing finished: nothing to protect
     assert json.loads((tmp_path / "w" / "plan.json").read_text())["calibration_fingerprint"] == "b"
-    wd.write_block(0, {}, [], 1.0)
+    wd.write_block(0, {}, [], 1.0, "identity")
     wd.close()
     with pytest.raises(UsageError, match="other settings"):
         WorkDir(tmp_path / "w").open(plan)                           # a finished block is worth keeping

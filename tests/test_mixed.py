@@ -99,17 +99,19 @@ def test_loader_gives_the_reference_logits_also_after_pack_v2_and_back(mixed_ckp
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(mixed_ckpt, tiny_llama_dir, calib_file, tmp_path, monkeypatch):
-    real = api.quantize_blocks
+    real = api.quantize_decoder_block
+    calls = []
 
     def one_block_then_ctrl_c(*args, **kwargs):
-        for item in real(*args, **kwargs):
-            yield item
+        calls.append(1)
+        if len(calls) > 1:   # the first block is stored, then Ctrl-C
             raise KeyboardInterrupt
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "quantize_blocks", one_block_then_ctrl_c)
+    monkeypatch.setattr(api, "quantize_decoder_block", one_block_then_ctrl_c)
     with pytest.raises(Interrupted):
         run(tiny_llama_dir, calib_file, tmp_path / "out")
-    monkeypatch.setattr(api, "quantize_blocks", real)
+    monkeypatch.setattr(api, "quantize_decoder_block", real)
     monkeypatch.setattr(mixed, "measure", lambda *a, **k: pytest.fail("resume measured again"))
     assert digests(run(tiny_llama_dir, calib_file, tmp_path / "out").output) == digests(mixed_ckpt)
 

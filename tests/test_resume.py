@@ -240,11 +240,11 @@ def test_a_work_dir_in_use_by_another_run_is_refused(tmp_path, model_dir, calib_
         assert sorted(p.name for p in work.iterdir()) == [".lock"] and not (tmp_path / "out").exists()
     plan = {"model_fingerprint": "m", "config": {"bits": 4}}
     first, second = WorkDir(work), WorkDir(work)
-    assert first.open(plan) == 0
+    assert first.open(plan) == []
     with pytest.raises(UsageError, match="in use"):
         second.open(plan)
     first.close()
-    assert second.open(plan) == 0   # released: the next run takes it
+    assert second.open(plan) == []   # released: the next run takes it
     second.close()
 
 

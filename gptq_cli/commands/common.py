@@ -15,13 +15,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from gptq_cli.errors import GptqError, Interrupted, noting_interrupts
+from gptq_cli.errors import GptqError, Interrupted, describe_os_error, noting_interrupts
 
 # Progress, tables and logs go to stderr so that stdout carries only the --json object. markup=False: paths, model
 # names and messages print as typed ("x[/]" or "a[bold]b" are file names, not rich markup); styles come from Text.
 console = Console(stderr=True, markup=False)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one machine-readable JSON object on stdout.")
+TRUST_REMOTE_CODE_OPTION = typer.Option(False, "--trust-remote-code", help="Allow a model whose config.json names "
+                                        "its own code (auto_map) to run that code; only for code you trust.")
 QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
 DEBUG_OPTION = typer.Option(False, "--debug", help="Show the full traceback on errors, and other libraries' "
                             "warnings and logs.")
@@ -60,6 +62,9 @@ def run(work: Callable[[], Any], *, debug: bool = False) -> Any:
                 raise typer.Exit(130)
             if debug:
                 raise
+            if isinstance(e, OSError) and e.errno is not None:   # disk full, no permission...: said plainly
+                say("error", describe_os_error(e))
+                raise typer.Exit(1)
             # an unexpected failure of the work: one line unless --debug
             say("error", f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
             raise typer.Exit(1)

@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from gptq_cli.commands.common import DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, progress_bar, run
+from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, TRUST_REMOTE_CODE_OPTION, console,
+                                      emit_json, progress_bar, run)
 from gptq_cli.errors import UsageError
 
 EXAMPLES = """
@@ -45,6 +46,7 @@ def eval_command(
                                  "(gptq eval BASE --compare A B)."),
     save: bool = typer.Option(False, "--save", help="Write the results to eval_results.json inside each local "
                               "model directory (gptq push puts them in the model card)."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
     json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
 ) -> None:
     """Perplexity of a full-precision model or a GPTQ checkpoint, with the GPTQ paper's protocol: the test
@@ -72,7 +74,7 @@ def eval_command(
 
             report = compare_models(models, dataset=dataset, seqlen=seqlen, limit=limit, device=device, dtype=dtype,
                                     speed=speed, dataset_path=dataset_path, batch_size=batch_size,
-                                    progress=on_progress)
+                                    progress=on_progress, trust_remote_code=trust_remote_code)
         _refuse_non_finite(report["models"])
         if save:
             for result in report["models"]:

@@ -12,8 +12,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, progress_bar, run,
-                                      say, show_progress)
+from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, TRUST_REMOTE_CODE_OPTION, console,
+                                      emit_json, progress_bar, run, say, show_progress)
 from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
 
@@ -73,7 +73,9 @@ def quantize(
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric; asym "
                                        "is written as gptq_v2."),
     static_groups: Optional[bool] = typer.Option(None, "--static-groups/--no-static-groups",
-                                                 help="With act-order, find group params before reordering."),
+                                                 help="Find every group's scale and zero on the original weights, before "
+                                                      "any error update (as AutoGPTQ/GPTQModel); with "
+                                                      "act-order, groups of original columns."),
     act_group_aware: Optional[bool] = typer.Option(None, "--act-group-aware/--no-act-group-aware",
                                                    help="Without --desc-act: solve groups (and columns in them) "
                                                         "by decreasing Hessian diagonal, keeping g_idx = k // g "
@@ -117,6 +119,7 @@ def quantize(
                                                 "measurements.json an earlier --target-bits run left beside its "
                                                 "checkpoint (same model, calibration, settings): no new "
                                                 "measurement; with --dry-run, prints the allocation."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
     json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
 ) -> None:
     """Quantize a causal LM with GPTQ and write a GPTQ checkpoint that transformers, GPTQModel and vLLM load."""
@@ -147,7 +150,7 @@ def quantize(
             from gptq_cli.plan import make_plan
             plan = make_plan(model, quant, device=device, dtype=dtype,
                              **{**run_args, "seqlen": run_args["seqlen"] or 2048}, target_bits=target_bits,
-                             candidates=cands, measurements=measurements)
+                             candidates=cands, measurements=measurements, trust_remote_code=trust_remote_code)
             _print_plan(plan, json_out, quiet)
             return
         from gptq_cli.api import quantize as api_quantize
@@ -182,7 +185,7 @@ def quantize(
             result = api_quantize(model, quant, dataset_path=dataset_path, device=device, dtype=dtype,
                                   output=output, work_dir=work_dir, resume=resume, command=command,
                                   progress=on_progress, target_bits=target_bits, candidates=cands,
-                                  measurements=measurements, **run_args)
+                                  measurements=measurements, trust_remote_code=trust_remote_code, **run_args)
         if not result.writer:   # another torchrun rank: rank 0 reports the checkpoint it wrote
             return
         summary = run_summary(model, result, quant)

@@ -89,8 +89,10 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], m
             (tmp / name).write_bytes(data() if callable(data) else data)
         _apply_umask(tmp)
         _move_into_place(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not e.filename:   # a failed write names no file: name what was written
+            raise OSError(e.errno, e.strerror, str(out_dir)) from e
         raise
     return out_dir
 
@@ -100,7 +102,13 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def _copy_source_files(src_dir: Path, dst: Path) -> None:
-    for pattern in SOURCE_FILE_PATTERNS:
+    """The tokenizer and generation files, and the model's own code when its config.json names it (auto_map:
+    a model that needs --trust-remote-code is loaded from the checkpoint with the same code)."""
+    try:
+        runs_own_code = bool(json.loads((src_dir / "config.json").read_text()).get("auto_map"))
+    except (OSError, ValueError, AttributeError):
+        runs_own_code = False
+    for pattern in SOURCE_FILE_PATTERNS + (("*.py",) if runs_own_code else ()):
         for f in sorted(src_dir.glob(pattern)):
             if f.is_file():
                 shutil.copyfile(f, dst / f.name)
@@ -180,7 +188,7 @@ def weight_files(ckpt_dir: str | Path) -> dict[str, Path]:
     ckpt_dir = Path(ckpt_dir)
     index = ckpt_dir / INDEX_FILE
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(_index_shards(ckpt_dir, index)))
     elif (ckpt_dir / SINGLE_FILE).is_file():
         names = [SINGLE_FILE]
     else:
@@ -192,6 +200,27 @@ def weight_files(ckpt_dir: str | Path) -> dict[str, Path]:
     if missing:
         raise UsageError(f"{ckpt_dir} is incomplete: {missing[0]} listed in {INDEX_FILE} is missing")
     return {n: ckpt_dir / n for n in names}
+
+
+def _index_shards(ckpt_dir: Path, index: Path) -> list[str]:
+    """The shard names of a model.safetensors.index.json, each a plain file name in `ckpt_dir` that stays there
+    (a symlink may lead into the Hub cache's blobs/ of the same repository, as snapshots are made); a UsageError
+    naming the entry otherwise: an index must not make us read files outside the checkpoint."""
+    try:
+        names = list(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{index} is not a valid index ({type(e).__name__}: {e}); fix or re-download it") from e
+    home = ckpt_dir.resolve()
+    allowed = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
+    for name in names:
+        plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+        if plain and (ckpt_dir / name).is_symlink():
+            target = (ckpt_dir / name).resolve()
+            plain = any(target.is_relative_to(a) for a in allowed)
+        if not plain:
+            raise UsageError(f"{index} names the shard {name!r}, which is not a file inside {ckpt_dir}; shards "
+                             f"must be plain file names in the checkpoint directory: fix or re-download it")
+    return names
 
 
 def check_model_dir(path: str | Path) -> Path:
