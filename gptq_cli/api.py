@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -20,13 +21,13 @@ from gptq_cli.arch import Arch, quantized_shapes, resolve_arch
 from gptq_cli.engine import ModuleResult, capture_inputs, quantize_decoder_block, replay_block
 from gptq_cli.errors import Interrupted, UsageError, noting_interrupts
 from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is quantize + evaluate)
-from gptq_cli.export import pack_workdir, write_kept_blocks  # noqa: F401  (pack_workdir: `gptq pack`'s API)
+from gptq_cli.export import claim_output, pack_workdir, write_kept_blocks  # noqa: F401  (pack_workdir: `gptq pack`'s API)
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.modelio import (ModelRef, StreamingModel, bound_allocator, load_streaming, load_tokenizer,
                              resolve_device, resolve_dtype, resolve_model, storage_dtype)
 from gptq_cli import mixed
 from gptq_cli.allocate import Candidate, check_target, parse_candidates
-from gptq_cli.preflight import calibration_notes, calibration_seqlen, group_size_notes
+from gptq_cli.preflight import act_order_notes, calibration_notes, calibration_seqlen, group_size_notes
 from gptq_cli.solver import DAMP_STEP
 from gptq_cli.workdir import (WorkDir, calibration_fingerprint, check_new_directory, default_work_dir,
                               model_fingerprint, plan_identity, stored_weights)
@@ -104,71 +105,74 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     phases.restart()
-
-    with phases.phase("load"):
-        ref = resolve_model(model, trust_remote_code)
-        cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
-        tokenizer = load_tokenizer(ref)
-        sm = load_streaming(ref, cdtype)
-        seqlen = calibration_seqlen(sm.model.config, seqlen)
-        samples = calibration_samples(tokenizer, dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                      dataset_path=dataset_path)
-    layers_path, arch = resolve_arch(sm.model)
-    n_blocks = len(sm.model.get_submodule(layers_path))
-    shapes = quantized_shapes(sm.model, layers_path)
-    notes = calibration_notes(samples, nsamples, seqlen) + group_size_notes(shapes, quant.group_size)
-    for note in notes:
-        if progress:
-            progress("note", note)
-    # recorded in quantization_config's meta; a copy: the caller's config stays as it was given
-    meta = {**quant.meta, "damp_auto_increment": DAMP_STEP, "static_groups": quant.static_groups}
-    if target_bits is not None:
-        candidates = candidates or parse_candidates(None)
-        check_target(target_bits, list(shapes.values()), candidates)
-        meta.update(target_bits=target_bits, candidates=[c.name for c in candidates])
-    quant = replace(quant, meta=meta)
-    # what was used, not what was asked: the longest sample (a short corpus gives one shorter sample)
-    used_seqlen = max(s.shape[-1] for s in samples)
-    plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=used_seqlen, seed=seed,
-                      batch_size=batch_size, device=dev, dtype=cdtype, blocks=n_blocks, command=command, notes=notes)
-    say = (lambda text: progress("note", text)) if progress else (lambda text: None)
-    for note in wd.open(plan) if ranks.writer else ():   # rank 0 alone writes
-        say(note)
-    with noting_interrupts() as interrupted:
-        try:
-            if target_bits is not None:
-                quant = mixed.allocate_run(wd, plan, sm, layers_path, batch_samples(samples, batch_size), quant,
-                                           dev, cdtype, measurements,
-                                           (lambda i, n: progress("measure", i, n)) if progress else None, say)
-            identity = plan_identity(plan)   # with --target-bits, of the allocated configuration
-            stored, damaged = wd.check_blocks(n_blocks, identity) if ranks.writer else ([False] * n_blocks, [])
-            for note in damaged:
-                say(note)
-            # inside the try: a rank lost here leaves no empty work dir
-            stored = [bool(s) for s in distributed.broadcast_ints(ranks, [int(s) for s in stored])]
-            if not all(stored):
-                if any(stored) and progress:
-                    progress("resume", sum(stored), n_blocks, wd.path)
-                _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, stored, identity,
-                            progress, ranks)
-            if not ranks.writer:
-                return QuantizeResult(out, [], time.perf_counter() - t_start, plan, notes, writer=False)
-            with phases.phase("write"):
-                rows = write_kept_blocks(wd, plan, out, sm, ref, tokenizer, command=command,
-                                         phases=phases.report)
-        except Exception as e:
-            if not interrupted():
+    # the output is held from now on: a second run writing it is refused at once, not after all its work
+    with claim_output(out) if ranks.writer else nullcontext():
+        with phases.phase("load"):
+            ref = resolve_model(model, trust_remote_code)
+            cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
+            tokenizer = load_tokenizer(ref)
+            sm = load_streaming(ref, cdtype)
+            seqlen = calibration_seqlen(sm.model.config, seqlen)
+            samples = calibration_samples(tokenizer, dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                          dataset_path=dataset_path)
+        layers_path, arch = resolve_arch(sm.model)
+        n_blocks = len(sm.model.get_submodule(layers_path))
+        shapes = quantized_shapes(sm.model, layers_path)
+        notes = (calibration_notes(samples, nsamples, seqlen) + group_size_notes(shapes, quant.group_size)
+                 + act_order_notes(quant.desc_act, quant.static_groups, quant.group_size))
+        for note in notes:
+            if progress:
+                progress("note", note)
+        # recorded in quantization_config's meta; a copy: the caller's config stays as it was given
+        meta = {**quant.meta, "damp_auto_increment": DAMP_STEP, "static_groups": quant.static_groups}
+        if target_bits is not None:
+            candidates = candidates or parse_candidates(None)
+            check_target(target_bits, list(shapes.values()), candidates)
+            meta.update(target_bits=target_bits, candidates=[c.name for c in candidates])
+        quant = replace(quant, meta=meta)
+        # what was used, not what was asked: the longest sample (a short corpus gives one shorter sample)
+        used_seqlen = max(s.shape[-1] for s in samples)
+        plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=used_seqlen, seed=seed,
+                          batch_size=batch_size, device=dev, dtype=cdtype, blocks=n_blocks, command=command,
+                          notes=notes)
+        say = (lambda text: progress("note", text)) if progress else (lambda text: None)
+        for note in wd.open(plan) if ranks.writer else ():   # rank 0 alone writes
+            say(note)
+        with noting_interrupts() as interrupted:
+            try:
+                if target_bits is not None:
+                    on_measure = (lambda i, n: progress("measure", i, n)) if progress else None
+                    quant = mixed.allocate_run(wd, plan, sm, layers_path, batch_samples(samples, batch_size),
+                                               quant, dev, cdtype, measurements, on_measure, say)
+                identity = plan_identity(plan)   # with --target-bits, of the allocated configuration
+                stored, damaged = wd.check_blocks(n_blocks, identity) if ranks.writer else ([False] * n_blocks, [])
+                for note in damaged:
+                    say(note)
+                # inside the try: a rank lost here leaves no empty work dir
+                stored = [bool(s) for s in distributed.broadcast_ints(ranks, [int(s) for s in stored])]
+                if not all(stored):
+                    if any(stored) and progress:
+                        progress("resume", sum(stored), n_blocks, wd.path)
+                    _solve_into(wd, sm, layers_path, arch, samples, batch_size, quant, dev, cdtype, stored,
+                                identity, progress, ranks)
+                if not ranks.writer:
+                    return QuantizeResult(out, [], time.perf_counter() - t_start, plan, notes, writer=False)
+                with phases.phase("write"):
+                    rows = write_kept_blocks(wd, plan, out, sm, ref, tokenizer, command=command,
+                                             phases=phases.report)
+            except Exception as e:
+                if not interrupted():
+                    if ranks.writer:
+                        wd.remove_if_unfinished()
+                    raise
+                raise _interrupted(wd, n_blocks) from e
+            except KeyboardInterrupt:
+                raise _interrupted(wd, n_blocks) from None
+            finally:
                 if ranks.writer:
-                    wd.remove_if_unfinished()
-                raise
-            raise _interrupted(wd, n_blocks) from e
-        except KeyboardInterrupt:
-            raise _interrupted(wd, n_blocks) from None
-        finally:
-            if ranks.writer:
-                wd.close()
-    wd.remove()
-    return QuantizeResult(out, rows, time.perf_counter() - t_start, plan, notes, phases=phases.report())
+                    wd.close()
+        wd.remove()
+        return QuantizeResult(out, rows, time.perf_counter() - t_start, plan, notes, phases=phases.report())
 
 
 def _work_plan(model: str, ref: ModelRef, quant: QuantConfig, samples: list[torch.Tensor], *, dataset: str,

@@ -39,7 +39,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and not e.filename:   # a failed write names no file: name the one written
+        if isinstance(e, OSError) and e.errno and not e.filename:   # a failed write names no file: name it
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import tempfile
+from glob import escape as glob_escape
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,6 +26,41 @@ from gptq_cli.format.safetensors_file import LazyTensors
 from gptq_cli.modelio import ModelRef, StreamingModel, load_streaming, load_tokenizer
 from gptq_cli.checksums import Damaged, checked_json_bytes, read_checked_json
 from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir, model_fingerprint, plan_identity
+
+
+@contextmanager
+def claim_output(out: Path) -> Iterator[None]:
+    """Hold `out` for this run from its start: an flock on `.<name>.lock` beside it, so that a second run writing
+    the same output (with another work dir) is refused at once instead of after all its work. The OS drops the
+    lock however the process ends. Holding it, temporary directories a killed writer of `out` left beside it are
+    stale and removed. On leaving, the lock file goes, and so do the parent directories made for it if nothing
+    was written."""
+    try:
+        import fcntl
+    except ImportError:   # not POSIX: the final write still refuses an existing output
+        yield
+        return
+    parent = out.absolute().parent
+    made = [d for d in (parent, *parent.parents) if not d.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
+    lock_path = parent / f".{out.name}.lock"
+    try:
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"--output {out} is being written by another gptq run; wait for it to finish or "
+                                 f"choose another --output") from None
+            for stale in parent.glob(f".{glob_escape(out.name)}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                yield
+            finally:
+                lock_path.unlink(missing_ok=True)
+    finally:
+        for d in made:   # innermost first; a directory something was written into stays
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 def write_kept_blocks(wd: WorkDir, plan: dict, out: Path, sm: StreamingModel, ref: ModelRef, tokenizer, *,

@@ -45,5 +45,15 @@ def group_size_notes(shapes: dict[str, tuple[int, int]], group_size: int) -> lis
     advice = f"--group-size {fits[0]} divides them all" if fits else f"a group size dividing {common} avoids it"
     count = sum(1 for k in widths if k % group_size)
     return [f"--group-size {group_size} does not divide the input width ({', '.join(map(str, uneven))}) of "
-            f"{count} of {len(widths)} linears: their last group is shorter, which GPTQ handles but vLLM's Marlin "
+            f"{count} of {len(widths)} linears: their last group is shorter, which GPTQ handles but vLLM "
             f"and GPTQModel's fast kernels do not (they need in_features % group_size == 0); {advice}"]
+
+
+def act_order_notes(desc_act: bool, static_groups: bool, group_size: int) -> list[str]:
+    """A note when act-order with groups gives g_idx other than k // group_size (desc_act true in the file),
+    which vLLM 0.32 refuses to serve (format/compat.py)."""
+    if not desc_act or static_groups or group_size == -1:
+        return []
+    return ["--desc-act without --static-groups writes desc_act true (groups follow the act-order), which vLLM 0.32 "
+            "refuses to serve; add --static-groups for a file it serves (the same act-order solve, each group's "
+            "scale from its original columns)"]

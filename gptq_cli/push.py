@@ -12,14 +12,16 @@ otherwise gptq_cli.modelcard builds one and it is sent as README.md. The directo
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from gptq_cli import __version__
 from gptq_cli.errors import GptqError, UsageError
 
 CARD_FILE = "README.md"
+HUB_TIMEOUT = 60.0   # seconds `gptq push` waits to connect and for each answer (--timeout)
 
 
 @dataclass
@@ -115,19 +117,39 @@ def plan_push(checkpoint: str | Path, repo_id: str) -> PushPlan:
     return PushPlan(checkpoint, repo_id, files, card, card_generated=True, bits=report.quant.bits)
 
 
+@contextmanager
+def hub_timeouts(seconds: float) -> Iterator[None]:
+    """huggingface_hub's HTTP client waiting at most `seconds` to connect and for each read or write (its default
+    waits forever on a server that accepts the connection and never answers)."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    def bounded_client():
+        client = _http.default_client_factory()
+        client.timeout = httpx2.Timeout(seconds)
+        return client
+
+    _http.set_client_factory(bounded_client)
+    try:
+        yield
+    finally:
+        _http.set_client_factory(_http.default_client_factory)
+
+
 def push_checkpoint(plan: PushPlan, *, token: str, private: bool = False, revision: str | None = None,
-                    commit_message: str | None = None,
+                    commit_message: str | None = None, timeout: float = HUB_TIMEOUT,
                     on_file: Callable[[PushFile], None] | None = None) -> dict[str, Any]:
     """Send `plan` to the Hub in one commit; return where it went. `on_file` is called as each file has
     been uploaded (LFS/Xet) or checked (small files travel inside the commit). GptqError (UsageError for a
-    refused token) with one line when the Hub or the connection fails."""
+    refused token, an unreachable endpoint or one silent for `timeout` seconds) with one line when the Hub or
+    the connection fails."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import disable_progress_bars
 
     api = HfApi(endpoint=hub_endpoint(), token=token)
     message = commit_message or f"Upload {plan.bits}-bit GPTQ checkpoint with gptq_cli {__version__}"
     try:
-        with disable_progress_bars():  # the caller shows one bar for the whole push
+        with disable_progress_bars(), hub_timeouts(timeout):  # the caller shows one bar for the whole push
             repo_url = api.create_repo(plan.repo_id, private=True if private else None, exist_ok=True)
             if revision and revision != "main":
                 api.create_branch(plan.repo_id, branch=revision, exist_ok=True)
@@ -139,22 +161,32 @@ def push_checkpoint(plan: PushPlan, *, token: str, private: bool = False, revisi
                     on_file(file)
             commit = api.create_commit(plan.repo_id, operations, commit_message=message, revision=revision)
     except Exception as e:  # the boundary to the network library: every failure becomes one line
-        raise hub_failure(e, plan.repo_id, api.endpoint) from e
+        raise hub_failure(e, plan.repo_id, api.endpoint, timeout) from e
     return {"repo_id": plan.repo_id, "url": str(repo_url), "revision": revision or "main",
             "commit_url": commit.commit_url, "commit_oid": commit.oid, "private": private,
             "files": [{"path": f.path_in_repo, "size": f.size} for f in plan.files], "bytes": plan.total_bytes,
             "card": "generated" if plan.card_generated else "kept (README.md)"}
 
 
-def hub_failure(error: BaseException, repo_id: str, endpoint: str) -> GptqError:
+def hub_failure(error: BaseException, repo_id: str, endpoint: str, timeout: float = HUB_TIMEOUT) -> GptqError:
     """One line for a failed push: the HTTP status and the server's message when there is one (also when
-    huggingface_hub wrapped the HTTP error in another exception), else the error itself."""
+    huggingface_hub wrapped the HTTP error in another exception); an endpoint that cannot be reached or does not
+    answer in time; else the error itself."""
+    import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
     chain = [error]
     while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
         chain.append(inner)
     http = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
+    silent = next((e for e in chain if isinstance(e, httpx2.TimeoutException)), None)
+    if http is None and silent is not None:
+        return UsageError(f"the Hub at {endpoint} did not answer within {timeout:g} s ({type(silent).__name__}); "
+                          f"check HF_ENDPOINT and the network, or allow longer with --timeout")
+    unreachable = next((e for e in chain if isinstance(e, httpx2.NetworkError)), None)
+    if http is None and unreachable is not None:
+        return UsageError(f"cannot reach the Hub at {endpoint} ({type(unreachable).__name__}: "
+                          f"{_one_line(unreachable)}); check HF_ENDPOINT and the network")
     if http is None:
         root = "" if chain[-1] is error else f" ({type(chain[-1]).__name__}: {_one_line(chain[-1])})"
         return GptqError(f"push to {repo_id} at {endpoint} failed: {type(error).__name__}: {_one_line(error)}{root}")

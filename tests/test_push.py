@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -274,9 +275,28 @@ def test_an_unreachable_hub_fails_with_one_line(hub, checkpoint, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", closed)
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     result = push_cli(checkpoint, "me/tiny-gptq")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     line = one_error_line(result)
-    assert f"push to me/tiny-gptq at {closed} failed" in line and "ConnectError" in line
+    assert f"cannot reach the Hub at {closed}" in line and "ConnectError" in line and "HF_ENDPOINT" in line
+
+
+def test_a_hub_that_never_answers_is_given_up_after_the_timeout(hub, checkpoint, monkeypatch):
+    """A server that accepts the connection and never replies (issue 30: the push waited until killed)."""
+    import huggingface_hub.constants as constants
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)   # connections are accepted by the kernel; nothing is ever read or answered
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        t0 = time.perf_counter()
+        result = push_cli(checkpoint, "me/tiny-gptq", "--timeout", "1")
+        waited = time.perf_counter() - t0
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert f"the Hub at {endpoint} did not answer within 1 s" in line and "--timeout" in line
+    assert waited < 30   # bounded: a few requests of 1 s each, retries included
 
 
 def test_the_installed_command_honours_hf_endpoint_from_its_environment(hub, checkpoint):

@@ -424,3 +424,17 @@ def test_blocked_lower_inverse_crosses_block_and_panel_edges(K: int, block: int,
     A = torch.empty_strided((K, K), (1, K), dtype=torch.float64).copy_(L)
     _invert_lower(A, block=block, panel=panel)
     torch.testing.assert_close(A, torch.linalg.inv(L), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("act_group_aware", [False, True])
+def test_static_groups_without_act_order_follow_the_reference_and_change_the_result(act_group_aware: bool) -> None:
+    """--static-groups without --desc-act is not a no-op (issue 30 took it for one): every group's scale and zero
+    come from the original weights, before the error updates move them (AutoGPTQ's and GPTQModel's meaning);
+    g_idx stays k // g either way."""
+    W, H = correlated_problem(24, 160, seed=7)
+    static = quantize_weight(W, H, bits=3, group_size=32, static_groups=True, act_group_aware=act_group_aware)
+    plain = quantize_weight(W, H, bits=3, group_size=32, act_group_aware=act_group_aware)
+    assert torch.equal(static.g_idx.long(), torch.arange(160) // 32) and torch.equal(static.g_idx, plain.g_idx)
+    assert not torch.equal(static.scales, plain.scales)
+    if not act_group_aware:   # the column-by-column reference has the plain order
+        assert_matches_reference(W, H, bits=3, group_size=32, sym=True, desc_act=False, static_groups=True)

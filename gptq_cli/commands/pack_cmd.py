@@ -46,12 +46,12 @@ def pack(
     and eval_results.json come along."""
 
     def work() -> None:
-        from gptq_cli.format.checkpoint import is_quantized_checkpoint
-        from gptq_cli.workdir import WorkDir, check_new_directory, is_work_dir
+        from gptq_cli.export import claim_output
+        from gptq_cli.workdir import check_new_directory
 
         if fmt is not None and fmt not in FORMATS:
             raise UsageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-        from gptq_cli.format.checkpoint import parse_size, read_quant_config, weight_files
+        from gptq_cli.format.checkpoint import parse_size
 
         if parse_size(max_shard_size) < 1:
             raise UsageError(f"--max-shard-size {max_shard_size}: give a size above zero, like 5GB or 500MB")
@@ -59,6 +59,13 @@ def pack(
 
         busy = (console.status(Text(f"packing {path} → {output}")) if show_progress(quiet or json_out)
                 else nullcontext())
+        with claim_output(output):
+            return write(busy)
+
+    def write(busy) -> None:
+        from gptq_cli.format.checkpoint import is_quantized_checkpoint, read_quant_config, weight_files
+        from gptq_cli.workdir import WorkDir, is_work_dir
+
         if is_work_dir(path):
             from gptq_cli.export import pack_workdir
 

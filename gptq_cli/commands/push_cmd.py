@@ -10,6 +10,7 @@ from rich.table import Table
 
 from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, run, say,
                                       show_progress)
+from gptq_cli.push import HUB_TIMEOUT
 
 if TYPE_CHECKING:
     from gptq_cli.push import PushPlan
@@ -37,6 +38,8 @@ def push(
                                                  "\"Upload N-bit GPTQ checkpoint with gptq_cli VERSION\")."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and sizes and print the model card; "
                                  "send nothing (no token needed)."),
+    timeout: float = typer.Option(HUB_TIMEOUT, "--timeout", help="Seconds to wait to connect and for each "
+                                  "answer of the Hub before giving up.", min=1),
     json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
 ) -> None:
     """Upload a GPTQ checkpoint to the Hugging Face Hub after `gptq inspect`'s validity check, with a model card.
@@ -67,7 +70,7 @@ def push(
                       TimeElapsedColumn(), console=console, disable=not show_progress(quiet or json_out)) as bar:
             task = bar.add_task(f"pushing to {repo_id}", total=plan.total_bytes)
             result = push_checkpoint(plan, token=token, private=private, revision=revision,
-                                     commit_message=commit_message,
+                                     commit_message=commit_message, timeout=timeout,
                                      on_file=lambda f: bar.update(task, advance=f.size, description=f.path_in_repo))
         if json_out:
             emit_json(result)

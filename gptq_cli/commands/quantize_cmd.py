@@ -34,7 +34,8 @@ Examples:
 
 \b
   gptq quantize smollm2-135m --nsamples 128 --seqlen 512 -o smollm2-gptq
-  gptq quantize meta-llama/Llama-2-7b-hf --bits 4 --desc-act -o llama2-7b-gptq
+  gptq quantize meta-llama/Llama-2-7b-hf --bits 4 --desc-act --static-groups \\
+      -o llama2-7b-gptq
   gptq quantize ./my-model --config llama-3bit-g128 --dataset calib.jsonl \\
       --dry-run
   gptq quantize meta-llama/Llama-2-70b-hf -o llama2-70b-gptq --resume

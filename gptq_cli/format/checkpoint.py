@@ -91,7 +91,7 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], m
         _move_into_place(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not e.filename:   # a failed write names no file: name what was written
+        if isinstance(e, OSError) and e.errno and not e.filename:   # a failed write names no file: name it
             raise OSError(e.errno, e.strerror, str(out_dir)) from e
         raise
     return out_dir

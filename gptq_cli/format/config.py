@@ -57,12 +57,22 @@ class QuantConfig:
         if self.dynamic:
             d["dynamic"] = self.dynamic
         d.update(quant_method="gptq", lm_head=False, pack_dtype="int32")
+        # desc_act tells a loader that g_idx is not k // group_size. With static groups (or one group per row)
+        # act-order only changed the solving order and g_idx is k // group_size: the file says desc_act false,
+        # which every loader serves (vLLM 0.32 refuses desc_act true), and meta keeps the solving order.
+        d["desc_act"] = self.desc_act and not self.trivial_g_idx
         # How the columns were ordered while solving changes nothing a loader reads: it goes in meta, where
         # GPTQModel records it too (act-order proper is desc_act, which loaders do read).
         d["meta"] = {"quantizer": [f"gptq_cli:{__version__}"], "mse": self.mse,
                      "act_group_aware": self.act_group_aware and not self.desc_act,
+                     **({"act_order": True} if self.desc_act and self.trivial_g_idx else {}),
                      **self.meta}
         return d
+
+    @property
+    def trivial_g_idx(self) -> bool:
+        """Whether every module's g_idx is k // group_size (no act-order, static groups, or per channel)."""
+        return not self.desc_act or self.static_groups or self.group_size == -1
 
     def module_setting(self, name: str) -> tuple[int, int]:
         """(bits, group_size) of the module with full name `name`, after any `dynamic` override."""
@@ -85,6 +95,7 @@ class QuantConfig:
         # sym=False with a v1 label is legal to read (older tools wrote it); only writing forces v2, so the
         # object is built symmetric and sym is set afterwards, past __post_init__.
         kwargs["act_group_aware"] = bool(merged.get("act_group_aware", False))   # absent: plain order
+        kwargs["desc_act"] = bool(merged.get("desc_act", False) or meta.get("act_order", False))
         cfg = cls(**kwargs, sym=True, checkpoint_format=fmt, mse=bool(merged.get("mse", False)), meta=dict(meta))
         cfg.sym = bool(merged.get("sym", True))
         return cfg
