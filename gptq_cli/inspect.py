@@ -124,7 +124,8 @@ def inspect_checkpoint(path: str | Path) -> InspectReport:
         report.problems.append("the config says GPTQ but no tensor ends in .qweight: no quantized module found")
     zero_styles = set()
     for name in names:
-        module, style = _check_module(name, tensors, quant, (model_shapes or {}).get(name), report.problems)
+        module, style = _check_module(name, tensors, quant, (model_shapes or {}).get(name), report.problems,
+                                      bool((qdict or {}).get("desc_act", quant.desc_act)))
         report.modules.append(module)
         zero_styles.add(style)
     known = zero_styles - {"unknown"}
@@ -168,8 +169,8 @@ def _model_linear_shapes(path: Path) -> dict[str, tuple[int, int]] | None:
             if isinstance(m, QUANTIZABLE)}
 
 
-def _check_module(name: str, tensors: FileTensors, quant: QuantConfig,
-                  model_shape: tuple[int, int] | None, problems: list[str]) -> tuple[ModuleReport, str]:
+def _check_module(name: str, tensors: FileTensors, quant: QuantConfig, model_shape: tuple[int, int] | None,
+                  problems: list[str], declared_desc_act: bool) -> tuple[ModuleReport, str]:
     """Validate one quantized module; append problems; return its report row and the zero-point style."""
     bits, gs = quant.module_setting(name)
     info = {p: tensors.dtype_and_shape(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx", "bias")
@@ -204,7 +205,7 @@ def _check_module(name: str, tensors: FileTensors, quant: QuantConfig,
         if bad:
             problems.append(f"{name}.g_idx: {bad} value(s) outside [0, {groups}) (range {int(g_idx.min())}.."
                             f"{int(g_idx.max())})")
-        elif act_order and not quant.desc_act:
+        elif act_order and not declared_desc_act:   # what the file tells loaders, not the solving order
             problems.append(f"{name}.g_idx: not k // group_size although desc_act is false; kernels that "
                             f"ignore g_idx without act-order would compute wrong results")
     if "scales" in good:

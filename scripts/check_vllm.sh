@@ -79,10 +79,15 @@ import json, re, sys
 name, flags, facts, ours, theirs = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:6])
 if not theirs.get("loaded"):   # the root cause, which the engine process logged before the generic RuntimeError
     log = open(sys.argv[6] + ".out").read() + open(sys.argv[6] + ".log").read()
-    lines = (re.sub(r"^\(\w+ pid=\d+\)\s*", "", line).strip() for line in log.splitlines())
-    causes = [line for line in lines if re.match(r"^([\w.]+\.)?\w+(Error|Exception)(:.*)?$", line)
+    # "(Worker pid=N) ERROR 12-07 02:27:25 [file.py:953] AssertionError": the prefixes go
+    lines = [re.sub(r"^(\(\w+ pid=\d+\)\s*)?(ERROR \S+ \S+ \[[^]]*\]\s*)?", "", line).strip()
+             for line in log.splitlines()]
+    causes = [i for i, line in enumerate(lines) if re.match(r"^([\w.]+\.)?\w+(Error|Exception)(:.*)?$", line)
               and "Engine core initialization failed" not in line]
-    theirs["root_cause"] = causes[-1][:300] if causes else None
+    cause = lines[causes[-1]] if causes else None
+    if cause == "AssertionError" and lines[causes[-1] - 1].startswith("assert "):   # a bare one: say which
+        cause += f" ({lines[causes[-1] - 1]})"
+    theirs["root_cause"] = cause[:300] if cause else None
 row = {"checkpoint": name, "flags": flags, "facts": facts, "vllm": theirs}
 if theirs.get("loaded"):
     agree = total = 0

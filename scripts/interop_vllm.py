@@ -71,7 +71,8 @@ def vllm(ckpt: str) -> dict:
         return {"loaded": True, "outputs": out}
     except Exception as e:   # vLLM's refusal: its type and first line (a bare AssertionError has no message)
         lines = [line for line in traceback.format_exc().splitlines() if line.strip()]
-        return {"loaded": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(),
+        message = " ".join(str(e).split())[:400]   # a pydantic ValidationError says why on its second line
+        return {"loaded": False, "error": f"{type(e).__name__}: {message}".strip(),
                 "where": next((line.strip() for line in reversed(lines) if line.strip().startswith("File ")), "")}
 
 

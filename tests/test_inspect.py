@@ -133,3 +133,19 @@ def test_plot_draws_the_loss_log(tmp_path, tiny_gptq_checkpoint):
 def test_help_has_examples():
     result = CliRunner().invoke(app, ["inspect", "--help"])
     assert result.exit_code == 0 and "Examples" in result.output and "--plot" in result.output
+
+
+def test_act_order_g_idx_under_desc_act_false_is_a_problem_whatever_meta_says(tmp_path, tiny_gptq_checkpoint):
+    """Loaders read desc_act, not our meta's solving order: a file saying desc_act false whose g_idx is not
+    k // group_size computes another model in the loaders that skip g_idx (vLLM 0.32 never reads it)."""
+    import shutil
+    bad = shutil.copytree(tiny_gptq_checkpoint.path, tmp_path / "bad")
+    for name, key in (("config.json", "quantization_config"), ("quantize_config.json", None)):
+        doc = json.loads((bad / name).read_text())
+        qdict = doc[key] if key else doc
+        qdict["desc_act"] = False
+        qdict.setdefault("meta", {})["act_order"] = True   # as we write static-groups act-order
+        (bad / name).write_text(json.dumps(doc))
+    report = json.loads(gptq(bad, "--json").stdout)
+    assert not report["ok"] and any("not k // group_size although desc_act is false" in p
+                                    for p in report["problems"]), report["problems"]

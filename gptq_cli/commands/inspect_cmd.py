@@ -72,7 +72,9 @@ def _print_report(report: InspectReport) -> None:
     summary = Table(title=f"GPTQ checkpoint {report.path}", show_header=False)
     summary.add_row("architecture", report.architecture)
     summary.add_row("made by", report.tool + (" (guessed)" if report.tool_guessed else ""))
-    summary.add_row("config", f"bits={q.bits} group_size={q.group_size} desc_act={q.desc_act} sym={q.sym} "
+    declared = bool(report.quantization_config.get("desc_act", q.desc_act))   # what loaders read
+    order = " (solved in act-order)" if q.desc_act and not declared else ""
+    summary.add_row("config", f"bits={q.bits} group_size={q.group_size} desc_act={declared}{order} sym={q.sym} "
                               f"static_groups={q.static_groups} true_sequential={q.true_sequential} "
                               f"damp_percent={q.damp_percent}")
     summary.add_row("format", f"{report.declared_format} (zero points look like: {report.zeros_look_like})")
