@@ -119,10 +119,10 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
         n_blocks = len(sm.model.get_submodule(layers_path))
         shapes = quantized_shapes(sm.model, layers_path)
         notes = (calibration_notes(samples, nsamples, seqlen) + group_size_notes(shapes, quant.group_size)
-                 + act_order_notes(quant.desc_act, quant.static_groups, quant.group_size))
+                 + act_order_notes(quant))
+        say = (lambda text: progress("note", text)) if progress else (lambda text: None)
         for note in notes:
-            if progress:
-                progress("note", note)
+            say(note)
         # recorded in quantization_config's meta; a copy: the caller's config stays as it was given
         meta = {**quant.meta, "damp_auto_increment": DAMP_STEP, "static_groups": quant.static_groups}
         if target_bits is not None:
@@ -135,7 +135,6 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
         plan = _work_plan(model, ref, quant, samples, dataset=dataset, seqlen=used_seqlen, seed=seed,
                           batch_size=batch_size, device=dev, dtype=cdtype, blocks=n_blocks, command=command,
                           notes=notes)
-        say = (lambda text: progress("note", text)) if progress else (lambda text: None)
         for note in wd.open(plan) if ranks.writer else ():   # rank 0 alone writes
             say(note)
         with noting_interrupts() as interrupted:

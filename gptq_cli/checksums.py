@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHECKSUM_KEY", "Damaged", "write_atomic", "checked_json_bytes", "read_checked_json",
-           "checked_safetensors_bytes", "verify_safetensors"]
+from gptq_cli.errors import naming_the_file
+
+__all__ = ["CHECKSUM_KEY", "Damaged", "write_atomic", "json_digest", "checked_json_bytes", "verified_json",
+           "read_checked_json", "checked_safetensors_bytes", "verify_safetensors"]
 
 CHECKSUM_KEY = "sha256"
 _CHUNK = 16 << 20   # bytes hashed per read: a block file of a 70B model is ~0.5 GB
@@ -39,35 +41,43 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno and not e.filename:   # a failed write names no file: name it
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
+        raise naming_the_file(e, path) from e
 
 
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+def json_digest(obj: Any) -> str:
+    """sha256 of `obj`'s canonical JSON (sorted keys, no spaces; tuples as lists)."""
+    return hashlib.sha256(_canonical(obj)).hexdigest()
+
+
 def checked_json_bytes(doc: dict[str, Any], indent: int = 2) -> bytes:
     """`doc` as JSON with its checksum added (any checksum it holds is replaced)."""
     body = {k: v for k, v in doc.items() if k != CHECKSUM_KEY}
-    body[CHECKSUM_KEY] = hashlib.sha256(_canonical(body)).hexdigest()
+    body[CHECKSUM_KEY] = json_digest(body)
     return (json.dumps(body, indent=indent, sort_keys=True) + "\n").encode()
 
 
+def verified_json(doc: Any) -> dict[str, Any]:
+    """A parsed checked_json_bytes document without its checksum; Damaged when it is not a JSON object, has no
+    checksum or one that does not match."""
+    if not isinstance(doc, dict) or not isinstance(doc.get(CHECKSUM_KEY), str):
+        raise Damaged("has no checksum")
+    body = {k: v for k, v in doc.items() if k != CHECKSUM_KEY}
+    if json_digest(body) != doc[CHECKSUM_KEY]:
+        raise Damaged("does not match its checksum")
+    return body
+
+
 def read_checked_json(path: Path) -> dict[str, Any]:
-    """The document of checked_json_bytes, without its checksum; Damaged when unreadable, not a JSON object,
-    without a checksum or with one that does not match."""
+    """verified_json of the file at `path`; Damaged also when it cannot be read or parsed."""
     try:
         doc = json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as e:
         raise Damaged(f"cannot be read ({type(e).__name__})") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get(CHECKSUM_KEY), str):
-        raise Damaged("has no checksum")
-    stored = doc.pop(CHECKSUM_KEY)
-    if hashlib.sha256(_canonical(doc)).hexdigest() != stored:
-        raise Damaged("does not match its checksum")
-    return doc
+    return verified_json(doc)
 
 
 def _header_digest(header: dict[str, Any]) -> "hashlib._Hash":

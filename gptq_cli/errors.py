@@ -6,6 +6,7 @@ import errno
 import signal
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 
@@ -35,6 +36,13 @@ def describe_os_error(e: OSError) -> str:
     what, advice = _OS_ERRORS.get(e.errno, (e.strerror or type(e).__name__, "check that path"))
     where = e.filename2 or e.filename
     return f"{what}{f' at {where}' if where else ''} ({errno.errorcode.get(e.errno, e.errno)}): {advice}"
+
+
+def naming_the_file(e: BaseException, path: str | Path) -> BaseException:
+    """`e`, or for an OSError that names no file (a failed write), the same error naming `path`."""
+    if isinstance(e, OSError) and e.errno and not e.filename:
+        return OSError(e.errno, e.strerror, str(path))
+    return e
 
 
 class Interrupted(KeyboardInterrupt):

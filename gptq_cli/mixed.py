@@ -43,7 +43,8 @@ from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.dynamic import encode
 from gptq_cli.modelio import StreamingModel
 from gptq_cli.sensitivity import fisher_batches, output_fisher
-from gptq_cli.checksums import CHECKSUM_KEY, Damaged, checked_json_bytes, read_checked_json, write_atomic
+from gptq_cli.checksums import (CHECKSUM_KEY, Damaged, checked_json_bytes, read_checked_json, verified_json,
+                                write_atomic)
 from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir
 
 # Which loss measure a measurement file holds: files of another measure are refused, not mixed up.
@@ -121,7 +122,7 @@ def read_measurements(path: str | Path, ident: dict | None, candidates: list[Can
         raise UsageError(f"--measurements {path}: not a measurement file that quantize --target-bits wrote ({e})")
     if CHECKSUM_KEY in doc:   # files of versions before checksums have none
         try:
-            read_checked_json(Path(path))
+            verified_json(doc)
         except Damaged as e:
             raise UsageError(f"--measurements {path} {e}; measure again (leave out --measurements)") from e
     if ident is not None:

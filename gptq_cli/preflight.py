@@ -8,6 +8,7 @@ from math import gcd
 import torch
 
 from gptq_cli.evaluate import check_context, context_length
+from gptq_cli.format.config import QuantConfig
 
 
 def calibration_seqlen(config, seqlen: int | None) -> int:
@@ -49,10 +50,10 @@ def group_size_notes(shapes: dict[str, tuple[int, int]], group_size: int) -> lis
             f"and GPTQModel's fast kernels do not (they need in_features % group_size == 0); {advice}"]
 
 
-def act_order_notes(desc_act: bool, static_groups: bool, group_size: int) -> list[str]:
+def act_order_notes(quant: QuantConfig) -> list[str]:
     """A note when act-order with groups gives g_idx other than k // group_size (desc_act true in the file),
     which vLLM 0.32 refuses to serve (format/compat.py)."""
-    if not desc_act or static_groups or group_size == -1:
+    if quant.trivial_g_idx:
         return []
     return ["--desc-act without --static-groups writes desc_act true (groups follow the act-order), which vLLM 0.32 "
             "refuses to serve; add --static-groups for a file it serves (the same act-order solve, groups of "

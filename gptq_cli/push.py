@@ -179,15 +179,16 @@ def hub_failure(error: BaseException, repo_id: str, endpoint: str, timeout: floa
     while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
         chain.append(inner)
     http = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
-    silent = next((e for e in chain if isinstance(e, httpx2.TimeoutException)), None)
-    if http is None and silent is not None:
-        return UsageError(f"the Hub at {endpoint} did not answer within {timeout:g} s ({type(silent).__name__}); "
-                          f"check HF_ENDPOINT and the network, or allow longer with --timeout")
-    unreachable = next((e for e in chain if isinstance(e, httpx2.NetworkError)), None)
-    if http is None and unreachable is not None:
-        return UsageError(f"cannot reach the Hub at {endpoint} ({type(unreachable).__name__}: "
-                          f"{_one_line(unreachable)}); check HF_ENDPOINT and the network")
     if http is None:
+        silent = next((e for e in chain if isinstance(e, httpx2.TimeoutException)), None)
+        if silent is not None:
+            return UsageError(f"the Hub at {endpoint} did not answer within {timeout:g} s "
+                              f"({type(silent).__name__}); check HF_ENDPOINT and the network, or allow longer with "
+                              f"--timeout")
+        unreachable = next((e for e in chain if isinstance(e, httpx2.NetworkError)), None)
+        if unreachable is not None:
+            return UsageError(f"cannot reach the Hub at {endpoint} ({type(unreachable).__name__}: "
+                              f"{_one_line(unreachable)}); check HF_ENDPOINT and the network")
         root = "" if chain[-1] is error else f" ({type(chain[-1]).__name__}: {_one_line(chain[-1])})"
         return GptqError(f"push to {repo_id} at {endpoint} failed: {type(error).__name__}: {_one_line(error)}{root}")
     status = http.response.status_code

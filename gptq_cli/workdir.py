@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from gptq_cli.checksums import (Damaged, checked_json_bytes, checked_safetensors_bytes, read_checked_json,
-                                verify_safetensors, write_atomic)
+from gptq_cli.checksums import (Damaged, checked_json_bytes, checked_safetensors_bytes, json_digest,
+                                read_checked_json, verify_safetensors, write_atomic)
 from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
@@ -95,8 +95,7 @@ def calibration_fingerprint(samples: list[torch.Tensor]) -> str:
 def plan_identity(plan: dict[str, Any]) -> str:
     """sha256 of the plan's IDENTITY_FIELDS: stored in each block file, so that a block is used only under the
     plan it was solved for (with --target-bits, plan["config"] is the allocated configuration)."""
-    fields = json.loads(json.dumps({k: plan.get(k) for k in IDENTITY_FIELDS}))
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json_digest({k: plan.get(k) for k in IDENTITY_FIELDS})
 
 
 def plan_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

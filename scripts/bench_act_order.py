@@ -72,9 +72,9 @@ def main() -> None:
             if key not in cache:
                 cache[key] = round(perplexity(load_quantized_model(out, dtype=dtype), windows)["ppl"], 4)
                 args.ppl_cache.write_text(json.dumps(cache, indent=1))
-            report_ = inspect_checkpoint(out)
-            runs[seed] = {"ppl": cache[key], "desc_act_in_file": report_.quantization_config["desc_act"],
-                          "vllm": {v.loader: v.loads for v in report_.loaders if v.loader in VLLM}}
+            inspected = inspect_checkpoint(out)
+            runs[seed] = {"ppl": cache[key], "desc_act_in_file": inspected.quantization_config["desc_act"],
+                          "vllm": {v.loader: v.loads for v in inspected.loaders if v.loader in VLLM}}
             print(f"{variant} seed {seed}: ppl {cache[key]}", flush=True)
         ppls = [r["ppl"] for r in runs.values()]
         report["variants"][variant] = {"flags": flags, "seeds": runs, "mean": round(statistics.mean(ppls), 4),

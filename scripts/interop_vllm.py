@@ -21,12 +21,12 @@ MAX_TOKENS = 32
 
 
 def facts(ckpt: str) -> dict:
+    from gptq_cli.format.checkpoint import read_tensors
     from gptq_cli.format.compat import VLLM
     from gptq_cli.inspect import inspect_checkpoint
 
     report = inspect_checkpoint(ckpt)
     config = json.loads((Path(ckpt) / "config.json").read_text())
-    from gptq_cli.format.checkpoint import read_tensors
     return {"quantization_config": report.quantization_config, "config": config,
             "shapes": {m.name: [m.in_features, m.out_features] for m in report.modules},
             "has_lm_head": "lm_head.weight" in set(read_tensors(ckpt)),

@@ -17,57 +17,29 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from gptq_cli import api
 from gptq_cli.cli import app
 from gptq_cli.errors import Interrupted
-from gptq_cli.format.config import QuantConfig
-from tests.tiny_models import random_input_ids, save_tiny_model
+# the tiny model, calibration, settings and file digests of the resume tests (fixtures included)
+from tests.test_resume import BLOCKS, api_quantize, calib_file, cli_env, digests, model_dir  # noqa: F401
+from tests.test_resume import run_args as cli_args
 
-BLOCKS, NSAMPLES, SEQLEN, GROUP = 4, 8, 32, 32
-TINY = dict(num_hidden_layers=BLOCKS, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=32)
 STORED = 3   # blocks the interrupted run leaves in its work dir
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("faults") / "model", "llama", **TINY)
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("faults_calib") / "calib.jsonl"
-    path.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in random_input_ids(NSAMPLES, SEQLEN,
-                                                                                             seed=5).tolist()))
-    return path
-
-
-def cli_args(model_dir: Path, calib_file: Path, out: Path) -> list[str]:
-    return ["quantize", str(model_dir), "--dataset", str(calib_file), "--nsamples", str(NSAMPLES), "--seqlen",
-            str(SEQLEN), "--batch-size", "4", "--group-size", str(GROUP), "--device", "cpu", "--dtype", "float32",
-            "-o", str(out), "--quiet"]
-
-
 def quantize(model_dir: Path, calib_file: Path, out: Path, notes: list[str] | None = None) -> Path:
-    """The API with cli_args' settings; notes collects the run's notes."""
+    """test_resume's api_quantize, collecting the run's notes."""
     def progress(kind, *args):
         if kind == "note" and notes is not None:
             notes.append(args[0])
 
-    return api.quantize(str(model_dir), QuantConfig(group_size=GROUP), dataset=str(calib_file), nsamples=NSAMPLES,
-                        seqlen=SEQLEN, batch_size=4, device="cpu", dtype="float32", output=out,
-                        progress=progress).output
-
-
-def digests(directory: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted(directory.iterdir()) if f.name != "quant_log.json"}
+    return api_quantize(model_dir, calib_file, out, progress=progress).output
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, model_dir, calib_file) -> dict[str, bytes]:
+def reference(tmp_path_factory, model_dir, calib_file) -> dict[str, str]:
     return digests(quantize(model_dir, calib_file, tmp_path_factory.mktemp("faults_ref") / "out"))
 
 
@@ -254,9 +226,8 @@ app()
 def test_kill_9_during_the_final_write_leaves_no_checkpoint_and_the_rerun_writes_the_same(
         tmp_path, model_dir, calib_file, reference):
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-c", KILL_IN_FINAL_WRITE, *cli_args(model_dir, calib_file, out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not out.exists() and list(tmp_path.glob(".out.tmp-*"))   # what a killed writer leaves
     result = CliRunner().invoke(app, cli_args(model_dir, calib_file, out))

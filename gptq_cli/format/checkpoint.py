@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gptq_cli.errors import UsageError
+from gptq_cli.errors import UsageError, naming_the_file
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.hf_config import with_legacy_keys
 from gptq_cli.format.quantized import QuantizedWeight
@@ -91,9 +91,7 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], m
         _move_into_place(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno and not e.filename:   # a failed write names no file: name it
-            raise OSError(e.errno, e.strerror, str(out_dir)) from e
-        raise
+        raise naming_the_file(e, out_dir) from e
     return out_dir
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.format.dynamic import module_setting
+from gptq_cli.format.dynamic import module_setting, resolve
 from gptq_cli.format.hf_config import legacy_keys, transformers4_gaps
 
 TF5 = "transformers 5 + optimum + gptqmodel"
@@ -145,7 +145,6 @@ def _vllm_name(name: str) -> str:
 
 def _vllm_setting(f: Facts, name: str) -> tuple[int, int] | None:
     """(bits, group_size) vLLM builds module `name` with; None when a "-:" rule leaves it unquantized."""
-    from gptq_cli.format.dynamic import resolve
     fused = _vllm_name(name)
     if resolve(f.rules, fused) is None:
         return None
