@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from gptq_cli import __version__, distributed, phases
+from gptq_cli.activation_pool import BufferPool
 from gptq_cli.arch import Arch, quantized_shapes, resolve_arch
 from gptq_cli.engine import ModuleResult, capture_inputs, quantize_decoder_block, replay_block
 from gptq_cli.errors import Interrupted, UsageError, noting_interrupts
@@ -197,7 +198,8 @@ def _solve_into(wd: WorkDir, sm: StreamingModel, layers_path: str, arch: Arch | 
     """Replay each stored block, quantize the others, in model order, storing each as it finishes (rank 0; each
     rank calibrates on its share of the batches)."""
     n_blocks = len(stored)
-    calib = capture_inputs(sm, layers_path, ranks.share(batch_samples(samples, batch_size)), dev, cdtype)
+    calib = capture_inputs(sm, layers_path, ranks.share(batch_samples(samples, batch_size)), dev, cdtype,
+                           BufferPool())
     on_module = (lambda r: progress("module", r)) if progress else None
     for i in range(n_blocks):
         t_block = time.perf_counter()

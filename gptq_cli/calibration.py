@@ -9,15 +9,20 @@ block's structure allows, exactly (the same ops on the same values, hence the sa
   after gate/up); that submodule's inputs do not depend on group k's weights: recorded in group k's passes;
 - tails: attention and MLP submodules usually return their last linear's output (o_proj, down_proj, fc2 ...).
   Once it is quantized, the submodule's other linears (in earlier groups) are final too, so calling it again on
-  the same arguments computes exactly that linear on the input it saw in its own pass: one matmul instead of
-  attention or gate/up. Those inputs are recorded in that pass and answer later passes (next groups, advance),
-  guarded by a fingerprint of the submodule's arguments. Tails are found by letting the block's first pass run
-  to its end under a probe (its Hessian hooks go quiet instead of stopping it): no pass of their own.
+  the same arguments computes exactly that linear on the input it saw in its own pass. Those inputs are
+  recorded in that pass; once the linear is quantized, its outputs on them are computed once and answer every
+  later pass (next groups, advance): no attention, gate/up or last linear again. Guarded by a fingerprint of
+  the submodule's arguments and the output's version counter (a caller that changed it in place gets the real
+  forward). Tails are found by letting the first block's first pass run to its end under a probe (its Hessian
+  hooks go quiet instead of stopping it): no pass of their own; blocks of the same structure reuse the finding.
+What is kept between passes lives in the run's BufferPool (activation_pool.py) and goes back to it after its
+last reader: a replayed call after its pass, a tail's outputs after advance's pass of their batch.
 Hook order is explicit: one pre-hook per linear of the group records the tail's input, then folds the input
 into the Hessian, then stops the pass, so a stop never comes before the recording.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -26,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gptq_cli.activation_pool import BufferPool
 from gptq_cli.arch import StopForward, linear_weight
 from gptq_cli.modelio import activations_in_heap
 from gptq_cli.phases import phase
@@ -38,25 +44,40 @@ CUDA_RECORD_LIMIT = 1 << 30
 
 Pass = Callable[[], object]   # runs one calibration batch through the block (or a part of it)
 Hessians = list[tuple[list[str], torch.Tensor, int]]   # (linears sharing it, H, tokens)
+Call = tuple[tuple, dict]   # a submodule's (args, kwargs)
+Structure = dict[str, tuple[str, int]]   # a block's tails: last linear's name -> (child's name, Tail.extra)
 
 
 @dataclass
 class Calibration:
-    """The current block's inputs: one hidden-state tensor and one kwargs dict per calibration batch."""
+    """The current block's inputs: one hidden-state tensor and one kwargs dict per calibration batch. With a
+    pool, what the passes keep goes in its buffers (the engine's runs); without, tensors are kept as made."""
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    pool: BufferPool | None = None
+    structures: dict[tuple, Structure] = field(default_factory=dict)   # tails found, by block structure
 
     def passes(self, block: nn.Module) -> list[Pass]:
         return [lambda x=x, kw=kw: block(x, **kw) for x, kw in zip(self.hidden, self.kwargs)]
 
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        return self.pool.keep(t) if self.pool is not None else t
 
-def advance(calib: Calibration, block: nn.Module) -> None:
+    def give(self, t: torch.Tensor | None) -> None:
+        if self.pool is not None and t is not None:
+            self.pool.give(t)
+
+
+def advance(calib: Calibration, block: nn.Module, after: Callable[[int], None] | None = None) -> None:
     """Replace the block's inputs by its outputs, the next block's inputs, one batch at a time (so that at most
-    one batch is held twice)."""
-    with activations_in_heap():
-        for b, run_pass in enumerate(calib.passes(block)):
+    one batch is held twice); after(b) once batch b's pass is done."""
+    for b, run_pass in enumerate(calib.passes(block)):
+        with activations_in_heap():
             out = run_pass()
-            calib.hidden[b] = out[0] if isinstance(out, tuple) else out
+            calib.give(calib.hidden[b])
+            calib.hidden[b] = calib.keep(out[0] if isinstance(out, tuple) else out)
+            if after is not None:
+                after(b)
 
 
 @dataclass
@@ -68,19 +89,23 @@ class Tail:
     extra: int
     inputs: list[torch.Tensor] = field(default_factory=list)        # last's input, per calibration batch
     fingerprints: list[list] = field(default_factory=list)          # of the scope's arguments, per batch
+    outputs: list[torch.Tensor | None] = field(default_factory=list)   # last's (quantized) output, per batch
+    versions: list[int] = field(default_factory=list)               # each output's version counter when made
 
 
 def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture: nn.Module | None = None,
-                     tail: Tail | None = None, probe: Callable[[Pass], object] | None = None
-                     ) -> tuple[Hessians, list[tuple[tuple, dict]] | None]:
+                     tail: Tail | None = None, probe: Callable[[Pass], object] | None = None,
+                     keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+                     ) -> tuple[Hessians, list[Call] | None]:
     """The Hessians 2/n ΣxxT of the modules' inputs over the passes, as (module names, H, n): modules that read
     the very same input tensor share one. Each pass stops early (module doc). With `capture`, also returns that
     submodule's (args, kwargs) of each pass (None unless it ran exactly once per pass). With `tail`, records its
-    inputs and fingerprints. With `probe`, the first pass runs as probe(pass), to the end."""
+    inputs and fingerprints. With `probe`, the first pass runs as probe(pass), to the end. What is recorded or
+    captured is kept through `keep` (a tensor's copy, or itself)."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {}
     shares: dict[str, str] = {}
     seen: list[tuple[str, torch.Tensor]] = []
-    captured: list[list[tuple[tuple, dict]]] = []
+    captured: list[list[Call]] = []
     owners: set[str] = set(modules)   # the modules whose inputs a pass must reach: all of them at first
     done = through = False            # this pass has what it needs / runs to the end anyway (the probe's)
 
@@ -91,7 +116,7 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
                 return
             x = args[0]
             if tail is not None and module is tail.last:
-                tail.inputs.append(x)
+                tail.inputs.append(keep(x))
             earlier = next((n for n, t in seen if t is x), None)
             seen.append((name, x))
             if earlier is not None:
@@ -108,7 +133,8 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
     handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in modules.items()]
     if capture is not None:
         handles.append(capture.register_forward_pre_hook(
-            lambda _m, args, kwargs: None if done else captured[-1].append((args, kwargs)), with_kwargs=True))
+            lambda _m, args, kwargs: None if done else captured[-1].append(map_tensors((args, kwargs), keep)),
+            with_kwargs=True))
     if tail is not None:
         handles.append(tail.scope.register_forward_pre_hook(
             lambda _m, a, kw: tail.fingerprints.append(fingerprint(a, kw)), with_kwargs=True))
@@ -161,10 +187,10 @@ class TailProbe:
             for h in handles:
                 h.remove()
 
-    def tails(self) -> dict[str, Tail]:
+    def structure(self) -> Structure:
         """The qualifying children, by their last linear's name (the watched outputs are released)."""
         group_of = {n: k for k, g in enumerate(self.groups) for n in g}
-        tails = {}
+        found: Structure = {}
         for scope, outs in self.returned.items():
             inside = [(n, out) for n, out in self.called if n.startswith(scope + ".")]
             if len(outs) != 1 or not inside:
@@ -180,10 +206,10 @@ class TailProbe:
             others = [n for n in self.linears if n.startswith(scope + ".") and n != last]
             if [n for n, _ in inside].count(last) == 1 and group_of[last] > 0 and self.groups[group_of[last]] == [
                     last] and all(group_of[n] < group_of[last] for n in others):
-                tails[last] = Tail(self.scopes[scope], self.linears[last], extra)
+                found[last] = (scope, extra)
         self.called.clear()
         self.returned.clear()
-        return tails
+        return found
 
 
 def fits_in_memory(nbytes: int, device: torch.device) -> bool:
@@ -200,14 +226,17 @@ def fits_in_memory(nbytes: int, device: torch.device) -> bool:
     return nbytes <= MEMORY_SHARE * free
 
 
-GUARD_SAMPLES = 1024   # values of each tensor argument a fingerprint keeps
+GUARD_SAMPLES = 1024   # values of each tensor argument a fingerprint reads
 
 
 def fingerprint(args: tuple, kwargs: dict) -> list:
     """What identifies a call's arguments, cheaply: the plain values, and of every tensor its shape, dtype,
-    device and GUARD_SAMPLES of its values at evenly spaced positions (compared exactly by same_arguments).
-    A full checksum of every argument cost 15% of a run; this is a few thousand element reads per call. The
-    step is odd and shares no factor with the last dimension, so the samples fall in every column, not one."""
+    device and the SHA-256 of the bits of GUARD_SAMPLES of its values at evenly spaced positions (compared by
+    same_arguments). A full checksum of every argument cost 15% of a run; this is a few thousand element reads
+    per call. The step is odd and shares no factor with the last dimension, so the samples fall in every
+    column, not one. A digest, not the samples: a fingerprint lives as long as its block, and small tensors
+    kept that long, made between a pass's large temporaries, split the C heap's free space so that it grew by
+    one activation per batch (issue 29)."""
     flat: list = []
 
     def visit(v) -> None:
@@ -216,7 +245,8 @@ def fingerprint(args: tuple, kwargs: dict) -> list:
             step = max(1, values.numel() // GUARD_SAMPLES) | 1
             while v.dim() and math.gcd(step, v.shape[-1]) != 1:
                 step += 2
-            flat.append((tuple(v.shape), v.dtype, v.device, values[::step].clone()))
+            sample = values[::step].detach().contiguous().view(torch.uint8).cpu()
+            flat.append((tuple(v.shape), v.dtype, v.device, hashlib.sha256(sample.numpy()).digest()))
         elif isinstance(v, (tuple, list)):
             for x in v:
                 visit(x)
@@ -230,17 +260,21 @@ def fingerprint(args: tuple, kwargs: dict) -> list:
 
 
 def same_arguments(a: list, b: list) -> bool:
-    """Whether two fingerprints agree: same structure, shapes, dtypes, devices and sampled values (NaN never
-    agrees, so a call with NaNs runs the real forward)."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, tuple) and isinstance(y, tuple) and len(x) == len(y) == 4:
-            if x[:3] != y[:3] or not torch.equal(x[3], y[3]):
-                return False
-        elif isinstance(x, tuple) or isinstance(y, tuple) or x != y:
-            return False
-    return True
+    """Whether two fingerprints agree: same structure, plain values, shapes, dtypes, devices and sampled bits."""
+    return a == b
+
+
+def map_tensors(value, fn: Callable[[torch.Tensor], object]):
+    """value with every tensor inside its tuples, lists and dict values replaced by fn(tensor)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):   # a named tuple
+        return type(value)(*(map_tensors(v, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
 
 
 def scope_of(names: list[str]) -> str:
@@ -256,13 +290,13 @@ def scope_of(names: list[str]) -> str:
 class BlockPasses:
     """The calibration passes through one block: hessians(k) for each sequential group k in order, quantized()
     once that group's weights are in place, advance() at the end. As a context manager: on exit every
-    submodule a tail answered gets its own forward back, and the recorded inputs are freed."""
+    submodule a tail answered gets its own forward back, and what was kept goes back to the pool."""
 
     def __init__(self, block: nn.Module, linears: dict[str, nn.Module], groups: list[list[str]],
                  calib: Calibration, device: torch.device) -> None:
         self.block, self.linears, self.groups, self.calib, self.device = block, linears, groups, calib, device
         self.tails: dict[str, Tail] = {}
-        self.replay: tuple[nn.Module, list[tuple[tuple, dict]]] | None = None   # for the next group's passes
+        self.replay: tuple[nn.Module, list[Call]] | None = None   # for the next group's passes
         self.recording: Tail | None = None   # the tail the last group's passes recorded
 
     def __enter__(self) -> "BlockPasses":
@@ -272,51 +306,99 @@ class BlockPasses:
         for tail in self.tails.values():
             if "forward" in vars(tail.scope):
                 del tail.scope.forward
+            for t in tail.inputs + tail.outputs:
+                self.calib.give(t)
             tail.inputs.clear()
+            tail.outputs.clear()
             tail.fingerprints.clear()
+        if self.replay is not None:
+            for call in self.replay[1]:
+                map_tensors(call, self.calib.give)
+            self.replay = None
 
     def hessians(self, k: int) -> Hessians:
         """Group k's Hessians (collect_hessians), from the smallest submodule that must run."""
         group, groups = self.groups[k], self.groups
         nxt = scope_of(group + groups[k + 1]) if k + 1 < len(groups) else ""
         capture = self.block.get_submodule(nxt) if nxt and all(n.startswith(nxt + ".") for n in group) else None
-        if self.replay is None:
-            passes = self.calib.passes(self.block)
-        else:
-            passes = [lambda a=a, kw=kw, m=self.replay[0]: m(*a, **kw) for a, kw in self.replay[1]]
+        passes = self.calib.passes(self.block) if self.replay is None else self._replayed()
         tail = self.tails.get(group[0])
         self.recording = tail if tail is not None and self._inputs_fit(tail.last) else None
-        probe = TailProbe(self.block, self.linears, groups) if k == 0 and len(groups) > 1 else None
+        signature = (type(self.block), tuple(self.linears), tuple(map(tuple, groups)))
+        probe = None
+        if k == 0 and len(groups) > 1:
+            known = self.calib.structures.get(signature)
+            if known is None:
+                probe = TailProbe(self.block, self.linears, groups)
+            else:
+                self._set_tails(known)
         hessians, recorded = collect_hessians({n: self.linears[n] for n in group}, passes, capture,
-                                              self.recording, probe)
+                                              self.recording, probe, self._keeper())
         if probe is not None:
-            self.tails = probe.tails()
+            self.calib.structures[signature] = probe.structure()
+            self._set_tails(self.calib.structures[signature])
         self.replay = (capture, recorded) if recorded is not None else None
         return hessians
 
     def quantized(self) -> None:
-        """The last group's quantized weights are in place: a tail it recorded answers the later passes (in
-        batch order, once per batch in every pass; a call whose arguments do not match the recording runs the
-        real forward). Nothing changes unless its pass recorded every batch."""
+        """The last group's quantized weights are in place: a tail it recorded computes its outputs now, once,
+        and they answer the later passes (in batch order, once per batch in every pass; a call whose arguments
+        do not match the recording, or whose output was changed in place, runs the real forward). Nothing
+        changes unless its pass recorded every batch."""
         tail, self.recording, batches = self.recording, None, len(self.calib.hidden)
         if tail is None or not len(tail.inputs) == len(tail.fingerprints) == batches:
             return
+        for x in tail.inputs:
+            tail.outputs.append(self.calib.keep(tail.last(x)))
+            tail.versions.append(tail.outputs[-1]._version)
+            self.calib.give(x)
+        tail.inputs.clear()
         real = tail.scope.forward
         calls = itertools.count()
 
         def forward(*args, **kwargs):
             i = next(calls) % batches
-            if not same_arguments(fingerprint(args, kwargs), tail.fingerprints[i]):
+            out = tail.outputs[i]
+            if out is None or out._version != tail.versions[i] or not same_arguments(fingerprint(args, kwargs),
+                                                                                     tail.fingerprints[i]):
                 return real(*args, **kwargs)
-            out = tail.last(tail.inputs[i])
             return out if tail.extra < 0 else (out, *([None] * tail.extra))
 
         tail.scope.forward = forward
 
     def advance(self) -> None:
-        """Replace the calibration inputs by the block's outputs (advance)."""
+        """Replace the calibration inputs by the block's outputs (advance); each tail output goes back to the
+        pool once its batch has passed (advance is its last reader)."""
+        def release(b: int) -> None:
+            for tail in self.tails.values():
+                if b < len(tail.outputs):
+                    self.calib.give(tail.outputs[b])
+                    tail.outputs[b] = None
+        advance(self.calib, self.block, release)
+
+    def _set_tails(self, structure: Structure) -> None:
+        self.tails = {last: Tail(self.block.get_submodule(scope), self.linears[last], extra)
+                      for last, (scope, extra) in structure.items()}
+
+    def _keeper(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What keeps a recorded tensor: a pooled copy, except for tensors the calibration holds anyway (the
+        blocks' inputs, their keyword arguments: masks, position embeddings)."""
+        held = {id(x) for x in self.calib.hidden}
+        for kw in self.calib.kwargs:
+            map_tensors(kw, lambda t: held.add(id(t)))
+        return lambda t: t if id(t) in held else self.calib.keep(t)
+
+    def _replayed(self) -> list[Pass]:
+        """The next group's passes from the captured calls; each call's kept tensors go back after its pass."""
+        module, calls = self.replay
         self.replay = None
-        advance(self.calib, self.block)
+
+        def run(call: Call) -> object:
+            try:
+                return module(*call[0], **call[1])
+            finally:
+                map_tensors(call, self.calib.give)
+        return [lambda c=c: run(c) for c in calls]
 
     def _inputs_fit(self, last: nn.Module) -> bool:
         """Whether recording `last`'s inputs for every calibration batch fits in memory (fits_in_memory)."""

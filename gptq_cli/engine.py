@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gptq_cli import distributed, kernels
+from gptq_cli.activation_pool import BufferPool
 from gptq_cli.arch import Arch, StopForward, block_groups, block_linears, linear_weight, set_linear_weight
 from gptq_cli.calibration import BlockPasses, Calibration, Hessians, advance
 from gptq_cli.distributed import Ranks
@@ -38,8 +39,9 @@ class ModuleResult:
 
 
 def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Tensor],
-                   device: torch.device, dtype: torch.dtype) -> Calibration:
-    """Run everything before the first block on the calibration batches and record what block 0 receives."""
+                   device: torch.device, dtype: torch.dtype, pool: BufferPool | None = None) -> Calibration:
+    """Run everything before the first block on the calibration batches and record what block 0 receives
+    (with `pool`, what the passes keep goes in its buffers: calibration.py)."""
     # Not the output head: nothing before block 0 uses it (dropping it here leaves a tied one alone).
     head = sm.model.get_output_embeddings()
     head_names = tuple(n + "." for n, m in sm.model.named_modules() if m is head and n) if head is not None else ()
@@ -47,11 +49,11 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
         sm.materialize("", device, dtype, exclude=(layers_path + ".", *head_names))
     layers = sm.model.get_submodule(layers_path)
     first = layers[0]
-    calib = Calibration([], [])
+    calib = Calibration([], [], pool)
 
     class Catcher(nn.Module):
         def forward(self, hidden, *args, **kwargs):
-            calib.hidden.append(hidden)
+            calib.hidden.append(calib.keep(hidden))
             kwargs.update(zip(("attention_mask",), args))  # a few architectures pass the mask positionally
             calib.kwargs.append({k: v for k, v in kwargs.items()
                                  if k not in ("past_key_values", "cache", "past_key_value", "layer_past")})

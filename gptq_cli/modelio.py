@@ -15,7 +15,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -149,6 +149,7 @@ class StreamingModel:
 # bytes: C allocations at least this large get their own mapping; chosen by measuring time and peak RSS
 MMAP_THRESHOLD = 4 << 20              # (issue 19) big buffers: weights, Hessians, the solver's
 ACTIVATIONS_MMAP_THRESHOLD = 16 << 20  # (issue 29) while calibration passes run: activations, per-op temporaries
+HEAP_GROWTH_LIMIT = 64 << 20           # (issue 29) resident growth between passes before the heap is trimmed
 
 
 def bound_allocator() -> None:
@@ -162,16 +163,38 @@ def bound_allocator() -> None:
 
 @contextmanager
 def activations_in_heap() -> Iterator[None]:
-    """While calibration passes run, activation-sized tensors and per-op temporaries (4.7 MB for a batch of
+    """Around one calibration pass: activation-sized tensors and per-op temporaries (4.7 MB for a batch of
     8 x 512 at hidden 576) come from the heap: with their own mappings, each would be fresh zeroed pages every
-    time, and page faults took a third of SmolLM2's run. The heap is trimmed after every block
-    (trim_freed_memory), and the threshold is back to MMAP_THRESHOLD for what outlives the passes' temporaries.
-    16 MB was as fast as 64 MB on SmolLM2 and held ~0.15 GB less (README, "Speed against GPTQModel")."""
+    time, and page faults took a third of SmolLM2's run. 16 MB was as fast as 64 MB on SmolLM2 and held ~0.15 GB
+    less (README, "Speed against GPTQModel"). The heap does not reuse all it frees (SmolLM2's MLP passes left a
+    12 MB hole per batch), so after the pass its free pages are handed back when they add up (bound_heap_free).
+    The threshold is back to MMAP_THRESHOLD for what outlives the passes' temporaries."""
     _set_thresholds(ACTIVATIONS_MMAP_THRESHOLD)
     try:
         yield
     finally:
         _set_thresholds(MMAP_THRESHOLD)
+        bound_heap_free()
+
+
+def bound_heap_free() -> None:
+    """Hand the heap's free pages back to the system (malloc_trim) once this process's resident memory has grown
+    by HEAP_GROWTH_LIMIT since the last time: trimming after every pass would fault the reused pages in again
+    each time (SmolLM2 bf16: 68 s instead of 50)."""
+    global _resident_after_trim
+    resident = resident_bytes()
+    if resident > _resident_after_trim + HEAP_GROWTH_LIMIT:
+        trim_freed_memory()
+        _resident_after_trim = resident_bytes()
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _set_thresholds(mmap_bytes: int) -> None:
@@ -199,6 +222,7 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _libc = _load_libc() if os.name == "posix" else None
+_resident_after_trim = 0
 
 
 def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -73,7 +73,8 @@ def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None 
     Returns (H, new token count n). H is None on the first call; it lives on X's device then.
     fp16/bf16 activations lose nothing: their products are exact in float32 and the sums are float32 (SPEC §3),
     on a CPU through MKL's 16-bit-input, float32-output GEMM (kernels/cpu_gemm.py), on CUDA through TF32
-    tensor cores (TF32 keeps 11 significant bits, as fp16 does; bf16 has 8). fp32 activations use fp32."""
+    tensor cores (TF32 keeps 11 significant bits, as fp16 does; bf16 has 8). fp32 activations use fp32 (on a
+    CPU MKL's SYRK, which computes the lower triangle itself)."""
     X = X.reshape(-1, X.shape[-1])
     if mask is not None:
         X = X[mask.reshape(-1).to(device=X.device, dtype=torch.bool)]
@@ -86,8 +87,11 @@ def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None 
     alpha, beta = 2 / (n + m), n / (n + m)
     if X.device.type == H.device.type == "cpu" and cpu_gemm.available(X.dtype):
         X = X.contiguous()
-        for start, end in hessian_panels(K):
-            cpu_gemm.xtx_panel(X, H, start, end, alpha, beta)
+        if X.dtype == torch.float32:
+            cpu_gemm.xtx_lower(X, H, alpha, beta)
+        else:
+            for start, end in hessian_panels(K):
+                cpu_gemm.xtx_panel(X, H, start, end, alpha, beta)
         return H, n + m
     tensor_cores = X.dtype in (torch.float16, torch.bfloat16)
     X = X.to(device=H.device, dtype=torch.float32)

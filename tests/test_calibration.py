@@ -64,6 +64,21 @@ def test_a_changed_argument_runs_the_real_forward() -> None:
     assert "forward" not in vars(scope)             # the real forward is back after the block
 
 
+@torch.no_grad()
+def test_an_output_changed_in_place_is_not_served_again() -> None:
+    """The recorded output is handed out as it is; a caller that changes it in place (its version counter moves)
+    gets the real forward next time."""
+    x = torch.randn(2, 5, 12)
+    scope, passes = recorded_scope(x)
+    with passes:
+        out = scope(x)
+        assert scope.real_calls == 0
+        out.mul_(2)
+        again = scope(x)
+        assert scope.real_calls == 1
+        torch.testing.assert_close(again, scope.last(torch.relu(scope.first(x))))
+
+
 def test_fingerprints_sample_every_column() -> None:
     """A change confined to any one column of a [tokens, hidden] activation is seen: the samples' step shares
     no factor with the width."""

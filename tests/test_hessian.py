@@ -85,3 +85,20 @@ def test_xtx_panel_touches_its_panel_only() -> None:
     torch.testing.assert_close(H, expected, rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError):
         cpu_gemm.xtx_panel(X.t(), H, 0, 5, 1.0, 0.0)     # not contiguous
+
+
+@pytest.mark.skipif(not cpu_gemm.available(torch.float32), reason="no MKL SSYRK in this torch")
+def test_float32_syrk_route_writes_the_lower_triangle_within_summation_rounding() -> None:
+    """float32 activations go through MKL's SSYRK: lower triangle only, beta/alpha as a running mean, within
+    float32 summation rounding of the exact XᵀX, and close to torch's GEMM on the same values."""
+    X = activations(3 * 700, 300, torch.float32, seed=4)
+    H, n = None, 0
+    for part in X.split(700):
+        H, n = accumulate_hessian(H, n, part)
+    assert torch.equal(H.triu(1), torch.zeros(300, 300))   # the upper triangle is not computed
+    H = complete_hessian(H)
+    assert torch.equal(H, H.t())
+    within_summation_rounding(H, X)
+    torch.testing.assert_close(H, 2 / n * X.t() @ X, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        cpu_gemm.xtx_lower(X.t(), torch.zeros(2100, 2100), 1.0, 0.0)   # not contiguous

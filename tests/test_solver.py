@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gptq_cli.quantizer import quantize_rtn
-from gptq_cli.solver import (IndefiniteHessian, NonFiniteHessian, accumulate_hessian, block_ranges, group_aware_order,
-                             quantization_loss, quantize_block, quantize_weight)
+from gptq_cli.solver import (IndefiniteHessian, NonFiniteHessian, accumulate_hessian, block_ranges, complete_hessian,
+                             group_aware_order, quantization_loss, quantize_block, quantize_weight)
 from tests.reference_gptq import reference_gptq, reference_params
 
 MODES = [(False, False), (True, False), (True, True)]   # (desc_act, static_groups)
@@ -312,6 +312,7 @@ def test_hessian_with_mask_counts_only_kept_tokens() -> None:
     X = torch.randn(3, 10, 16, generator=gen)
     mask = torch.rand(3, 10, generator=gen) > 0.3
     H, n = accumulate_hessian(None, 0, X, mask)
+    H = complete_hessian(H)
     kept = X.double()[mask]
     assert n == kept.shape[0] == int(mask.sum())
     torch.testing.assert_close(H.double(), 2 / n * kept.t() @ kept, rtol=1e-5, atol=1e-6)
@@ -335,8 +336,8 @@ def test_running_hessian_equals_one_shot() -> None:
 def test_cuda_gives_the_cpu_result() -> None:
     gen = torch.Generator().manual_seed(21)
     X = torch.randn(4, 64, 300, generator=gen) * (0.2 + 3 * torch.rand(300, generator=gen))
-    H_cpu, _ = accumulate_hessian(None, 0, X)
-    H_gpu, _ = accumulate_hessian(None, 0, X.cuda())
+    H_cpu = complete_hessian(accumulate_hessian(None, 0, X)[0])
+    H_gpu = complete_hessian(accumulate_hessian(None, 0, X.cuda())[0])
     torch.testing.assert_close(H_gpu.cpu(), H_cpu, rtol=1e-5, atol=1e-5)
     W = torch.randn(64, 300, generator=gen) * 0.05
     cpu = quantize_weight(W, H_cpu, bits=4, group_size=128, desc_act=True)

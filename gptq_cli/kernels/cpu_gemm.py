@@ -1,4 +1,4 @@
-"""XᵀX of 16-bit activations with float32 output on a CPU: MKL's mixed-precision GEMM, through torch's own copy.
+"""XᵀX on a CPU through the MKL inside torch: 16-bit activations by its mixed-precision GEMM, float32 ones by SYRK.
 
 A product of two bf16 (or two fp16) numbers is exact in float32, so a GEMM that reads 16-bit inputs and
 accumulates and returns float32 computes the Hessian's panels with only float32 summation rounding, as the
@@ -7,6 +7,11 @@ torch 2.13's CPU `mm` offers no float32 output for bf16 inputs (`aten::mm.dtype`
 linked into libtorch_cpu exports `cblas_gemm_bf16bf16f32` and `cblas_gemm_f16f16f32`; they are called here by
 ctypes (the GIL is released during the call; MKL's threads are torch's: torch.set_num_threads sets them).
 Where the library or the symbol is missing, `available(dtype)` is False and callers use torch's float32 route.
+
+float32 activations: torch has no SYRK (XᵀX computing one triangle), and its GEMM on panels of the triangle runs
+at ~70% of MKL's SYRK rate here (198 vs 270 GFLOP/s at K = 576, 228 vs 300 at 1536, 4096 rows, 2 cores).
+libtorch_cpu exports MKL's `mkl_blas_ssyrk` (the Fortran-convention SSYRK: every argument by reference), which
+`xtx_lower` calls. Its products and sums are float32, as the route it replaces; only the summation order differs.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["available", "xtx_panel"]
+__all__ = ["available", "xtx_lower", "xtx_panel"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # CBLAS enums
 _SYMBOLS = {torch.bfloat16: "cblas_gemm_bf16bf16f32", torch.float16: "cblas_gemm_f16f16f32"}
@@ -55,12 +60,52 @@ def _checked(found: dict[torch.dtype, ctypes._CFuncPtr]) -> dict[torch.dtype, ct
     return good
 
 
+def _load_syrk() -> ctypes._CFuncPtr | None:
+    """MKL's SSYRK if it computes a known small XᵀX exactly (else None: the caller's fallback is used)."""
+    try:
+        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).mkl_blas_ssyrk
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_void_p] * 8
+    fn.restype = None
+    X = torch.tensor([[1.0, 2.0, -3.0], [4.0, 0.5, 6.0], [-7.0, 8.0, 9.0], [0.25, 1.0, 2.0]])
+    H = torch.full((3, 3), 7.0)
+    _syrk(fn, X, H, 1.0, 0.0)
+    expected = (X.t() @ X).tril() + torch.full((3, 3), 7.0).triu(1)   # lower triangle written, upper untouched
+    return fn if torch.equal(H, expected) else None
+
+
+def _syrk(fn: ctypes._CFuncPtr, X: Tensor, H: Tensor, alpha: float, beta: float) -> None:
+    # X [m, K] row-major is Xᵀ [K, m] column-major, so Xᵀ X = A Aᵀ with A = Xᵀ ("N"); H's lower triangle in
+    # row-major order is the upper one in column-major ("U").
+    m, K = X.shape
+    n, k, ld = ctypes.c_int(K), ctypes.c_int(m), ctypes.c_int(K)
+    a, b = ctypes.c_float(alpha), ctypes.c_float(beta)
+    ref = ctypes.byref
+    fn(b"U", b"N", ref(n), ref(k), ref(a), ctypes.c_void_p(X.data_ptr()), ref(ld), ref(b),
+       ctypes.c_void_p(H.data_ptr()), ref(ld))
+
+
 _GEMM = _checked(_load()) if os.name == "posix" else {}
+_SSYRK = _load_syrk() if os.name == "posix" else None
 
 
 def available(dtype: torch.dtype) -> bool:
-    """Whether xtx_panel takes activations of this dtype here."""
-    return dtype in _GEMM
+    """Whether this module takes activations of this dtype here: xtx_panel for bf16/fp16, xtx_lower for
+    float32."""
+    return dtype in _GEMM or (dtype == torch.float32 and _SSYRK is not None)
+
+
+def xtx_lower(X: Tensor, H: Tensor, alpha: float, beta: float) -> None:
+    """H's lower triangle (diagonal included) = beta · H + alpha · XᵀX, in place; the upper triangle is not
+    touched. X [m, K] contiguous float32 on the CPU (available(torch.float32)); H [K, K] likewise."""
+    m, K = X.shape
+    if not (X.is_contiguous() and H.is_contiguous() and X.dtype == H.dtype == torch.float32
+            and H.shape == (K, K) and X.device.type == H.device.type == "cpu" and _SSYRK is not None):
+        raise ValueError(f"xtx_lower: X {tuple(X.shape)} {X.dtype}, H {tuple(H.shape)} {H.dtype} not supported")
+    if max(m, K) >= 2 ** 31:
+        raise ValueError("xtx_lower: dimensions too large for 32-bit BLAS indices")
+    _syrk(_SSYRK, X, H, alpha, beta)
 
 
 def xtx_panel(X: Tensor, H: Tensor, start: int, end: int, alpha: float, beta: float) -> None:
