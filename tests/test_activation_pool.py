@@ -20,7 +20,7 @@ def test_keep_copies_exactly_and_reuses_a_given_back_buffer() -> None:
     assert again.data_ptr() == kept.data_ptr() and torch.equal(again, y)   # the same buffer, new contents
 
 
-def test_other_shapes_free_buffers_are_released_and_strangers_left_alone() -> None:
+def test_other_shapes_free_buffers_are_released_when_one_is_lent_and_strangers_left_alone() -> None:
     pool = BufferPool()
     a = pool.keep(torch.ones(4, 8))
     pool.give(a)
@@ -30,6 +30,8 @@ def test_other_shapes_free_buffers_are_released_and_strangers_left_alone() -> No
     assert pool._free == {}
     pool.give(b)
     assert len(pool._free[((4, 16), torch.float32, torch.device("cpu"))]) == 1
+    c = pool.keep(torch.ones(4, 8))                 # lending another shape releases b's free buffer at once
+    assert not any(pool._free.values()) and torch.equal(c, torch.ones(4, 8))
 
 
 def test_a_tensor_that_is_not_contiguous_is_kept_as_it_is() -> None:
