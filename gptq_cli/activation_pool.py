@@ -47,6 +47,11 @@ class BufferPool:
         if buffer is not None:
             self._free.setdefault((tuple(buffer.shape), buffer.dtype, buffer.device), []).append(buffer)
 
+    def host_bytes(self) -> int:
+        """Bytes of the pool's buffers in host memory, lent or free."""
+        buffers = list(self._lent.values()) + [b for free in self._free.values() for b in free]
+        return sum(b.numel() * b.element_size() for b in buffers if b.device.type == "cpu")
+
     def clear(self) -> None:
         """Release the free buffers (lent ones stay with their holders)."""
         self._free.clear()

@@ -67,12 +67,16 @@ class Calibration:
         if self.pool is not None and t is not None:
             self.pool.give(t)
 
+    def kept_bytes(self) -> int:
+        """Bytes in the pool's buffers (mappings of their own, not the heap: modelio.activations_in_heap)."""
+        return self.pool.host_bytes() if self.pool is not None else 0
+
 
 def advance(calib: Calibration, block: nn.Module, after: Callable[[int], None] | None = None) -> None:
     """Replace the block's inputs by its outputs, the next block's inputs, one batch at a time (so that at most
     one batch is held twice); after(b) once batch b's pass is done."""
     for b, run_pass in enumerate(calib.passes(block)):
-        with activations_in_heap():
+        with activations_in_heap(calib.kept_bytes):
             out = run_pass()
             calib.give(calib.hidden[b])
             calib.hidden[b] = calib.keep(out[0] if isinstance(out, tuple) else out)
@@ -95,13 +99,14 @@ class Tail:
 
 def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture: nn.Module | None = None,
                      tail: Tail | None = None, probe: Callable[[Pass], object] | None = None,
-                     keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-                     ) -> tuple[Hessians, list[Call] | None]:
+                     keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                     kept_bytes: Callable[[], int] | None = None) -> tuple[Hessians, list[Call] | None]:
     """The Hessians 2/n ΣxxT of the modules' inputs over the passes, as (module names, H, n): modules that read
     the very same input tensor share one. Each pass stops early (module doc). With `capture`, also returns that
     submodule's (args, kwargs) of each pass (None unless it ran exactly once per pass). With `tail`, records its
     inputs and fingerprints. With `probe`, the first pass runs as probe(pass), to the end. What is recorded or
-    captured is kept through `keep` (a tensor's copy, or itself)."""
+    captured is kept through `keep` (a tensor's copy, or itself); kept_bytes says how much of it lives outside
+    the heap (modelio.activations_in_heap)."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {}
     shares: dict[str, str] = {}
     seen: list[tuple[str, torch.Tensor]] = []
@@ -144,7 +149,7 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
             captured.append([])
             done, through = False, probe is not None and i == 0
             try:
-                with activations_in_heap():
+                with activations_in_heap(kept_bytes):
                     probe(run_pass) if through else run_pass()
             except StopForward:
                 pass
@@ -333,7 +338,7 @@ class BlockPasses:
             else:
                 self._set_tails(known)
         hessians, recorded = collect_hessians({n: self.linears[n] for n in group}, passes, capture,
-                                              self.recording, probe, self._keeper())
+                                              self.recording, probe, self._keeper(), self.calib.kept_bytes)
         if probe is not None:
             self.calib.structures[signature] = probe.structure()
             self._set_tails(self.calib.structures[signature])

@@ -63,7 +63,7 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
     try:
         for ids in batches:
             try:
-                with phase("forward"), activations_in_heap():
+                with phase("forward"), activations_in_heap(calib.kept_bytes):
                     sm.model(input_ids=ids.to(device), use_cache=False)
             except StopForward:
                 pass

@@ -162,30 +162,34 @@ def bound_allocator() -> None:
 
 
 @contextmanager
-def activations_in_heap() -> Iterator[None]:
+def activations_in_heap(kept: Callable[[], int] | None = None) -> Iterator[None]:
     """Around one calibration pass: activation-sized tensors and per-op temporaries (4.7 MB for a batch of
     8 x 512 at hidden 576) come from the heap: with their own mappings, each would be fresh zeroed pages every
     time, and page faults took a third of SmolLM2's run. 16 MB was as fast as 64 MB on SmolLM2 and held ~0.15 GB
     less (README, "Speed against GPTQModel"). The heap does not reuse all it frees (SmolLM2's MLP passes left a
-    12 MB hole per batch), so after the pass its free pages are handed back when they add up (bound_heap_free).
+    12 MB hole per batch), so after the pass its free pages are handed back when they add up (bound_heap_free;
+    `kept` says how many resident bytes live outside the heap, in the activation pool's mappings).
     The threshold is back to MMAP_THRESHOLD for what outlives the passes' temporaries."""
     _set_thresholds(ACTIVATIONS_MMAP_THRESHOLD)
     try:
         yield
     finally:
         _set_thresholds(MMAP_THRESHOLD)
-        bound_heap_free()
+        bound_heap_free(kept() if kept is not None else 0)
 
 
-def bound_heap_free() -> None:
-    """Hand the heap's free pages back to the system (malloc_trim) once this process's resident memory has grown
-    by HEAP_GROWTH_LIMIT since the last time: trimming after every pass would fault the reused pages in again
-    each time (SmolLM2 bf16: 68 s instead of 50)."""
-    global _resident_after_trim
-    resident = resident_bytes()
-    if resident > _resident_after_trim + HEAP_GROWTH_LIMIT:
+def bound_heap_free(outside: int = 0) -> None:
+    """Hand the heap's free pages back to the system (malloc_trim) once this process's resident memory, less
+    `outside` bytes kept in mappings of their own, has grown by HEAP_GROWTH_LIMIT above its lowest point since
+    the last trim. Trimming after every pass would fault the reused pages in again each time (SmolLM2 bf16: 68 s
+    instead of 50), and so would trimming whenever the activation pool maps new buffers."""
+    global _resident_low
+    resident = resident_bytes() - outside
+    if resident > _resident_low + HEAP_GROWTH_LIMIT:
         trim_freed_memory()
-        _resident_after_trim = resident_bytes()
+        _resident_low = resident_bytes() - outside
+    else:
+        _resident_low = min(_resident_low, resident)
 
 
 def resident_bytes() -> int:
@@ -222,7 +226,7 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _libc = _load_libc() if os.name == "posix" else None
-_resident_after_trim = 0
+_resident_low = 0   # bound_heap_free's reference point
 
 
 def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
