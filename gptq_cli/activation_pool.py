@@ -11,6 +11,7 @@ that later read it, hence the bytes).
 """
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -34,9 +35,8 @@ class BufferPool:
         if not t.is_contiguous() or t.numel() == 0:
             return t
         key = (tuple(t.shape), t.dtype, t.device)
-        if len(self._free) > 1 or (self._free and key not in self._free):
-            self._free = {key: self._free[key]} if key in self._free else {}   # other shapes' pages go back
         free = self._free.get(key)
+        self._free = {key: free} if free else {}   # other shapes' free buffers: their pages go back
         buffer = free.pop() if free else _allocate(key)
         self._lent[id(buffer)] = buffer
         return buffer.copy_(t)
@@ -52,18 +52,12 @@ class BufferPool:
         buffers = list(self._lent.values()) + [b for free in self._free.values() for b in free]
         return sum(b.numel() * b.element_size() for b in buffers if b.device.type == "cpu")
 
-    def clear(self) -> None:
-        """Release the free buffers (lent ones stay with their holders)."""
-        self._free.clear()
-
 
 def _allocate(key: tuple) -> Tensor:
     shape, dtype, device = key
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     # an anonymous mapping, unmapped when the tensor (which holds it) is freed
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=numel).view(shape)

@@ -329,9 +329,9 @@ class BlockPasses:
         passes = self.calib.passes(self.block) if self.replay is None else self._replayed()
         tail = self.tails.get(group[0])
         self.recording = tail if tail is not None and self._inputs_fit(tail.last) else None
-        signature = (type(self.block), tuple(self.linears), tuple(map(tuple, groups)))
         probe = None
         if k == 0 and len(groups) > 1:
+            signature = (type(self.block), tuple(self.linears), tuple(map(tuple, groups)))
             known = self.calib.structures.get(signature)
             if known is None:
                 probe = TailProbe(self.block, self.linears, groups)
