@@ -1,4 +1,10 @@
-"""Builds the optional CUDA extension `gptq_cli._C` from csrc/; the package itself is declared in pyproject.toml.
+"""Builds the optional compiled parts from csrc/; the package itself is declared in pyproject.toml.
+
+`gptq_cli._cpu_columns`: GPTQ's column loop in plain C for CPUs (csrc/cpu_columns.c, loaded by ctypes from
+gptq_cli/kernels/cpu_columns.py). It needs only a C compiler, no torch, so it builds in an isolated build
+environment too; where it fails to build, the install goes on and the solver runs its torch loop.
+
+`gptq_cli._C`: the CUDA extension.
 
 GPTQ_BUILD_EXT=1 builds it or fails, GPTQ_BUILD_EXT=0 never builds it, unset builds it when it can: torch is
 importable at build time with CUDA support (so use `pip install --no-build-isolation`; an isolated build env
@@ -13,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -51,6 +57,11 @@ class BuildPyWithPresets(build_py):
             self.copy_file(str(preset), str(target / preset.name))
 
 
+# No -ffast-math, and no fused multiply-add: the C loop reproduces the torch loop's float32 roundings bit for bit.
+CPU_COLUMNS = Extension("gptq_cli._cpu_columns", ["csrc/cpu_columns.c"], optional=True,
+                        extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math"])
+
+
 def extension_args() -> dict:
     mode = os.environ.get("GPTQ_BUILD_EXT", "")
     if mode == "0":
@@ -64,4 +75,5 @@ def extension_args() -> dict:
 
 
 args = extension_args()
-setup(**{**args, "cmdclass": {**args.get("cmdclass", {}), "build_py": BuildPyWithPresets}})
+setup(**{**args, "ext_modules": [CPU_COLUMNS] + args.get("ext_modules", []),
+         "cmdclass": {**args.get("cmdclass", {}), "build_py": BuildPyWithPresets}})

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from gptq_cli.format.config import check_setting
-from gptq_cli.kernels import cpu_gemm
+from gptq_cli.kernels import cpu_columns, cpu_gemm
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.hessian_inverse import (DAMP_STEP, IndefiniteHessian, NonFiniteHessian,  # noqa: F401 (the solver's)
                                       inverse_hessian_factor)
@@ -122,32 +123,59 @@ def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group
     parameters; where new_group[c], column group_of_col[c] is written with find_params of W[:, c:c+group_size].
     Per column c: q = quantize(w_c); err = (w_c - q) / Hinv[c, c]; W[:, c+1:] -= err ⊗ Hinv[c, c+1:].
     Returns (codes int32 [N, B], Err float32 [N, B] = each column's err, losses [N] = Σ_c err² / 2); the caller
-    applies the lazy update W[:, end:] -= Err @ Hinv[block, end:]."""
+    applies the lazy update W[:, end:] -= Err @ Hinv[block, end:].
+
+    The columns between two group starts run in C on a CPU (kernels/cpu_columns.py, the same bits), else in
+    the torch loop below; a group's parameters are found in torch where it starts, from all rows at once."""
     maxq = 2 ** bits - 1
     codes = torch.empty_like(W)
     Err = torch.empty_like(W)
-    # err ⊗ Hinv[c, c+1:] of each column goes into the front of one buffer, contiguous, instead of a fresh
-    # N×(B−c−1) tensor per column: fresh ones would be mapped and unmapped each time (the allocator keeps
-    # large ones out of its heap, modelio.bound_allocator), which costs more than the arithmetic
-    update = torch.empty(W.numel(), dtype=W.dtype, device=W.device)
-    # Python scalars and column views keep the per-column work to a handful of tensor ops: on a CPU the
-    # loop's cost is dispatch overhead, not arithmetic.
-    diag, groups, starts = Hinv.diagonal().tolist(), group_of_col.tolist(), new_group.tolist()
-    current = None
-    for c in range(W.shape[1]):
-        g = groups[c]
-        if starts[c]:
-            scales[:, g], zeros[:, g] = find_params(W[:, c:c + group_size], bits, sym, mse)
-        if starts[c] or g != current:
-            scale, zero, current = scales[:, g], zeros[:, g], g
-        w = W[:, c]
-        code = quantize(w, scale, zero, maxq)
-        codes[:, c] = code
-        err = torch.sub(w, dequantize(code, scale, zero), out=Err[:, c]).div_(diag[c])
-        rest = W.shape[1] - c - 1
-        W[:, c + 1:] -= torch.mul(err[:, None], Hinv[c, c + 1:], out=update[:W.shape[0] * rest].view(W.shape[0], rest))
-    losses = Err.square().sum(dim=1) / 2   # (w - q)² / Hinv[c, c]² = err²
+    threads = torch.get_num_threads()
+    with single_thread_on_cpu(W.device):
+        if _runs_in_c(W, scales, zeros):
+            Hinv, columns = Hinv.contiguous(), partial(cpu_columns.run_columns, threads=threads)
+        else:
+            columns = _ColumnsInTorch(W, Hinv, group_of_col)
+        group_of = group_of_col.to(torch.int64).contiguous()
+        starts = [c for c in new_group.nonzero().flatten().tolist() if c > 0]
+        for c0, c1 in zip([0] + starts, starts + [W.shape[1]]):
+            if new_group[c0]:
+                g = int(group_of[c0])
+                scales[:, g], zeros[:, g] = find_params(W[:, c0:c0 + group_size], bits, sym, mse)
+            columns(W, Hinv, scales, zeros, group_of, codes, Err, c0, c1, maxq)
+        losses = Err.square().sum(dim=1) / 2   # (w - q)² / Hinv[c, c]² = err²
     return codes.to(torch.int32), Err, losses
+
+
+def _runs_in_c(W: Tensor, scales: Tensor, zeros: Tensor) -> bool:
+    """The C loop updates W, scales and zeros where they are: they must be contiguous float32 CPU tensors."""
+    return (W.device.type == "cpu" and cpu_columns.available()
+            and all(t.is_contiguous() and t.dtype == torch.float32 for t in (W, scales, zeros)))
+
+
+class _ColumnsInTorch:
+    """Columns [c0, c1) of a block, one after another, with torch ops (kernels/cpu_columns.py's twin)."""
+
+    def __init__(self, W: Tensor, Hinv: Tensor, group_of_col: Tensor) -> None:
+        # Python scalars and column views keep the per-column work to a handful of tensor ops: on a CPU the
+        # loop's cost is dispatch overhead, not arithmetic.
+        self.diag, self.groups = Hinv.diagonal().tolist(), group_of_col.tolist()
+        # err ⊗ Hinv[c, c+1:] of each column goes into the front of one buffer, contiguous, instead of a fresh
+        # N×(B−c−1) tensor per column: fresh ones would be mapped and unmapped each time (the allocator keeps
+        # large ones out of its heap, modelio.bound_allocator), which costs more than the arithmetic
+        self.update = torch.empty(W.numel(), dtype=W.dtype, device=W.device)
+
+    def __call__(self, W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group_of_col: Tensor,
+                 codes: Tensor, Err: Tensor, c0: int, c1: int, maxq: int) -> None:
+        N, B = W.shape
+        for c in range(c0, c1):
+            g = self.groups[c]
+            w, scale, zero = W[:, c], scales[:, g], zeros[:, g]
+            code = quantize(w, scale, zero, maxq)
+            codes[:, c] = code
+            err = torch.sub(w, dequantize(code, scale, zero), out=Err[:, c]).div_(self.diag[c])
+            rest = B - c - 1
+            W[:, c + 1:] -= torch.mul(err[:, None], Hinv[c, c + 1:], out=self.update[:N * rest].view(N, rest))
 
 
 def block_ranges(columns: int, group_size: int, block_size: int, align_groups: bool) -> list[tuple[int, int]]:
@@ -272,10 +300,8 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
             # row-major: the column loop reads Hinv's rows, and torch's outer product with a strided row runs
             # ~5x slower on a CPU than with a contiguous one (the K×K buffer itself is column-major)
             hinv_block = Hinv[start:end, start:end].contiguous()
-            with single_thread_on_cpu(W.device):
-                block_codes, Err, losses = block_fn(columns, hinv_block, scales, zeros,
-                                                    groups.of_position[start:end], block.new_group,
-                                                    bits=bits, sym=sym, mse=mse, group_size=g)
+            block_codes, Err, losses = block_fn(columns, hinv_block, scales, zeros, groups.of_position[start:end],
+                                                block.new_group, bits=bits, sym=sym, mse=mse, group_size=g)
             codes[:, slice(start, end) if perm is None else perm[start:end]] = block_codes
             W[:, end:] -= Err @ Hinv[start:end, end:]
             row_loss += losses
