@@ -290,7 +290,7 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
         groups = plan_groups(K, g, perm, desc_act, static_groups, block_size, W.device)
         scales = torch.zeros(N, groups.count, dtype=torch.float32, device=W.device)
         zeros = torch.zeros_like(scales)
-        codes = torch.empty(N, K, dtype=torch.int32, device=W.device)   # in original column order
+        codes = torch.empty(N, K, dtype=torch.int32, device=W.device)   # in solving order (one gather at the end)
         row_loss = torch.zeros(N, dtype=torch.float32, device=W.device)
         for block in groups.blocks:
             start, end = block.start, block.end
@@ -302,10 +302,12 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
             hinv_block = Hinv[start:end, start:end].contiguous()
             block_codes, Err, losses = block_fn(columns, hinv_block, scales, zeros, groups.of_position[start:end],
                                                 block.new_group, bits=bits, sym=sym, mse=mse, group_size=g)
-            codes[:, slice(start, end) if perm is None else perm[start:end]] = block_codes
+            codes[:, start:end] = block_codes
             W[:, end:] -= Err @ Hinv[start:end, end:]
             row_loss += losses
 
+    if perm is not None:   # back to the original column order
+        codes = codes.index_select(1, torch.argsort(perm))
     return QuantizedWeight(codes=codes, scales=scales.t().half().contiguous(),
                            zeros=zeros.t().to(torch.int32).contiguous(), g_idx=groups.g_idx.to(torch.int32),
                            bits=bits, group_size=group_size, loss=float(row_loss.sum()), damp=damp,
