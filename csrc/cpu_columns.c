@@ -13,6 +13,9 @@
  *   q = clamp(round(w_c / s) + z, 0, maxq)      codes[:, c] = q
  *   err = (w_c - s * (q - z)) / diag[c]          errs[:, c] = err
  *   w_j -= err * Hinv[c, j] for j in (c, B)     (Hinv [B, B] row-major)
+ * With GPTAQ's correction P [B, B] (row-major; NULL for plain GPTQ), with w_c the value column c was quantized
+ * from:
+ *   w_j -= err * Hinv[c, j] - w_c * P[c, j]
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,7 +30,7 @@
 
 GPTQ_CLONES
 void gptq_columns_f32(float *W, const float *Hinv, const float *scales, const float *zeros,
-                      const int64_t *group_of, float *codes, float *errs, int64_t row_begin,
+                      const int64_t *group_of, float *codes, float *errs, const float *P, int64_t row_begin,
                       int64_t row_end, int64_t B, int64_t G, int64_t c0, int64_t c1, float maxq) {
     for (int64_t n = row_begin; n < row_end; ++n) {
         float *w = W + n * B;
@@ -46,9 +49,18 @@ void gptq_columns_f32(float *W, const float *Hinv, const float *scales, const fl
             const float err = (w[c] - dequantized) / Hinv[c * B + c];
             err_row[c] = err;
             const float *h = Hinv + c * B;
-            for (int64_t j = c + 1; j < B; ++j) {
-                const float update = err * h[j];
-                w[j] = w[j] - update;
+            if (P == 0) {
+                for (int64_t j = c + 1; j < B; ++j) {
+                    const float update = err * h[j];
+                    w[j] = w[j] - update;
+                }
+            } else {
+                const float *p = P + c * B;
+                const float wc = w[c];
+                for (int64_t j = c + 1; j < B; ++j) {
+                    const float update = err * h[j] - wc * p[j];
+                    w[j] = w[j] - update;
+                }
             }
         }
     }

@@ -19,6 +19,7 @@ import torch
 from gptq_cli import __version__, distributed, phases
 from gptq_cli.activation_pool import BufferPool
 from gptq_cli.arch import Arch, quantized_shapes, resolve_arch
+from gptq_cli.calibration import Calibration
 from gptq_cli.engine import ModuleResult, capture_inputs, quantize_decoder_block, replay_block
 from gptq_cli.errors import Interrupted, UsageError, noting_interrupts
 from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is quantize + evaluate)
@@ -29,13 +30,15 @@ from gptq_cli.modelio import (ModelRef, StreamingModel, bound_allocator, load_st
 from gptq_cli import mixed
 from gptq_cli.allocate import Candidate, check_target, parse_candidates
 from gptq_cli.preflight import act_order_notes, calibration_notes, calibration_seqlen, group_size_notes
-from gptq_cli.solver import DAMP_STEP
+from gptq_cli.solver import DAMP_STEP, GPTAQ_ALPHA
 from gptq_cli.workdir import (WorkDir, calibration_fingerprint, check_new_directory, default_work_dir,
                               model_fingerprint, plan_identity, stored_weights)
 
 # Progress events: ("resume", finished blocks, total, work dir), ("block", done, total), ("module", ModuleResult),
 # ("note", text): a setting that could not be applied as asked, and what is done instead
 ProgressFn = Callable[..., None]
+
+METHODS = ("gptq", "gptaq")   # --method: plain GPTQ, or GPTAQ's asymmetric calibration
 
 
 @dataclass
@@ -75,7 +78,8 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
              output: str | Path | None = None, work_dir: str | Path | None = None, resume: bool = False,
              command: str | None = None, progress: ProgressFn | None = None, target_bits: float | None = None,
              candidates: list[Candidate] | None = None, measurements: str | Path | None = None,
-             trust_remote_code: bool = False) -> QuantizeResult:
+             trust_remote_code: bool = False, method: str = "gptq", gptaq_alpha: float = GPTAQ_ALPHA
+             ) -> QuantizeResult:
     """Quantize `model` (Hub id, local dir, .gguf or built-in name) with GPTQ and write a GPTQ checkpoint.
 
     Each finished block is stored in `work_dir` (default `<output>.work`); a call that finds a work dir made with
@@ -86,10 +90,18 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     32/64/128) within that average of stored bits per weight (mixed.py); quant's bits/group_size are then
     ignored. `measurements`: a measurements.json of an earlier such run with the same model, calibration and
     shared settings, instead of measuring again. trust_remote_code: a model whose config.json names its own code
-    (auto_map) may run it; refused otherwise."""
+    (auto_map) may run it; refused otherwise.
+    method: "gptq", or "gptaq" (Li et al. 2025: each layer aims at the full-precision model's output on
+    full-precision inputs; gptaq_alpha weighs that correction; recorded in quantization_config's meta)."""
     from gptq_cli.textdata import calibration_samples
 
     quant = quant or QuantConfig()
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if method == "gptaq" and target_bits is not None:
+        raise UsageError("--method gptaq with --target-bits is not supported yet; use one of them")
+    if method == "gptaq" and not 0 < gptaq_alpha <= 1:
+        raise UsageError(f"--gptaq-alpha {gptaq_alpha}: use a number in (0, 1] (default {GPTAQ_ALPHA})")
     out = Path(output) if output else default_output(model, quant, target_bits)
     check_new_directory(out, "--output")
     wd = WorkDir(work_dir if work_dir else default_work_dir(out))
@@ -126,6 +138,10 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
             say(note)
         # recorded in quantization_config's meta; a copy: the caller's config stays as it was given
         meta = {**quant.meta, "damp_auto_increment": DAMP_STEP, "static_groups": quant.static_groups}
+        if method == "gptaq":
+            if ranks.world > 1:
+                raise UsageError("--method gptaq runs in one process for now; run it without torchrun")
+            meta.update(method="gptaq", gptaq_alpha=gptaq_alpha)
         if target_bits is not None:
             candidates = candidates or parse_candidates(None)
             check_target(target_bits, list(shapes.values()), candidates)
@@ -200,15 +216,18 @@ def _solve_into(wd: WorkDir, sm: StreamingModel, layers_path: str, arch: Arch | 
     n_blocks = len(stored)
     calib = capture_inputs(sm, layers_path, ranks.share(batch_samples(samples, batch_size)), dev, cdtype,
                            BufferPool())
+    # GPTAQ: the full-precision model's block inputs beside the quantized model's (the same at block 0)
+    fp = (Calibration([calib.keep(h) for h in calib.hidden], calib.kwargs, calib.pool)
+          if quant.meta.get("method") == "gptaq" else None)
     on_module = (lambda r: progress("module", r)) if progress else None
     for i in range(n_blocks):
         t_block = time.perf_counter()
         if stored[i]:
             weights = stored_weights(wd.read_block(i, identity)[0], quant)
-            replay_block(sm, layers_path, i, calib, weights, dev, cdtype)
+            replay_block(sm, layers_path, i, calib, weights, dev, cdtype, fp)
         else:
             results = quantize_decoder_block(sm, layers_path, i, arch, calib, quant, dev, cdtype, on_module,
-                                             ranks)
+                                             ranks, fp)
             if ranks.writer:
                 tensors = {f"{r.name}.{key}": value for r in results for key, value in r.tensors.items()}
                 with phases.phase("write"):

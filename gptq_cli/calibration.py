@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from gptq_cli.activation_pool import BufferPool
 from gptq_cli.arch import StopForward, linear_weight
 from gptq_cli.modelio import activations_in_heap
 from gptq_cli.phases import phase
-from gptq_cli.solver import accumulate_hessian, complete_hessian
+from gptq_cli.solver import accumulate_cross, accumulate_hessian, complete_hessian
 
 MEMORY_SHARE = 0.25   # recorded tail inputs take at most this share of their device's free memory, else no tail
 # On a GPU also at most this much per submodule: recomputing attention or an MLP there is cheap, and a 7B
@@ -100,14 +101,18 @@ class Tail:
 def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture: nn.Module | None = None,
                      tail: Tail | None = None, probe: Callable[[Pass], object] | None = None,
                      keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-                     kept_bytes: Callable[[], int] | None = None) -> tuple[Hessians, list[Call] | None]:
+                     kept_bytes: Callable[[], int] | None = None,
+                     fp_inputs: list[dict[str, torch.Tensor]] | None = None,
+                     crosses: dict[str, torch.Tensor] | None = None) -> tuple[Hessians, list[Call] | None]:
     """The Hessians 2/n ΣxxT of the modules' inputs over the passes, as (module names, H, n): modules that read
     the very same input tensor share one. Each pass stops early (module doc). With `capture`, also returns that
     submodule's (args, kwargs) of each pass (None unless it ran exactly once per pass). With `tail`, records its
     inputs and fingerprints. With `probe`, the first pass runs as probe(pass), to the end. What is recorded or
     captured is kept through `keep` (a tensor's copy, or itself); kept_bytes says how much of it lives outside
-    the heap (modelio.activations_in_heap)."""
+    the heap (modelio.activations_in_heap). GPTAQ: with fp_inputs (per pass, each module's full-precision
+    input), `crosses` gets each Hessian owner's ΔX X̃ᵀ (solver.accumulate_cross), by the owner's name."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {}
+    current = 0   # the pass running now
     shares: dict[str, str] = {}
     seen: list[tuple[str, torch.Tensor]] = []
     captured: list[list[Call]] = []
@@ -128,7 +133,13 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
                 shares[name] = shares.get(earlier, earlier)
             else:
                 with phase("hessian"):
-                    acc[name] = accumulate_hessian(*acc.get(name, (None, 0)), x)
+                    H, n = acc.get(name, (None, 0))
+                    if fp_inputs is not None:
+                        if name not in fp_inputs[current]:
+                            raise RuntimeError(f"GPTAQ: {name} saw calibration batch {current} in the quantized "
+                                               "model but not in the full-precision one")
+                        crosses[name] = accumulate_cross(crosses.get(name), n, fp_inputs[current][name], x)
+                    acc[name] = accumulate_hessian(H, n, x)
             if owners <= {n for n, _ in seen}:
                 done = True
                 if not through:
@@ -145,6 +156,7 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
             lambda _m, a, kw: tail.fingerprints.append(fingerprint(a, kw)), with_kwargs=True))
     try:
         for i, run_pass in enumerate(passes):
+            current = i
             seen.clear()
             captured.append([])
             done, through = False, probe is not None and i == 0
@@ -298,8 +310,12 @@ class BlockPasses:
     submodule a tail answered gets its own forward back, and what was kept goes back to the pool."""
 
     def __init__(self, block: nn.Module, linears: dict[str, nn.Module], groups: list[list[str]],
-                 calib: Calibration, device: torch.device) -> None:
+                 calib: Calibration, device: torch.device, fp: Calibration | None = None) -> None:
         self.block, self.linears, self.groups, self.calib, self.device = block, linears, groups, calib, device
+        # GPTAQ: the full-precision model's inputs to this block, and the block's own weights before quantization
+        self.fp = fp
+        self.originals = {n: m.weight.data for n, m in linears.items()} if fp is not None else {}
+        self.crosses: dict[str, torch.Tensor] = {}   # GPTAQ: the last group's ΔX X̃ᵀ, by Hessian owner
         self.tails: dict[str, Tail] = {}
         self.replay: tuple[nn.Module, list[Call]] | None = None   # for the next group's passes
         self.recording: Tail | None = None   # the tail the last group's passes recorded
@@ -337,8 +353,16 @@ class BlockPasses:
                 probe = TailProbe(self.block, self.linears, groups)
             else:
                 self._set_tails(known)
-        hessians, recorded = collect_hessians({n: self.linears[n] for n in group}, passes, capture,
-                                              self.recording, probe, self._keeper(), self.calib.kept_bytes)
+        fp_inputs = self._full_precision_inputs(group) if self.fp is not None else None
+        self.crosses = {}
+        try:
+            hessians, recorded = collect_hessians({n: self.linears[n] for n in group}, passes, capture,
+                                                  self.recording, probe, self._keeper(), self.calib.kept_bytes,
+                                                  fp_inputs, self.crosses)
+        finally:
+            for inputs in fp_inputs or ():
+                for t in {id(t): t for t in inputs.values()}.values():
+                    self.calib.give(t)
         if probe is not None:
             self.calib.structures[signature] = probe.structure()
             self._set_tails(self.calib.structures[signature])
@@ -380,6 +404,62 @@ class BlockPasses:
                     self.calib.give(tail.outputs[b])
                     tail.outputs[b] = None
         advance(self.calib, self.block, release)
+        if self.fp is not None:
+            with self._full_precision():
+                advance(self.fp, self.block)
+
+    def cross(self, names: list[str]) -> torch.Tensor | None:
+        """GPTAQ: ΔX X̃ᵀ of the Hessian these linears share (from the last hessians()), None without GPTAQ."""
+        return next((D for owner, D in self.crosses.items() if owner in names), None)
+
+    @contextmanager
+    def _full_precision(self) -> Iterator[None]:
+        """The block as the full-precision model has it: its weights before quantization, no tail shortcuts (they
+        answer with quantized outputs); everything as it was afterwards."""
+        current = {n: m.weight.data for n, m in self.linears.items()}
+        shortcuts = {id(t.scope): (t.scope, vars(t.scope).pop("forward")) for t in self.tails.values()
+                     if "forward" in vars(t.scope)}
+        try:
+            for n, m in self.linears.items():
+                m.weight.data = self.originals[n]
+            yield
+        finally:
+            for n, m in self.linears.items():
+                m.weight.data = current[n]
+            for scope, forward in shortcuts.values():
+                scope.forward = forward
+
+    def _full_precision_inputs(self, group: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Per calibration batch, the group's linears' inputs in the full-precision model (kept in the pool),
+        each pass stopped once all of them are seen."""
+        inputs: list[dict[str, torch.Tensor]] = []
+
+        def hook_for(name: str):
+            def hook(_module, args):
+                x = args[0]
+                kept = next((t for n, t in inputs[-1].items() if seen[n] is x), None)
+                seen[name] = x
+                inputs[-1][name] = kept if kept is not None else self.calib.keep(x)
+                if len(inputs[-1]) == len(group):
+                    raise StopForward
+            return hook
+
+        seen: dict[str, torch.Tensor] = {}
+        handles = [self.linears[n].register_forward_pre_hook(hook_for(n)) for n in group]
+        try:
+            with self._full_precision():
+                for run_pass in self.fp.passes(self.block):
+                    inputs.append({})
+                    seen.clear()
+                    try:
+                        with activations_in_heap(self.calib.kept_bytes):
+                            run_pass()
+                    except StopForward:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        return inputs
 
     def _set_tails(self, structure: Structure) -> None:
         self.tails = {last: Tail(self.block.get_submodule(scope), self.linears[last], extra)

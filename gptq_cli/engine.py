@@ -25,7 +25,8 @@ from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.modelio import StreamingModel, activations_in_heap
 from gptq_cli.phases import phase
-from gptq_cli.solver import BlockFn, IndefiniteHessian, NonFiniteHessian, quantize_block, quantize_weight
+from gptq_cli.solver import (GPTAQ_ALPHA, BlockFn, IndefiniteHessian, NonFiniteHessian, quantize_block,
+                             quantize_weight)
 
 
 @dataclass
@@ -77,30 +78,31 @@ def capture_inputs(sm: StreamingModel, layers_path: str, batches: list[torch.Ten
 
 def quantize_decoder_block(sm: StreamingModel, layers_path: str, index: int, arch: Arch | None,
                            calib: Calibration, quant: QuantConfig, device: torch.device, dtype: torch.dtype,
-                           on_module: Callable[[ModuleResult], None] | None = None, ranks: Ranks = Ranks()
-                           ) -> list[ModuleResult]:
-    """Quantize block `index` (`calib` holds its inputs), leaving `calib` advanced to the next block's inputs."""
+                           on_module: Callable[[ModuleResult], None] | None = None, ranks: Ranks = Ranks(),
+                           fp: Calibration | None = None) -> list[ModuleResult]:
+    """Quantize block `index` (`calib` holds its inputs), leaving `calib` advanced to the next block's inputs.
+    GPTAQ (quant.meta["method"]): `fp` holds the full-precision model's inputs to the block, advanced too."""
     block, prefix = sm.model.get_submodule(layers_path)[index], f"{layers_path}.{index}."
     with phase("load"):
         sm.materialize(prefix, device, dtype)
     with torch.no_grad(), phase("forward"):
-        results = _quantize_block(block, prefix, arch, calib, quant, device, dtype, on_module, ranks)
+        results = _quantize_block(block, prefix, arch, calib, quant, device, dtype, on_module, ranks, fp)
     sm.release(block)
     return results
 
 
 def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Calibration, quant: QuantConfig,
                     device: torch.device, dtype: torch.dtype, on_module: Callable[[ModuleResult], None] | None,
-                    ranks: Ranks) -> list[ModuleResult]:
+                    ranks: Ranks, fp: Calibration | None = None) -> list[ModuleResult]:
     """quantize_decoder_block's work: per sequential group its Hessians, solve, swap; then `calib` advanced to the
     next block's inputs."""
     linears = block_linears(block)
     groups = block_groups(block, arch, lambda: block(calib.hidden[0], **calib.kwargs[0]), quant.true_sequential)
     results: list[ModuleResult] = []
-    with BlockPasses(block, linears, groups, calib, device) as passes:
+    with BlockPasses(block, linears, groups, calib, device, fp) as passes:
         for k in range(len(groups)):
             hessians = distributed.reduce_hessians(ranks, passes.hessians(k))
-            results += _solve_group(hessians, linears, quant, prefix, dtype, ranks, on_module)
+            results += _solve_group(hessians, linears, quant, prefix, dtype, ranks, on_module, passes.cross)
             del hessians   # before the next group's are collected
             passes.quantized()
         passes.advance()
@@ -108,8 +110,8 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
 
 
 def _solve_group(hessians: Hessians, linears: dict[str, nn.Module], quant: QuantConfig, prefix: str,
-                 dtype: torch.dtype, ranks: Ranks, on_module: Callable[[ModuleResult], None] | None
-                 ) -> list[ModuleResult]:
+                 dtype: torch.dtype, ranks: Ranks, on_module: Callable[[ModuleResult], None] | None,
+                 cross: Callable[[list[str]], torch.Tensor | None] = lambda names: None) -> list[ModuleResult]:
     """Solve every Hessian's linears and put their quantized weights in place; with several ranks, each solve on
     the rank distributed.owners gives it."""
     solver_ranks = distributed.owners(ranks, [(sum(linear_weight(linears[n]).shape[0] for n in names), H.shape[0])
@@ -117,9 +119,10 @@ def _solve_group(hessians: Hessians, linears: dict[str, nn.Module], quant: Quant
     results: list[ModuleResult] = []
     for (names, H, n_tokens), solver_rank in zip(hessians, solver_ranks):
         # mixed precision: linears sharing H with different settings are solved apart (same owner)
+        dXXT = cross(names)
         solved = [res for part in _by_setting(names, quant, prefix)
                   for res in _solve(part, [linears[n] for n in part], H, n_tokens, quant, prefix, dtype, ranks,
-                                    solver_rank)]
+                                    solver_rank, dXXT)]
         results += solved
         for r in solved if on_module else ():
             on_module(r)
@@ -127,12 +130,14 @@ def _solve_group(hessians: Hessians, linears: dict[str, nn.Module], quant: Quant
 
 
 def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibration,
-                 weights: dict[str, QuantizedWeight], device: torch.device, dtype: torch.dtype) -> None:
+                 weights: dict[str, QuantizedWeight], device: torch.device, dtype: torch.dtype,
+                 fp: Calibration | None = None) -> None:
     """Advance `calib` past block `index` as quantizing it did, without solving anything: every quantized
     linear gets the dequantization of its stored weight (what _solve put there), then the calibration batches
     run through the block. Same ops, dtype and batches as the original run, hence the same activations bit for
     bit (this is how a run resumes; see workdir.py for why activations are not stored instead).
-    `weights` holds every linear of the block, by full module name."""
+    `weights` holds every linear of the block, by full module name. GPTAQ: `fp` (the full-precision model's
+    inputs) advances through the block's own weights first."""
     block, prefix = sm.model.get_submodule(layers_path)[index], f"{layers_path}.{index}."
     linears = block_linears(block)
     stored = {name.removeprefix(prefix): qw for name, qw in weights.items()}
@@ -142,6 +147,8 @@ def replay_block(sm: StreamingModel, layers_path: str, index: int, calib: Calibr
     with phase("load"):
         sm.materialize(prefix, device, dtype)
     with torch.no_grad(), phase("forward"):
+        if fp is not None:
+            advance(fp, block)
         for name, module in linears.items():
             set_linear_weight(module, stored[name].to(device).dequantize(dtype))
         advance(calib, block)
@@ -163,14 +170,18 @@ def block_function(device: torch.device) -> BlockFn:
     return kernels.gptq_block if kernels.backend_name(device) == "cuda-ext" else quantize_block
 
 
-def solve_weight(W: torch.Tensor, H: torch.Tensor, quant: QuantConfig, bits: int, group_size: int
-                 ) -> QuantizedWeight:
+def solve_weight(W: torch.Tensor, H: torch.Tensor, quant: QuantConfig, bits: int, group_size: int,
+                 dXXT: torch.Tensor | None = None) -> QuantizedWeight:
     """GPTQ of W [N, K] on H with `quant`'s settings that every module shares and this module's bits and group
-    size, each block through block_function; a Hessian the solver cannot use becomes a GptqError saying why."""
+    size, each block through block_function; a Hessian the solver cannot use becomes a GptqError saying why.
+    dXXT: GPTAQ's asymmetry term (with quant.meta's gptaq_alpha), solved by quantize_block (the CUDA kernel has
+    no GPTAQ term)."""
+    gptaq = {} if dXXT is None else {"dXXT": dXXT, "alpha": quant.meta.get("gptaq_alpha", GPTAQ_ALPHA)}
     try:
         return quantize_weight(W, H, bits=bits, group_size=group_size, sym=quant.sym, desc_act=quant.desc_act,
                                static_groups=quant.static_groups, act_group_aware=quant.act_group_aware,
-                               damp_percent=quant.damp_percent, mse=quant.mse, block_fn=block_function(W.device))
+                               damp_percent=quant.damp_percent, mse=quant.mse,
+                               block_fn=block_function(W.device) if dXXT is None else quantize_block, **gptaq)
     except NonFiniteHessian as e:
         raise GptqError(f"{e}: the calibration activations overflowed; try --dtype float32 or check the "
                         "calibration data") from e
@@ -180,7 +191,8 @@ def solve_weight(W: torch.Tensor, H: torch.Tensor, quant: QuantConfig, bits: int
 
 
 def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens: int, quant: QuantConfig,
-           prefix: str, dtype: torch.dtype, ranks: Ranks = Ranks(), owner: int = 0) -> list[ModuleResult]:
+           prefix: str, dtype: torch.dtype, ranks: Ranks = Ranks(), owner: int = 0,
+           dXXT: torch.Tensor | None = None) -> list[ModuleResult]:
     """GPTQ for linears that share one Hessian and one setting, stacked into one matrix (rows are independent
     given H⁻¹, so this is exactly the per-module result, with one column loop instead of several). With several
     ranks, rank `owner` solves and the others receive its result."""
@@ -193,7 +205,7 @@ def _solve(names: list[str], modules: list[nn.Module], H: torch.Tensor, n_tokens
         # Stacked in the model's dtype: quantize_weight makes the one float32 copy it works on.
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
         with phase("solve"):
-            qw = solve_weight(stacked, H, quant, bits, group_size)
+            qw = solve_weight(stacked, H, quant, bits, group_size, dXXT)
         del stacked
     qw, seconds = distributed.broadcast_result(ranks, qw, time.perf_counter() - t0, owner, (sum(rows), H.shape[0]),
                                                bits, group_size, H.device)

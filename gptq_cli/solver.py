@@ -53,6 +53,7 @@ def single_thread_on_cpu(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+GPTAQ_ALPHA = 0.25   # GPTAQ's default weight of the asymmetry correction (the authors' code and GPTQModel's)
 HESSIAN_PANEL = 512   # columns per panel of the Hessian's lower triangle (see hessian_panels)
 
 
@@ -102,6 +103,22 @@ def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None 
     return H, n + m
 
 
+def accumulate_cross(D: Tensor | None, n: int, X_fp: Tensor, X: Tensor) -> Tensor:
+    """GPTAQ's ΔX X̃ᵀ beside accumulate_hessian's H: fold one batch into the running mean D = 2/n · Σ (x_fp − x) xᵀ
+    (float32, [K, K], rows the asymmetry ΔX = X_fp − X, columns the quantized model's inputs X), with n the
+    token count H had before this batch. X_fp [..., K]: the full-precision model's inputs to the same linear,
+    token for token."""
+    if X_fp.shape != X.shape:
+        raise ValueError(f"GPTAQ needs the full-precision and the quantized inputs token for token; got "
+                         f"{tuple(X_fp.shape)} and {tuple(X.shape)} (e.g. experts routed differently)")
+    X = X.reshape(-1, X.shape[-1]).to(torch.float32)
+    delta = X_fp.reshape(-1, X.shape[-1]).to(torch.float32) - X
+    m = X.shape[0]
+    if D is None:
+        D = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+    return D.mul_(n / (n + m)).addmm_(delta.t(), X, alpha=2 / (n + m)) if m else D
+
+
 def complete_hessian(H: Tensor) -> Tensor:
     """The full symmetric H from accumulate_hessian's lower triangle, in place (and returned): a panel's strip
     at a time, so the temporaries stay a strip, not K×K. The result is exactly symmetric."""
@@ -113,7 +130,7 @@ def complete_hessian(H: Tensor) -> Tensor:
 
 
 def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group_of_col: Tensor,
-                   new_group: Tensor, *, bits: int, sym: bool, mse: bool, group_size: int
+                   new_group: Tensor, *, bits: int, sym: bool, mse: bool, group_size: int, P: Tensor | None = None
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ's inner loop over the B columns of one block; all N rows are independent (the CUDA kernel's seam;
     the full contract is in docs/DESIGN.md, "The solver's block step").
@@ -124,6 +141,8 @@ def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group
     Per column c: q = quantize(w_c); err = (w_c - q) / Hinv[c, c]; W[:, c+1:] -= err ⊗ Hinv[c, c+1:].
     Returns (codes int32 [N, B], Err float32 [N, B] = each column's err, losses [N] = Σ_c err² / 2); the caller
     applies the lazy update W[:, end:] -= Err @ Hinv[block, end:].
+    GPTAQ (P [B, B], the block's diagonal block of gptaq_correction): each column's update also carries the
+    value w_c it was quantized from, W[:, c+1:] -= err ⊗ Hinv[c, c+1:] - w_c ⊗ P[c, c+1:].
 
     The columns between two group starts run in C on a CPU (kernels/cpu_columns.py, the same bits), else in
     the torch loop below; a group's parameters are found in torch where it starts, from all rows at once."""
@@ -132,10 +151,11 @@ def quantize_block(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group
     Err = torch.empty_like(W)
     threads = torch.get_num_threads()
     with single_thread_on_cpu(W.device):
+        P = None if P is None else P.to(W.dtype).contiguous()
         if _runs_in_c(W, scales, zeros):
-            Hinv, columns = Hinv.contiguous(), partial(cpu_columns.run_columns, threads=threads)
+            Hinv, columns = Hinv.contiguous(), partial(cpu_columns.run_columns, threads=threads, P=P)
         else:
-            columns = _ColumnsInTorch(W, Hinv, group_of_col)
+            columns = _ColumnsInTorch(W, Hinv, group_of_col, P)
         group_of = group_of_col.to(torch.int64).contiguous()
         starts = [c for c in new_group.nonzero().flatten().tolist() if c > 0]
         for c0, c1 in zip([0] + starts, starts + [W.shape[1]]):
@@ -156,7 +176,8 @@ def _runs_in_c(W: Tensor, scales: Tensor, zeros: Tensor) -> bool:
 class _ColumnsInTorch:
     """Columns [c0, c1) of a block, one after another, with torch ops (kernels/cpu_columns.py's twin)."""
 
-    def __init__(self, W: Tensor, Hinv: Tensor, group_of_col: Tensor) -> None:
+    def __init__(self, W: Tensor, Hinv: Tensor, group_of_col: Tensor, P: Tensor | None = None) -> None:
+        self.P = P
         # Python scalars and column views keep the per-column work to a handful of tensor ops: on a CPU the
         # loop's cost is dispatch overhead, not arithmetic.
         self.diag, self.groups = Hinv.diagonal().tolist(), group_of_col.tolist()
@@ -175,7 +196,10 @@ class _ColumnsInTorch:
             codes[:, c] = code
             err = torch.sub(w, dequantize(code, scale, zero), out=Err[:, c]).div_(self.diag[c])
             rest = B - c - 1
-            W[:, c + 1:] -= torch.mul(err[:, None], Hinv[c, c + 1:], out=self.update[:N * rest].view(N, rest))
+            update = torch.mul(err[:, None], Hinv[c, c + 1:], out=self.update[:N * rest].view(N, rest))
+            if self.P is not None:   # GPTAQ: the quantized-from value w, before W's columns after it change
+                update -= w[:, None] * self.P[c, c + 1:]
+            W[:, c + 1:] -= update
 
 
 def block_ranges(columns: int, group_size: int, block_size: int, align_groups: bool) -> list[tuple[int, int]]:
@@ -257,14 +281,31 @@ def plan_groups(K: int, g: int, perm: Tensor | None, desc_act: bool, static: boo
     return GroupPlan(g, count, of_position, g_idx, blocks)
 
 
+def gptaq_correction(dXXT: Tensor, Hinv: Tensor, alpha: float, perm: Tensor | None, dead: Tensor) -> Tensor:
+    """GPTAQ's P (Li et al. 2025, "asymmetric calibration"): each layer's target is the full-precision model's
+    output W X on full-precision inputs X, not W X̃ on the quantized model's inputs X̃. Quantizing column i
+    leaves, besides GPTQ's error, that input channel's asymmetry w_i ΔX_i (ΔX = X − X̃) to the columns after it;
+    their least-squares share is w_i P[i, i+1:] with P = alpha · triu₁(ΔX X̃ᵀ Uᵀ) U, U the upper Cholesky
+    factor of H⁻¹ (the rows of U after i factor the inverse of H's trailing block). dXXT in the original
+    column order, scaled as H; returned in solving order, float32, strictly upper triangular."""
+    D = dXXT.to(device=Hinv.device, dtype=torch.float32)
+    D = D.masked_fill(dead[None, :].to(D.device), 0)   # dead inputs: their weights are zeroed, as in H
+    if perm is not None:
+        D = D[perm][:, perm]
+    return alpha * (D @ Hinv.t()).triu_(1) @ Hinv
+
+
 def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True,
                     desc_act: bool = False, static_groups: bool = False, act_group_aware: bool = False,
                     damp_percent: float = 0.01, mse: bool = False, block_size: int = 128,
-                    block_fn: BlockFn = quantize_block) -> QuantizedWeight:
+                    block_fn: BlockFn = quantize_block, dXXT: Tensor | None = None,
+                    alpha: float = GPTAQ_ALPHA) -> QuantizedWeight:
     """GPTQ-quantize W [N, K] with the Hessian H [K, K] of its inputs (SPEC §3): H -> solving order -> Hinv ->
     blocks. Inputs are not modified. Working set besides them: one K×K float32 buffer (inverse_hessian_factor)
     and W's float32 copy, codes and one lazy-update product, each N×K. block_fn runs each block; it must honour
-    quantize_block's contract (the fused CUDA kernel does)."""
+    quantize_block's contract (the fused CUDA kernel does).
+    dXXT [K, K]: GPTAQ (gptaq_correction): the inputs' asymmetry ΔX X̃ᵀ, scaled as H; block_fn then gets P
+    (quantize_block takes it; the CUDA kernel does not). One more K×K float32 buffer."""
     check_setting(bits, group_size, damp_percent)
     if block_size < 1:
         raise ValueError(f"block size must be at least 1, got {block_size}")
@@ -286,6 +327,8 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
         dead_pos = dead if perm is None else dead[perm]
         W[:, dead_pos] = 0
         Hinv, damp = inverse_hessian_factor(H, damp_percent, perm, dead_pos)
+        P = None if dXXT is None else gptaq_correction(dXXT, Hinv, alpha, perm, dead)
+        with_p = {} if P is None else {"P": None}
 
         groups = plan_groups(K, g, perm, desc_act, static_groups, block_size, W.device)
         scales = torch.zeros(N, groups.count, dtype=torch.float32, device=W.device)
@@ -300,10 +343,16 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
             # row-major: the column loop reads Hinv's rows, and torch's outer product with a strided row runs
             # ~5x slower on a CPU than with a contiguous one (the K×K buffer itself is column-major)
             hinv_block = Hinv[start:end, start:end].contiguous()
+            if P is not None:
+                with_p["P"] = P[start:end, start:end].contiguous()
             block_codes, Err, losses = block_fn(columns, hinv_block, scales, zeros, groups.of_position[start:end],
-                                                block.new_group, bits=bits, sym=sym, mse=mse, group_size=g)
+                                                block.new_group, bits=bits, sym=sym, mse=mse, group_size=g,
+                                                **with_p)
             codes[:, start:end] = block_codes
-            W[:, end:] -= Err @ Hinv[start:end, end:]
+            if P is None:
+                W[:, end:] -= Err @ Hinv[start:end, end:]
+            else:   # GPTAQ: `columns` now holds the values the block's columns were quantized from
+                W[:, end:] -= Err @ Hinv[start:end, end:] - columns @ P[start:end, end:]
             row_loss += losses
 
     if perm is not None:   # back to the original column order

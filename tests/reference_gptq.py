@@ -51,10 +51,14 @@ def unrounded_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor,
 
 def reference_gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, sym: bool,
                    desc_act: bool = False, static_groups: bool = False, act_group_aware: bool = False,
-                   damp_percent: float = 0.01, mse: bool = False) -> dict[str, torch.Tensor | float]:
+                   damp_percent: float = 0.01, mse: bool = False, dXXT: torch.Tensor | None = None,
+                   alpha: float = 0.25) -> dict[str, torch.Tensor | float]:
     """Column-by-column GPTQ. Returns codes [N, K] (original order), dequantized Q [N, K], g_idx [K],
-    scales/zeros [G, N] and the loss Σ (w - q)² / Hinv[i,i]² / 2."""
+    scales/zeros [G, N] and the loss Σ (w - q)² / Hinv[i,i]² / 2. With dXXT = ΔX X̃ᵀ (GPTAQ, Li et al. 2025):
+    P = alpha · triu₁(dXXT Uᵀ) U, and each column's update also adds w_i ⊗ P[i, i:] (w_i: the value column i
+    was quantized from), as the GPTAQ authors' code does inside one block."""
     W, H = W.clone().float(), H.clone().float()
+    D = None if dXXT is None else dXXT.clone().float()
     N, K = W.shape
     maxq = 2 ** bits - 1
     g = K if group_size == -1 else group_size
@@ -64,6 +68,8 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: i
         if H[d, d] == 0:
             H[d, d] = 1.0
             W[:, d] = 0.0
+            if D is not None:
+                D[:, d] = 0.0
 
     static = [reference_params(W[:, j * g:(j + 1) * g], bits, sym, mse) for j in range(n_groups)]
 
@@ -77,6 +83,7 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: i
         order = [k for j in groups for k in sorted(range(j * g, (j + 1) * g), key=lambda k: -H[k, k].item())]
         order += list(range(whole * g, K))
     W, H = W[:, order], H[order][:, order]
+    D = None if D is None else D[order][:, order]
 
     damp = damp_percent
     while True:
@@ -88,6 +95,7 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: i
                 break
         damp = round(damp + 0.01, 6)
         assert damp < 1, "reference: Hessian hopeless"
+    P = torch.zeros(K, K) if D is None else alpha * (D @ U.t()).triu(1) @ U
 
     codes, Q, unrounded = torch.zeros(N, K), torch.zeros(N, K), torch.zeros(N, K)
     raw_scales, raw_zeros = torch.zeros(n_groups, N), torch.zeros(n_groups, N)
@@ -111,7 +119,9 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: i
         codes[:, order[i]], Q[:, order[i]] = c, q
         err = (W[:, i] - q) / U[i, i]
         loss += float(((W[:, i] - q) ** 2).sum() / U[i, i] ** 2 / 2)
-        W[:, i:] -= err[:, None] * U[i, i:][None, :]   # full update of every remaining column
+        w = W[:, i].clone()
+        # full update of every remaining column (P = 0 without dXXT)
+        W[:, i:] -= err[:, None] * U[i, i:][None, :] - w[:, None] * P[i, i:][None, :]
     return {"codes": codes.to(torch.int32), "Q": Q, "g_idx": group_of, "scales": scales, "zeros": zeros,
             "loss": loss, "damp": damp, "order": torch.tensor(order), "unrounded": unrounded,
             "raw_scales": raw_scales, "raw_zeros": raw_zeros}

@@ -53,6 +53,17 @@ def test_c_loop_gives_the_torch_loops_bits(built, monkeypatch, setting, threads)
     assert in_c.loss == in_torch.loss
 
 
+@pytest.mark.parametrize("setting", [{}, {"bits": 3, "group_size": 64, "act_group_aware": True},
+                                     {"desc_act": True, "block_size": 32}], ids=["4g128", "3g64-gar", "act-b32"])
+def test_c_loop_gives_the_torch_loops_bits_with_gptaq(built, monkeypatch, setting):
+    from tests.test_gptaq import asymmetric_problem
+    W, H, dXXT, _, _ = asymmetric_problem(N=96, K=200, seed=3)
+    in_c = solver.quantize_weight(W, H, dXXT=dXXT, **setting)
+    in_torch = solve_in_torch(monkeypatch, W, H, dXXT=dXXT, **setting)
+    for field in ("codes", "scales", "zeros", "g_idx", "row_loss"):
+        assert torch.equal(getattr(in_c, field), getattr(in_torch, field)), field
+
+
 def test_the_c_loop_is_what_runs(built, monkeypatch):
     """quantize_block on a CPU goes through run_columns (else the comparison above would compare torch with
     itself), once per run of columns between group starts."""

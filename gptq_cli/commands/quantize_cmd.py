@@ -120,6 +120,12 @@ def quantize(
                                                 "measurements.json an earlier --target-bits run left beside its "
                                                 "checkpoint (same model, calibration, settings): no new "
                                                 "measurement; with --dry-run, prints the allocation."),
+    method: str = typer.Option("gptq", "--method", help="gptq, or gptaq: each layer aims at the full-precision "
+                               "model's output on full-precision inputs (Li et al. 2025; one more stream of "
+                               "calibration activations and about one more forward pass per block). Same file "
+                               "format."),
+    gptaq_alpha: float = typer.Option(0.25, "--gptaq-alpha", help="With --method gptaq: the weight of its "
+                                      "correction, in (0, 1]."),
     trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
     json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -186,7 +192,8 @@ def quantize(
             result = api_quantize(model, quant, dataset_path=dataset_path, device=device, dtype=dtype,
                                   output=output, work_dir=work_dir, resume=resume, command=command,
                                   progress=on_progress, target_bits=target_bits, candidates=cands,
-                                  measurements=measurements, trust_remote_code=trust_remote_code, **run_args)
+                                  measurements=measurements, trust_remote_code=trust_remote_code,
+                                  method=method, gptaq_alpha=gptaq_alpha, **run_args)
         if not result.writer:   # another torchrun rank: rank 0 reports the checkpoint it wrote
             return
         summary = run_summary(model, result, quant)

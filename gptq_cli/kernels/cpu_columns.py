@@ -33,7 +33,7 @@ def _function() -> ctypes._CFuncPtr | None:
     except (OSError, AttributeError):
         return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float]
+    fn.argtypes = [p, p, p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float]
     fn.restype = None
     return fn if _passes_check(fn) else None
 
@@ -49,7 +49,7 @@ def _passes_check(fn: ctypes._CFuncPtr) -> bool:
     group_of = torch.zeros(2, dtype=torch.int64)
     w0, w1 = W[0].clone()
     fn(W.data_ptr(), Hinv.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_of.data_ptr(), codes.data_ptr(),
-       errs.data_ptr(), 0, 1, 2, 1, 0, 2, 3.0)
+       errs.data_ptr(), None, 0, 1, 2, 1, 0, 2, 3.0)
     err0 = (w0 - 0.5) / 2
     err1 = (w1 - err0 * 0.5) - 0.5
     return torch.equal(codes, torch.tensor([[3.0, 3.0]])) and torch.equal(errs[0], torch.stack([err0, err1]))
@@ -65,19 +65,20 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def run_columns(W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, group_of: Tensor, codes: Tensor,
-                errs: Tensor, c0: int, c1: int, maxq: int, threads: int = 1) -> None:
+                errs: Tensor, c0: int, c1: int, maxq: int, threads: int = 1, P: Tensor | None = None) -> None:
     """Columns [c0, c1) of the block W [N, B] (updated in place), writing codes and errs [N, B]; Hinv [B, B],
-    scales and zeros [N, G], group_of [B] int64: all contiguous float32 CPU tensors (group_of int64)."""
+    scales and zeros [N, G], group_of [B] int64, GPTAQ's P [B, B] or None: all contiguous float32 CPU tensors
+    (group_of int64)."""
     fn = _function()
     if fn is None:
         raise RuntimeError("the C column loop is not built (gptq_cli._cpu_columns); use solver.quantize_block")
     N, B = W.shape
-    tensors = (W, Hinv, scales, zeros, group_of, codes, errs)
+    tensors = (W, Hinv, scales, zeros, group_of, codes, errs) + (() if P is None else (P,))
     if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) or \
-            any(t.dtype != torch.float32 for t in (W, Hinv, scales, zeros, codes, errs)) or \
-            group_of.dtype != torch.int64:
-        raise ValueError("run_columns takes contiguous float32 CPU tensors (group_of int64)")
-    pointers = [t.data_ptr() for t in tensors]
+            any(t.dtype != torch.float32 for t in tensors if t is not group_of) or \
+            group_of.dtype != torch.int64 or (P is not None and P.shape != Hinv.shape):
+        raise ValueError("run_columns takes contiguous float32 CPU tensors (group_of int64, P shaped as Hinv)")
+    pointers = [t.data_ptr() for t in tensors[:7]] + [None if P is None else P.data_ptr()]
     parts = max(1, min(threads, N // MIN_ROWS_PER_THREAD))
     bounds = [N * k // parts for k in range(parts + 1)]
     calls = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]

@@ -1,0 +1,205 @@
+"""GPTAQ (Li et al. 2025, asymmetric calibration) in the solver: the blocked solver against the column-by-column
+reference (reference_gptq.py with dXXT), no asymmetry = plain GPTQ's bits, and the objective it is for."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gptq_cli.solver import quantize_weight
+from tests.test_solver import assert_matches_reference, one_thread  # noqa: F401 (an autouse fixture: one thread)
+
+
+def asymmetric_problem(N: int, K: int, seed: int, tokens: int = 1024, drift: float = 0.15):
+    """Weights, H = 2/n X̃ᵀX̃ of the quantized model's inputs X̃ [n, K], GPTAQ's dXXT = 2/n ΔXᵀX̃ with
+    ΔX = X − X̃ (X: the full-precision model's inputs, X̃ plus a correlated drift), and X, X̃ themselves."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(K, K, generator=gen) / math.sqrt(K) + torch.eye(K)
+    X = (torch.randn(tokens, K, generator=gen) @ mix) * (0.2 + 3 * torch.rand(K, generator=gen))
+    noise = torch.randn(tokens, K, generator=gen) @ (torch.randn(K, K, generator=gen) / math.sqrt(K))
+    X_q = X + drift * X.std() * noise
+    W = torch.randn(N, K, generator=gen) * 0.05
+    return W, 2 / tokens * X_q.t() @ X_q, 2 / tokens * (X - X_q).t() @ X_q, X, X_q
+
+
+@pytest.mark.parametrize("settings", [
+    {"bits": 4, "group_size": 32, "sym": True},
+    {"bits": 3, "group_size": 128, "sym": False, "block_size": 32},
+    {"bits": 4, "group_size": -1, "sym": True, "desc_act": True, "block_size": 48},
+    {"bits": 4, "group_size": 32, "sym": True, "act_group_aware": True, "block_size": 64},
+    {"bits": 2, "group_size": 64, "sym": False, "desc_act": True, "static_groups": True},
+], ids=["4g32", "3g128-asym-b32", "4-perchannel-act-b48", "4g32-gar-b64", "2g64-static-act"])
+def test_blocked_gptaq_matches_column_by_column_reference(settings: dict) -> None:
+    """The lazy blocks carry each column's asymmetry term with the value it was quantized from, as the
+    column-by-column update does (the authors' code uses the quantized values across blocks instead)."""
+    W, H, dXXT, _, _ = asymmetric_problem(N=64, K=200, seed=11)
+    assert_matches_reference(W, H, dXXT=dXXT, alpha=0.5, **settings)
+
+
+def test_no_asymmetry_is_plain_gptq() -> None:
+    W, H, dXXT, _, _ = asymmetric_problem(N=48, K=160, seed=2)
+    plain = quantize_weight(W, H, group_size=32, act_group_aware=True)
+    zero = quantize_weight(W, H, group_size=32, act_group_aware=True, dXXT=torch.zeros_like(dXXT))
+    for field in ("codes", "scales", "zeros", "g_idx", "row_loss"):
+        assert torch.equal(getattr(plain, field), getattr(zero, field)), field
+
+
+def test_dead_inputs_carry_no_asymmetry() -> None:
+    """An input that is always 0 for the quantized model has its weights zeroed; its row of dXXT moves
+    nothing (its w is 0) and its column is ignored, whatever it holds."""
+    W, H, dXXT, _, _ = asymmetric_problem(N=32, K=96, seed=4)
+    H[5, :], H[:, 5] = 0, 0
+    noisy = dXXT.clone()
+    noisy[:, 5] = 1e3
+    a = quantize_weight(W, H, group_size=32, dXXT=dXXT.index_fill(1, torch.tensor([5]), 0))
+    b = quantize_weight(W, H, group_size=32, dXXT=noisy)
+    assert torch.equal(a.codes, b.codes) and bool((a.dequantize()[:, 5] == 0).all())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gptaq_lowers_the_full_precision_target_error(seed: int) -> None:
+    """What GPTAQ is for: ‖Q X̃ᵀ − W Xᵀ‖ (the quantized layer on its inputs against the full-precision layer
+    on full-precision ones) below plain GPTQ's, which aims at W X̃ᵀ."""
+    W, H, dXXT, X, X_q = asymmetric_problem(N=64, K=128, seed=seed)
+    target = W @ X.t()
+
+    def error(qw) -> float:
+        return float((qw.dequantize() @ X_q.t() - target).square().sum())
+
+    gptq = error(quantize_weight(W, H, bits=3, group_size=32))
+    gptaq = error(quantize_weight(W, H, bits=3, group_size=32, dXXT=dXXT, alpha=1.0))
+    assert gptaq < 0.99 * gptq, (gptaq, gptq)
+
+
+# --- the engine: full-precision stream, ΔX X̃ᵀ per Hessian, against a naive run of whole models -----------------
+
+def test_engine_gptaq_matches_a_naive_two_model_reference(tmp_path):
+    """Block by block and group by group, the engine's GPTAQ solves equal a naive reference that runs two whole
+    models on every batch: the untouched full-precision model for X, and a copy holding the quantized weights
+    so far for X̃. Same Hessians, same ΔX X̃ᵀ, same solves: the same packed tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from gptq_cli.activation_pool import BufferPool
+    from gptq_cli.arch import block_linears, linear_weight, resolve_arch, set_linear_weight
+    from gptq_cli.calibration import Calibration
+    from gptq_cli.engine import capture_inputs, quantize_decoder_block, solve_weight
+    from gptq_cli.format.config import QuantConfig
+    from gptq_cli.modelio import load_streaming, resolve_model
+    from gptq_cli.solver import accumulate_cross, accumulate_hessian, complete_hessian
+    from tests.tiny_models import random_input_ids, save_tiny_model
+
+    torch.set_num_threads(1)
+    model_dir = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float32)
+    batches = [random_input_ids(4, 32, seed=s) for s in (1, 2)]
+    quant = QuantConfig(bits=3, group_size=32, meta={"method": "gptaq", "gptaq_alpha": 0.5})
+    cpu = torch.device("cpu")
+
+    sm = load_streaming(resolve_model(str(model_dir)), torch.float32)
+    layers_path, arch = resolve_arch(sm.model)
+    calib = capture_inputs(sm, layers_path, batches, cpu, torch.float32, BufferPool())
+    fp = Calibration([calib.keep(h) for h in calib.hidden], calib.kwargs, calib.pool)
+    n_blocks = len(sm.model.get_submodule(layers_path))
+    engine = {r.name: r.tensors for i in range(n_blocks)
+              for r in quantize_decoder_block(sm, layers_path, i, arch, calib, quant, cpu, torch.float32, fp=fp)}
+
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    quantized = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+    def inputs_of(model, name: str) -> list[torch.Tensor]:
+        seen = []
+        handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+        handle.remove()
+        return seen
+
+    checked = 0
+    for i in range(n_blocks):
+        prefix = f"{layers_path}.{i}."
+        linears = block_linears(quantized.get_submodule(layers_path)[i])
+        for group in groups:
+            X_fp, X_q = inputs_of(full, prefix + group[0]), inputs_of(quantized, prefix + group[0])
+            H, D, n = None, None, 0
+            for x_fp, x in zip(X_fp, X_q):
+                D = accumulate_cross(D, n, x_fp, x)
+                H, n = accumulate_hessian(H, n, x)
+            H = complete_hessian(H)
+            W = torch.cat([linear_weight(linears[g]) for g in group])
+            qw = solve_weight(W, H, quant, quant.bits, quant.group_size, D)
+            for g, part in zip(group, qw.split_rows([linear_weight(linears[g]).shape[0] for g in group])):
+                set_linear_weight(linears[g], part.dequantize(torch.float32))
+                for key, t in part.to_tensors(quant.checkpoint_format).items():
+                    assert torch.equal(engine[prefix + g][key], t), (prefix + g, key)
+                checked += 1
+            if i == 0 and group == groups[0]:   # block 0's first inputs are the same in both models
+                assert D.abs().max() == 0
+            elif group == groups[-1]:
+                assert D.abs().max() > 0
+    assert checked == n_blocks * 7
+
+
+def test_quantize_gptaq_end_to_end(tmp_path):
+    """`quantize(method="gptaq")`: recorded in quantization_config's meta, a different model than GPTQ's, the same
+    bytes twice; a bad method or alpha, or GPTAQ with --target-bits, is a usage error before any work."""
+    import json
+
+    from gptq_cli import api
+    from gptq_cli.errors import UsageError
+    from gptq_cli.format.config import QuantConfig
+    from tests.tiny_models import random_input_ids, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float16)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in random_input_ids(8, 32, seed=5).tolist()))
+
+    def run(out, **kw):
+        return api.quantize(str(model_dir), QuantConfig(bits=3, group_size=32), dataset=str(calib), nsamples=8,
+                            seqlen=32, batch_size=4, device="cpu", dtype="float32", output=tmp_path / out, **kw)
+
+    gptaq, again, gptq = run("a", method="gptaq"), run("b", method="gptaq"), run("c")
+    meta = json.loads((gptaq.output / "config.json").read_text())["quantization_config"]["meta"]
+    assert meta["method"] == "gptaq" and meta["gptaq_alpha"] == 0.25
+    data = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in "abc"}
+    assert data["a"] == data["b"] and data["a"] != data["c"]
+    for bad in ({"method": "awq"}, {"method": "gptaq", "gptaq_alpha": 0.0},
+                {"method": "gptaq", "target_bits": 4.0}):
+        with pytest.raises(UsageError):
+            run("bad", **bad)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_gptaq_resumed_run_writes_the_same_bytes(tmp_path):
+    """An interrupted GPTAQ run continues from its work dir: the finished blocks advance both streams (the
+    full-precision one through the blocks' own weights) and the result is byte for byte the uninterrupted one."""
+    import json
+
+    from gptq_cli import api
+    from gptq_cli.errors import Interrupted
+    from gptq_cli.format.config import QuantConfig
+    from tests.tiny_models import random_input_ids, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float16, num_hidden_layers=3)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in random_input_ids(8, 32, seed=6).tolist()))
+
+    def run(out, progress=None):
+        return api.quantize(str(model_dir), QuantConfig(bits=3, group_size=32), dataset=str(calib), nsamples=8,
+                            seqlen=32, batch_size=4, device="cpu", dtype="float32", output=tmp_path / out,
+                            method="gptaq", progress=progress)
+
+    def stop_after_two(kind, *args):
+        if kind == "block" and args[0] == 2:
+            raise KeyboardInterrupt
+
+    whole = run("whole")
+    with pytest.raises(Interrupted):
+        run("resumed", stop_after_two)
+    assert (tmp_path / "resumed.work").exists() and not (tmp_path / "resumed").exists()
+    events = []
+    resumed = run("resumed", lambda kind, *args: events.append((kind, *args)))
+    assert ("resume", 2, 3, tmp_path / "resumed.work") in [e[:4] for e in events]
+    assert (whole.output / "model.safetensors").read_bytes() == (resumed.output / "model.safetensors").read_bytes()
