@@ -38,7 +38,8 @@ from gptq_cli.workdir import (WorkDir, calibration_fingerprint, check_new_direct
 # ("note", text): a setting that could not be applied as asked, and what is done instead
 ProgressFn = Callable[..., None]
 
-METHODS = ("gptq", "gptaq")   # --method: plain GPTQ, or GPTAQ's asymmetric calibration
+# --method: plain GPTQ; GPTAQ's asymmetric calibration (its column update); GPTQ on GPTAQ's least-squares target
+METHODS = ("gptq", "gptaq", "gptaq-ls")
 
 
 @dataclass
@@ -91,16 +92,17 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     ignored. `measurements`: a measurements.json of an earlier such run with the same model, calibration and
     shared settings, instead of measuring again. trust_remote_code: a model whose config.json names its own code
     (auto_map) may run it; refused otherwise.
-    method: "gptq", or "gptaq" (Li et al. 2025: each layer aims at the full-precision model's output on
-    full-precision inputs; gptaq_alpha weighs that correction; recorded in quantization_config's meta)."""
+    method: "gptq"; "gptaq" (Li et al. 2025: each layer aims at the full-precision model's output on
+    full-precision inputs; gptaq_alpha weighs that correction); or "gptaq-ls" (the same aim, by GPTQ run on the
+    least-squares fit of that output, solver.least_squares_target). Recorded in quantization_config's meta."""
     from gptq_cli.textdata import calibration_samples
 
     quant = quant or QuantConfig()
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: use one of {', '.join(METHODS)}")
-    if method == "gptaq" and target_bits is not None:
-        raise UsageError("--method gptaq with --target-bits is not supported yet; use one of them")
-    if method == "gptaq" and not 0 < gptaq_alpha <= 1:
+    if method != "gptq" and target_bits is not None:
+        raise UsageError(f"--method {method} with --target-bits is not supported yet; use one of them")
+    if method != "gptq" and not 0 < gptaq_alpha <= 1:
         raise UsageError(f"--gptaq-alpha {gptaq_alpha}: use a number in (0, 1] (default {GPTAQ_ALPHA})")
     out = Path(output) if output else default_output(model, quant, target_bits)
     check_new_directory(out, "--output")
@@ -138,10 +140,10 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
             say(note)
         # recorded in quantization_config's meta; a copy: the caller's config stays as it was given
         meta = {**quant.meta, "damp_auto_increment": DAMP_STEP, "static_groups": quant.static_groups}
-        if method == "gptaq":
+        if method != "gptq":
             if ranks.world > 1:
-                raise UsageError("--method gptaq runs in one process for now; run it without torchrun")
-            meta.update(method="gptaq", gptaq_alpha=gptaq_alpha)
+                raise UsageError(f"--method {method} runs in one process for now; run it without torchrun")
+            meta.update(method=method, gptaq_alpha=gptaq_alpha)
         if target_bits is not None:
             candidates = candidates or parse_candidates(None)
             check_target(target_bits, list(shapes.values()), candidates)
@@ -218,7 +220,7 @@ def _solve_into(wd: WorkDir, sm: StreamingModel, layers_path: str, arch: Arch | 
                            BufferPool())
     # GPTAQ: the full-precision model's block inputs beside the quantized model's (the same at block 0)
     fp = (Calibration([calib.keep(h) for h in calib.hidden], calib.kwargs, calib.pool)
-          if quant.meta.get("method") == "gptaq" else None)
+          if quant.meta.get("method") in ("gptaq", "gptaq-ls") else None)
     on_module = (lambda r: progress("module", r)) if progress else None
     for i in range(n_blocks):
         t_block = time.perf_counter()

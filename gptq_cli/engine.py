@@ -25,8 +25,8 @@ from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.modelio import StreamingModel, activations_in_heap
 from gptq_cli.phases import phase
-from gptq_cli.solver import (GPTAQ_ALPHA, BlockFn, IndefiniteHessian, NonFiniteHessian, quantize_block,
-                             quantize_weight)
+from gptq_cli.solver import (GPTAQ_ALPHA, BlockFn, IndefiniteHessian, NonFiniteHessian, least_squares_target,
+                             quantize_block, quantize_weight)
 
 
 @dataclass
@@ -176,7 +176,11 @@ def solve_weight(W: torch.Tensor, H: torch.Tensor, quant: QuantConfig, bits: int
     size, each block through block_function; a Hessian the solver cannot use becomes a GptqError saying why.
     dXXT: GPTAQ's asymmetry term (with quant.meta's gptaq_alpha), solved by quantize_block (the CUDA kernel has
     no GPTAQ term)."""
-    gptaq = {} if dXXT is None else {"dXXT": dXXT, "alpha": quant.meta.get("gptaq_alpha", GPTAQ_ALPHA)}
+    gptaq, alpha = {}, quant.meta.get("gptaq_alpha", GPTAQ_ALPHA)
+    if dXXT is not None and quant.meta.get("method") == "gptaq-ls":   # GPTQ aimed at the least-squares target
+        W, dXXT = least_squares_target(W, H, dXXT, alpha, quant.damp_percent), None
+    elif dXXT is not None:
+        gptaq = {"dXXT": dXXT, "alpha": alpha}
     try:
         return quantize_weight(W, H, bits=bits, group_size=group_size, sym=quant.sym, desc_act=quant.desc_act,
                                static_groups=quant.static_groups, act_group_aware=quant.act_group_aware,

@@ -295,6 +295,17 @@ def gptaq_correction(dXXT: Tensor, Hinv: Tensor, alpha: float, perm: Tensor | No
     return alpha * (D @ Hinv.t()).triu_(1) @ Hinv
 
 
+def least_squares_target(W: Tensor, H: Tensor, dXXT: Tensor, alpha: float, damp_percent: float) -> Tensor:
+    """The weights that minimise GPTAQ's objective ‖W' X̃ᵀ − W Xᵀ‖² before any rounding, moved by `alpha`:
+    W + alpha · W ΔXX̃ᵀ H⁻¹ (float32, H damped as the solver damps it). GPTQ run on them aims at the
+    full-precision output (`--method gptaq-ls`): at alpha 1, ‖Q X̃ᵀ − W Xᵀ‖² = ‖(Q − W') X̃ᵀ‖² + a constant,
+    GPTQ's own objective with W' in place of W."""
+    W = W.to(torch.float32)
+    Hd = H.to(torch.float32) + damp_percent * H.diagonal().mean() * torch.eye(H.shape[0], device=H.device)
+    L = torch.linalg.cholesky(Hd)
+    return W + alpha * torch.cholesky_solve((W @ dXXT.to(W)).t(), L).t()
+
+
 def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True,
                     desc_act: bool = False, static_groups: bool = False, act_group_aware: bool = False,
                     damp_percent: float = 0.01, mse: bool = False, block_size: int = 128,

@@ -22,14 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gptq_cli.solver import quantize_weight  # noqa: E402
+from gptq_cli.solver import least_squares_target, quantize_weight  # noqa: E402
 from tests.test_gptaq import asymmetric_problem  # noqa: E402
-
-
-def least_squares_target(W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor, alpha: float,
-                         damp_percent: float = 0.01) -> torch.Tensor:
-    Hd = H + damp_percent * H.diagonal().mean() * torch.eye(H.shape[0])
-    return W + alpha * torch.linalg.solve(Hd, (W @ dXXT).t()).t()
 
 
 def main() -> None:
@@ -53,7 +47,7 @@ def main() -> None:
                 row[f"gptaq_alpha{alpha}"] = error(quantize_weight(W, H, dXXT=dXXT, alpha=alpha,
                                                                    **settings).dequantize()) / base
                 row[f"gptq_on_target_alpha{alpha}"] = error(quantize_weight(
-                    least_squares_target(W, H, dXXT, alpha), H, **settings).dequantize()) / base
+                    least_squares_target(W, H, dXXT, alpha, 0.01), H, **settings).dequantize()) / base
             rows.append(row)
             print(json.dumps(row), flush=True)
     means = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k not in ("bits", "group_size", "seed")}

@@ -120,9 +120,10 @@ def quantize(
                                                 "measurements.json an earlier --target-bits run left beside its "
                                                 "checkpoint (same model, calibration, settings): no new "
                                                 "measurement; with --dry-run, prints the allocation."),
-    method: str = typer.Option("gptq", "--method", help="gptq, or gptaq: each layer aims at the full-precision "
+    method: str = typer.Option("gptq", "--method", help="gptq; gptaq: each layer aims at the full-precision "
                                "model's output on full-precision inputs (Li et al. 2025; one more stream of "
-                               "calibration activations and about one more forward pass per block). Same file "
+                               "calibration activations and about one more forward pass per block); gptaq-ls: "
+                               "the same aim, GPTQ run on the least-squares fit of that output. Same file "
                                "format."),
     gptaq_alpha: float = typer.Option(0.25, "--gptaq-alpha", help="With --method gptaq: the weight of its "
                                       "correction, in (0, 1]."),
