@@ -140,7 +140,10 @@ def test_a_work_dir_without_finished_blocks_is_started_afresh_under_other_settin
                                           (["--asym", "--format", "gptq"], "--asym needs --format gptq_v2"),
                                           (["--device", "foo"], "--device foo: use cpu, cuda"),
                                           (["--device", "mps"], "--device mps: use cpu, cuda"),
-                                          (["--work-dir", "elsewhere"], "--output")])
+                                          (["--work-dir", "elsewhere"], "--output"),
+                                          (["--method", "awq"], "--method 'awq': use one of gptq, gptaq"),
+                                          (["--method", "gptaq", "--gptaq-alpha", "0"], "--gptaq-alpha 0.0: use"),
+                                          (["--method", "gptaq", "--dry-run"], "--dry-run does not estimate")])
 def test_quantize_settings_that_cannot_be_applied_are_refused_before_any_work(tmp_path, model_dir, args, phrase):
     if "--work-dir" in args:
         (tmp_path / "out").mkdir()
