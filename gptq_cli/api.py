@@ -30,7 +30,8 @@ from gptq_cli.modelio import (ModelRef, StreamingModel, bound_allocator, load_st
 from gptq_cli import mixed
 from gptq_cli.allocate import Candidate, check_target, parse_candidates
 from gptq_cli.preflight import act_order_notes, calibration_notes, calibration_seqlen, group_size_notes
-from gptq_cli.solver import DAMP_STEP, GPTAQ_ALPHA
+from gptq_cli.gptaq import GPTAQ_ALPHA
+from gptq_cli.solver import DAMP_STEP
 from gptq_cli.workdir import (WorkDir, calibration_fingerprint, check_new_directory, default_work_dir,
                               model_fingerprint, plan_identity, stored_weights)
 
@@ -94,7 +95,7 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     (auto_map) may run it; refused otherwise.
     method: "gptq"; "gptaq" (Li et al. 2025: each layer aims at the full-precision model's output on
     full-precision inputs; gptaq_alpha weighs that correction); or "gptaq-ls" (the same aim, by GPTQ run on the
-    least-squares fit of that output, solver.least_squares_target). Recorded in quantization_config's meta."""
+    least-squares fit of that output, gptaq.least_squares_target). Recorded in quantization_config's meta."""
     from gptq_cli.textdata import calibration_samples
 
     quant = quant or QuantConfig()

@@ -36,7 +36,8 @@ from gptq_cli.activation_pool import BufferPool
 from gptq_cli.arch import StopForward, linear_weight
 from gptq_cli.modelio import activations_in_heap
 from gptq_cli.phases import phase
-from gptq_cli.solver import accumulate_cross, accumulate_hessian, complete_hessian
+from gptq_cli.gptaq import accumulate_cross
+from gptq_cli.solver import accumulate_hessian, complete_hessian
 
 MEMORY_SHARE = 0.25   # recorded tail inputs take at most this share of their device's free memory, else no tail
 # On a GPU also at most this much per submodule: recomputing attention or an MLP there is cheap, and a 7B
@@ -110,7 +111,7 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
     inputs and fingerprints. With `probe`, the first pass runs as probe(pass), to the end. What is recorded or
     captured is kept through `keep` (a tensor's copy, or itself); kept_bytes says how much of it lives outside
     the heap (modelio.activations_in_heap). GPTAQ: with fp_inputs (per pass, each module's full-precision
-    input), `crosses` gets each Hessian owner's ΔX X̃ᵀ (solver.accumulate_cross), by the owner's name."""
+    input), `crosses` gets each Hessian owner's ΔX X̃ᵀ (gptaq.accumulate_cross), by the owner's name."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {}
     current = 0   # the pass running now
     shares: dict[str, str] = {}

@@ -25,8 +25,8 @@ from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.modelio import StreamingModel, activations_in_heap
 from gptq_cli.phases import phase
-from gptq_cli.solver import (GPTAQ_ALPHA, BlockFn, IndefiniteHessian, NonFiniteHessian, least_squares_target,
-                             quantize_block, quantize_weight)
+from gptq_cli.gptaq import GPTAQ_ALPHA, least_squares_target
+from gptq_cli.solver import BlockFn, IndefiniteHessian, NonFiniteHessian, quantize_block, quantize_weight
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from gptq_cli.format.config import check_setting
+from gptq_cli.gptaq import GPTAQ_ALPHA, gptaq_correction
 from gptq_cli.kernels import cpu_columns, cpu_gemm
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.hessian_inverse import (DAMP_STEP, IndefiniteHessian, NonFiniteHessian,  # noqa: F401 (the solver's)
@@ -53,7 +54,6 @@ def single_thread_on_cpu(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-GPTAQ_ALPHA = 0.25   # GPTAQ's default weight of the asymmetry correction (the authors' code and GPTQModel's)
 HESSIAN_PANEL = 512   # columns per panel of the Hessian's lower triangle (see hessian_panels)
 
 
@@ -101,22 +101,6 @@ def accumulate_hessian(H: Tensor | None, n: int, X: Tensor, mask: Tensor | None 
         for start, end in hessian_panels(K):
             H[start:, start:end].addmm_(X[:, start:].t(), X[:, start:end], beta=beta, alpha=alpha)
     return H, n + m
-
-
-def accumulate_cross(D: Tensor | None, n: int, X_fp: Tensor, X: Tensor) -> Tensor:
-    """GPTAQ's ΔX X̃ᵀ beside accumulate_hessian's H: fold one batch into the running mean D = 2/n · Σ (x_fp − x) xᵀ
-    (float32, [K, K], rows the asymmetry ΔX = X_fp − X, columns the quantized model's inputs X), with n the
-    token count H had before this batch. X_fp [..., K]: the full-precision model's inputs to the same linear,
-    token for token."""
-    if X_fp.shape != X.shape:
-        raise ValueError(f"GPTAQ needs the full-precision and the quantized inputs token for token; got "
-                         f"{tuple(X_fp.shape)} and {tuple(X.shape)} (e.g. experts routed differently)")
-    X = X.reshape(-1, X.shape[-1]).to(torch.float32)
-    delta = X_fp.reshape(-1, X.shape[-1]).to(torch.float32) - X
-    m = X.shape[0]
-    if D is None:
-        D = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
-    return D.mul_(n / (n + m)).addmm_(delta.t(), X, alpha=2 / (n + m)) if m else D
 
 
 def complete_hessian(H: Tensor) -> Tensor:
@@ -279,31 +263,6 @@ def plan_groups(K: int, g: int, perm: Tensor | None, desc_act: bool, static: boo
         blocks.append(Block(start, end, new_group, first))
     g_idx = of_position if invperm is None else of_position[invperm]
     return GroupPlan(g, count, of_position, g_idx, blocks)
-
-
-def gptaq_correction(dXXT: Tensor, Hinv: Tensor, alpha: float, perm: Tensor | None, dead: Tensor) -> Tensor:
-    """GPTAQ's P (Li et al. 2025, "asymmetric calibration"): each layer's target is the full-precision model's
-    output W X on full-precision inputs X, not W X̃ on the quantized model's inputs X̃. Quantizing column i
-    leaves, besides GPTQ's error, that input channel's asymmetry w_i ΔX_i (ΔX = X − X̃) to the columns after it;
-    their least-squares share is w_i P[i, i+1:] with P = alpha · triu₁(ΔX X̃ᵀ Uᵀ) U, U the upper Cholesky
-    factor of H⁻¹ (the rows of U after i factor the inverse of H's trailing block). dXXT in the original
-    column order, scaled as H; returned in solving order, float32, strictly upper triangular."""
-    D = dXXT.to(device=Hinv.device, dtype=torch.float32)
-    D = D.masked_fill(dead[None, :].to(D.device), 0)   # dead inputs: their weights are zeroed, as in H
-    if perm is not None:
-        D = D[perm][:, perm]
-    return alpha * (D @ Hinv.t()).triu_(1) @ Hinv
-
-
-def least_squares_target(W: Tensor, H: Tensor, dXXT: Tensor, alpha: float, damp_percent: float) -> Tensor:
-    """The weights that minimise GPTAQ's objective ‖W' X̃ᵀ − W Xᵀ‖² before any rounding, moved by `alpha`:
-    W + alpha · W ΔXX̃ᵀ H⁻¹ (float32, H damped as the solver damps it). GPTQ run on them aims at the
-    full-precision output (`--method gptaq-ls`): at alpha 1, ‖Q X̃ᵀ − W Xᵀ‖² = ‖(Q − W') X̃ᵀ‖² + a constant,
-    GPTQ's own objective with W' in place of W."""
-    W = W.to(torch.float32)
-    Hd = H.to(torch.float32) + damp_percent * H.diagonal().mean() * torch.eye(H.shape[0], device=H.device)
-    L = torch.linalg.cholesky(Hd)
-    return W + alpha * torch.cholesky_solve((W @ dXXT.to(W)).t(), L).t()
 
 
 def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True,

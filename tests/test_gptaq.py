@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from gptq_cli.solver import least_squares_target, quantize_weight
+from gptq_cli.gptaq import least_squares_target
+from gptq_cli.solver import quantize_weight
 from tests.test_solver import assert_matches_reference, one_thread  # noqa: F401 (an autouse fixture: one thread)
 
 
@@ -106,7 +107,8 @@ def test_engine_gptaq_matches_a_naive_two_model_reference(tmp_path, method):
     from gptq_cli.engine import capture_inputs, quantize_decoder_block, solve_weight
     from gptq_cli.format.config import QuantConfig
     from gptq_cli.modelio import load_streaming, resolve_model
-    from gptq_cli.solver import accumulate_cross, accumulate_hessian, complete_hessian
+    from gptq_cli.gptaq import accumulate_cross
+    from gptq_cli.solver import accumulate_hessian, complete_hessian
     from tests.tiny_models import random_input_ids, save_tiny_model
 
     torch.set_num_threads(1)

@@ -1,0 +1,56 @@
+"""GPTAQ (Li et al. 2025, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric Calibration"): GPTQ whose
+layers aim at the full-precision model's output on full-precision inputs X, not at their own output on the
+quantized model's inputs X̃. What it adds to GPTQ, as pure tensor functions: the asymmetry term ΔX X̃ᵀ
+(ΔX = X − X̃) accumulated beside the Hessian, the paper's correction P that the solver's column update carries
+(solver.quantize_weight(dXXT=...)), and the least-squares target GPTQ can be run on instead (`--method gptaq-ls`).
+The engine's full-precision stream lives in calibration.BlockPasses (`fp`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["GPTAQ_ALPHA", "accumulate_cross", "gptaq_correction", "least_squares_target"]
+
+GPTAQ_ALPHA = 0.25   # GPTAQ's default weight of the asymmetry correction (the authors' code and GPTQModel's)
+
+
+def accumulate_cross(D: Tensor | None, n: int, X_fp: Tensor, X: Tensor) -> Tensor:
+    """GPTAQ's ΔX X̃ᵀ beside accumulate_hessian's H: fold one batch into the running mean D = 2/n · Σ (x_fp − x) xᵀ
+    (float32, [K, K], rows the asymmetry ΔX = X_fp − X, columns the quantized model's inputs X), with n the
+    token count H had before this batch. X_fp [..., K]: the full-precision model's inputs to the same linear,
+    token for token."""
+    if X_fp.shape != X.shape:
+        raise ValueError(f"GPTAQ needs the full-precision and the quantized inputs token for token; got "
+                         f"{tuple(X_fp.shape)} and {tuple(X.shape)} (e.g. experts routed differently)")
+    X = X.reshape(-1, X.shape[-1]).to(torch.float32)
+    delta = X_fp.reshape(-1, X.shape[-1]).to(torch.float32) - X
+    m = X.shape[0]
+    if D is None:
+        D = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+    return D.mul_(n / (n + m)).addmm_(delta.t(), X, alpha=2 / (n + m)) if m else D
+
+
+def gptaq_correction(dXXT: Tensor, Hinv: Tensor, alpha: float, perm: Tensor | None, dead: Tensor) -> Tensor:
+    """GPTAQ's P (Li et al. 2025, "asymmetric calibration"): each layer's target is the full-precision model's
+    output W X on full-precision inputs X, not W X̃ on the quantized model's inputs X̃. Quantizing column i
+    leaves, besides GPTQ's error, that input channel's asymmetry w_i ΔX_i (ΔX = X − X̃) to the columns after it;
+    their least-squares share is w_i P[i, i+1:] with P = alpha · triu₁(ΔX X̃ᵀ Uᵀ) U, U the upper Cholesky
+    factor of H⁻¹ (the rows of U after i factor the inverse of H's trailing block). dXXT in the original
+    column order, scaled as H; returned in solving order, float32, strictly upper triangular."""
+    D = dXXT.to(device=Hinv.device, dtype=torch.float32)
+    D = D.masked_fill(dead[None, :].to(D.device), 0)   # dead inputs: their weights are zeroed, as in H
+    if perm is not None:
+        D = D[perm][:, perm]
+    return alpha * (D @ Hinv.t()).triu_(1) @ Hinv
+
+
+def least_squares_target(W: Tensor, H: Tensor, dXXT: Tensor, alpha: float, damp_percent: float) -> Tensor:
+    """The weights that minimise GPTAQ's objective ‖W' X̃ᵀ − W Xᵀ‖² before any rounding, moved by `alpha`:
+    W + alpha · W ΔXX̃ᵀ H⁻¹ (float32, H damped as the solver damps it). GPTQ run on them aims at the
+    full-precision output (`--method gptaq-ls`): at alpha 1, ‖Q X̃ᵀ − W Xᵀ‖² = ‖(Q − W') X̃ᵀ‖² + a constant,
+    GPTQ's own objective with W' in place of W."""
+    W = W.to(torch.float32)
+    Hd = H.to(torch.float32) + damp_percent * H.diagonal().mean() * torch.eye(H.shape[0], device=H.device)
+    L = torch.linalg.cholesky(Hd)
+    return W + alpha * torch.cholesky_solve((W @ dXXT.to(W)).t(), L).t()
