@@ -221,7 +221,7 @@ def _solve_into(wd: WorkDir, sm: StreamingModel, layers_path: str, arch: Arch | 
                            BufferPool())
     # GPTAQ: the full-precision model's block inputs beside the quantized model's (the same at block 0)
     fp = (Calibration([calib.keep(h) for h in calib.hidden], calib.kwargs, calib.pool)
-          if quant.meta.get("method") in ("gptaq", "gptaq-ls") else None)
+          if quant.meta.get("method", "gptq") != "gptq" else None)
     on_module = (lambda r: progress("module", r)) if progress else None
     for i in range(n_blocks):
         t_block = time.perf_counter()

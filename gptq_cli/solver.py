@@ -298,7 +298,6 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
         W[:, dead_pos] = 0
         Hinv, damp = inverse_hessian_factor(H, damp_percent, perm, dead_pos)
         P = None if dXXT is None else gptaq_correction(dXXT, Hinv, alpha, perm, dead)
-        with_p = {} if P is None else {"P": None}
 
         groups = plan_groups(K, g, perm, desc_act, static_groups, block_size, W.device)
         scales = torch.zeros(N, groups.count, dtype=torch.float32, device=W.device)
@@ -313,11 +312,10 @@ def quantize_weight(W: Tensor, H: Tensor, *, bits: int = 4, group_size: int = 12
             # row-major: the column loop reads Hinv's rows, and torch's outer product with a strided row runs
             # ~5x slower on a CPU than with a contiguous one (the K×K buffer itself is column-major)
             hinv_block = Hinv[start:end, start:end].contiguous()
-            if P is not None:
-                with_p["P"] = P[start:end, start:end].contiguous()
+            gptaq = {} if P is None else {"P": P[start:end, start:end].contiguous()}   # CUDA's block_fn: none
             block_codes, Err, losses = block_fn(columns, hinv_block, scales, zeros, groups.of_position[start:end],
                                                 block.new_group, bits=bits, sym=sym, mse=mse, group_size=g,
-                                                **with_p)
+                                                **gptaq)
             codes[:, start:end] = block_codes
             if P is None:
                 W[:, end:] -= Err @ Hinv[start:end, end:]

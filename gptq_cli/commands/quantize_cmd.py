@@ -122,11 +122,12 @@ def quantize(
                                                 "measurement; with --dry-run, prints the allocation."),
     method: str = typer.Option("gptq", "--method", help="gptq; gptaq: each layer aims at the full-precision "
                                "model's output on full-precision inputs (Li et al. 2025; one more stream of "
-                               "calibration activations and about one more forward pass per block); gptaq-ls: "
-                               "the same aim, GPTQ run on the least-squares fit of that output. Same file "
-                               "format."),
-    gptaq_alpha: float = typer.Option(0.25, "--gptaq-alpha", help="With --method gptaq: the weight of its "
-                                      "correction, in (0, 1]."),
+                               "calibration activations and about four block forwards per block instead of "
+                               "one); gptaq-ls: the same aim, GPTQ run on the least-squares fit of that output. "
+                               "Same file format."),
+    gptaq_alpha: Optional[float] = typer.Option(None, "--gptaq-alpha", help="With --method gptaq or gptaq-ls: "
+                                                "the weight of its correction, in (0, 1] (default: the GPTAQ "
+                                                "authors')."),
     trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
     json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -197,7 +198,8 @@ def quantize(
                                   output=output, work_dir=work_dir, resume=resume, command=command,
                                   progress=on_progress, target_bits=target_bits, candidates=cands,
                                   measurements=measurements, trust_remote_code=trust_remote_code,
-                                  method=method, gptaq_alpha=gptaq_alpha, **run_args)
+                                  method=method, **({} if gptaq_alpha is None else {"gptaq_alpha": gptaq_alpha}),
+                                  **run_args)
         if not result.writer:   # another torchrun rank: rank 0 reports the checkpoint it wrote
             return
         summary = run_summary(model, result, quant)
