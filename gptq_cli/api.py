@@ -54,6 +54,14 @@ class QuantizeResult:
     phases: dict[str, float] = field(default_factory=dict)   # seconds per phase of this process (phases.py)
 
 
+def check_method(method: str, gptaq_alpha: float | None = None) -> None:
+    """UsageError for a --method or --gptaq-alpha quantize does not take (alpha None: the default)."""
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if method != "gptq" and gptaq_alpha is not None and not 0 < gptaq_alpha <= 1:
+        raise UsageError(f"--gptaq-alpha {gptaq_alpha}: use a number in (0, 1] (default {GPTAQ_ALPHA})")
+
+
 def default_output(model: str, quant: QuantConfig, target_bits: float | None = None) -> Path:
     name = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
     if target_bits is not None:
@@ -99,12 +107,7 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     from gptq_cli.textdata import calibration_samples
 
     quant = quant or QuantConfig()
-    if method not in METHODS:
-        raise UsageError(f"--method {method!r}: use one of {', '.join(METHODS)}")
-    if method != "gptq" and target_bits is not None:
-        raise UsageError(f"--method {method} with --target-bits is not supported yet; use one of them")
-    if method != "gptq" and not 0 < gptaq_alpha <= 1:
-        raise UsageError(f"--gptaq-alpha {gptaq_alpha}: use a number in (0, 1] (default {GPTAQ_ALPHA})")
+    check_method(method, gptaq_alpha)
     out = Path(output) if output else default_output(model, quant, target_bits)
     check_new_directory(out, "--output")
     wd = WorkDir(work_dir if work_dir else default_work_dir(out))
@@ -142,8 +145,6 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
         # recorded in quantization_config's meta; a copy: the caller's config stays as it was given
         meta = {**quant.meta, "damp_auto_increment": DAMP_STEP, "static_groups": quant.static_groups}
         if method != "gptq":
-            if ranks.world > 1:
-                raise UsageError(f"--method {method} runs in one process for now; run it without torchrun")
             meta.update(method=method, gptaq_alpha=gptaq_alpha)
         if target_bits is not None:
             candidates = candidates or parse_candidates(None)

@@ -75,22 +75,27 @@ def _collective(ranks: Ranks, what: str, fn: Callable[[], T]) -> T:
                         f"finished blocks are kept: rerun the same command to continue") from e
 
 
-def reduce_hessians(ranks: Ranks, hessians: list[tuple[list[str], torch.Tensor, int]]
-                    ) -> list[tuple[list[str], torch.Tensor, int]]:
+def reduce_hessians(ranks: Ranks, hessians: list[tuple[list[str], torch.Tensor, int]],
+                    crosses: dict[str, torch.Tensor] | None = None) -> list[tuple[list[str], torch.Tensor, int]]:
     """Every rank's (names, H, n) combined into the Hessian of all ranks' tokens, H = Σ_r (n_r / n) H_r in rank
-    order; the same list on every rank."""
+    order; the same list on every rank. `crosses` (GPTAQ's ΔX X̃ᵀ by the name of a linear of its Hessian, running
+    means like H) are combined the same way, in place."""
     if ranks.world == 1:
         return hessians
     import torch.distributed as dist
+
+    def gathered(T: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(T) for _ in range(ranks.world)]
+        _collective(ranks, "sharing Hessians", lambda: dist.all_gather(parts, T.contiguous()))
+        return parts
+
     out = []
     for names, H, n in hessians:
-        counts = [torch.zeros(1, dtype=torch.float64, device=H.device) for _ in range(ranks.world)]
-        parts = [torch.empty_like(H) for _ in range(ranks.world)]
-        _collective(ranks, "sharing Hessians", lambda: dist.all_gather(
-            counts, torch.tensor([float(n)], dtype=torch.float64, device=H.device)))
-        _collective(ranks, "sharing Hessians", lambda: dist.all_gather(parts, H.contiguous()))
-        H, total = combine_means(parts, [int(c) for c in counts])
-        del parts
+        counts = gathered(torch.tensor([float(n)], dtype=torch.float64, device=H.device))
+        counts = [int(c) for c in counts]
+        H, total = combine_means(gathered(H), counts)
+        for owner in [o for o in crosses or {} if o in names]:
+            crosses[owner] = combine_means(gathered(crosses[owner]), counts)[0]
         out.append((names, H, total))
     return out
 

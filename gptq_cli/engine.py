@@ -101,7 +101,7 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
     results: list[ModuleResult] = []
     with BlockPasses(block, linears, groups, calib, device, fp) as passes:
         for k in range(len(groups)):
-            hessians = distributed.reduce_hessians(ranks, passes.hessians(k))
+            hessians = distributed.reduce_hessians(ranks, passes.hessians(k), passes.crosses)
             results += _solve_group(hessians, linears, quant, prefix, dtype, ranks, on_module, passes.cross)
             del hessians   # before the next group's are collected
             passes.quantized()

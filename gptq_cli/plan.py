@@ -24,6 +24,8 @@ from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.modelio import empty_model, resolve_device, resolve_dtype, resolve_model, storage_dtype
 
 FORWARD_PASSES = 2.5      # calibration passes through a block's weights per block (early stops and shortcuts)
+# GPTAQ's full-precision stream: per group a pass up to its inputs, then one whole pass to advance (no shortcuts)
+GPTAQ_FORWARD_PASSES = 2.5
 SLACK = 1.15              # allocator overhead and short-lived temporaries not modelled below
 PROBE_COLUMNS = 128       # the solver's block: a column's in-block update spans the rest of its block
 PROBE_FACTOR = 2048       # the Hessian size the factorisation is timed at (smaller ones are all overhead)
@@ -32,8 +34,9 @@ PROBE_FACTOR = 2048       # the Hessian size the factorisation is timed at (smal
 def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str, dataset: str, nsamples: int,
               seqlen: int, batch_size: int, seed: int, target_bits: float | None = None,
               candidates: list[Candidate] | None = None, measurements: str | Path | None = None,
-              trust_remote_code: bool = False) -> dict:
-    """The plan of a quantize run; with target_bits, also what mixed.dry_run says of its allocation."""
+              trust_remote_code: bool = False, method: str = "gptq") -> dict:
+    """The plan of a quantize run; with target_bits, also what mixed.dry_run says of its allocation. method:
+    api.METHODS; GPTAQ's add a second stream of activations, its passes and each solve's ΔX X̃ᵀ."""
     from transformers import AutoConfig
 
     ref = resolve_model(model, trust_remote_code)
@@ -61,12 +64,15 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     widest = max(k for _, k in shapes.values())
     recorded = tokens * (hidden + widest) * elt      # the tail shortcuts' inputs (attention out, MLP down)
     block = block_params * elt + activations + recorded + batch_size * seqlen * widest * elt * 4
+    gptaq = method != "gptq"
+    if gptaq:   # the full-precision model's block inputs, and one group's full-precision linear inputs
+        block += tokens * (hidden + widest) * elt
     # One solve: the group's Hessian and the solver's K×K buffer, W in float32, its codes, the lazy update's
     # product, W stacked in the model dtype; with the packed results of the block's earlier solves, kept until
-    # the block is stored.
+    # the block is stored. GPTAQ: ΔX X̃ᵀ and its correction (or the least-squares target's product), K×K each.
     solve, held = 0, 0
     for n, k in solves:
-        solve = max(solve, held + 2 * k * k * 4 + n * k * (12 + elt))
+        solve = max(solve, held + (4 if gptaq else 2) * k * k * 4 + n * k * (12 + elt))
         held += n * k * quant.bits / 8
     capture = embed * (elt + 2) + activations
     # the checkpoint is written one tensor at a time (export.py): the largest, read and possibly converted
@@ -78,13 +84,15 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
 
     startup = _seconds_since_start()   # imports and reading the config, as a real run does them too
     rates = probe(dev, cdtype, [n for n, _ in solves])
-    seconds = startup + n_blocks * (_forward_seconds(block_params, tokens, rates)
-                          + sum(_solve_seconds(n, k, tokens, quant, rates) for n, k in solves))
+    passes = FORWARD_PASSES + (GPTAQ_FORWARD_PASSES if gptaq else 0)
+    seconds = startup + n_blocks * (_forward_seconds(block_params, tokens, rates, passes)
+                          + sum(_solve_seconds(n, k, tokens, quant, rates, gptaq) for n, k in solves))
     plan = {
         "model": model, "architecture": getattr(config, "model_type", "?"),
         "registry": "registered" if arch else "generic fallback", "blocks": n_blocks,
         "linears_per_block": len(linears), "linear_shapes": {n: f"{s[0]}x{s[1]}" for n, s in shapes.items()},
         "quantized_parameters": sum(n * k for n, k in shapes.values()) * n_blocks, "config": quant.to_hf_dict(),
+        "method": method, "forward_passes_per_block": passes,
         "calibration": {"dataset": dataset, "nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size,
                         "seed": seed},
         "device": str(dev), "activation_dtype": str(cdtype).removeprefix("torch."),
@@ -194,16 +202,19 @@ def _hessian_products(k: int) -> int:
     return sum((k - start) * (end - start) for start, end in hessian_panels(k))
 
 
-def _forward_seconds(block_params: int, tokens: int, rates: dict[str, float]) -> float:
-    return FORWARD_PASSES * 2 * block_params * tokens / rates["flops_act"]
+def _forward_seconds(block_params: int, tokens: int, rates: dict[str, float], passes: float) -> float:
+    return passes * 2 * block_params * tokens / rates["flops_act"]
 
 
-def _solve_seconds(n: int, k: int, tokens: int, quant: QuantConfig, rates: dict[str, float]) -> float:
+def _solve_seconds(n: int, k: int, tokens: int, quant: QuantConfig, rates: dict[str, float],
+                   gptaq: bool = False) -> float:
     """One stacked solve: its Hessian (2·tokens times the products of its lower panels, at the rate of the
     route the activations take: solver.accumulate_hessian), the factorisation (K³, from the probe's at
     PROBE_FACTOR), the lazy block updates (N·K² FLOPs), the column loop, the clip search when asked for, and
-    the dequantization and packing of the result."""
+    the dequantization and packing of the result. GPTAQ adds ΔX X̃ᵀ, a whole K×K product in float32."""
     hessian = 2 * tokens * _hessian_products(k) / rates["flops_hessian"]
+    if gptaq:
+        hessian += 2 * tokens * k * k / rates["flops_f32"]
     # K³ at the probe's rate, which rises with K (BLAS works on bigger panels; measured ~K/2048-fold to 5632)
     # up to the matmul rate
     rate = min(rates["flops_f32"], PROBE_FACTOR ** 3 / rates["chol_s"] * max(1.0, k / PROBE_FACTOR))

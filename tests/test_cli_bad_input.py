@@ -143,7 +143,8 @@ def test_a_work_dir_without_finished_blocks_is_started_afresh_under_other_settin
                                           (["--work-dir", "elsewhere"], "--output"),
                                           (["--method", "awq"], "--method 'awq': use one of gptq, gptaq"),
                                           (["--method", "gptaq", "--gptaq-alpha", "0"], "--gptaq-alpha 0.0: use"),
-                                          (["--method", "gptaq", "--dry-run"], "--dry-run does not estimate")])
+                                          (["--method", "gptaq-ls", "--gptaq-alpha", "2", "--dry-run"],
+                                           "--gptaq-alpha 2.0: use")])
 def test_quantize_settings_that_cannot_be_applied_are_refused_before_any_work(tmp_path, model_dir, args, phrase):
     if "--work-dir" in args:
         (tmp_path / "out").mkdir()

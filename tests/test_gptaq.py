@@ -166,7 +166,7 @@ def test_engine_gptaq_matches_a_naive_two_model_reference(tmp_path, method):
 
 def test_quantize_gptaq_end_to_end(tmp_path):
     """`quantize(method="gptaq")`: recorded in quantization_config's meta, a different model than GPTQ's, the same
-    bytes twice; a bad method or alpha, or GPTAQ with --target-bits, is a usage error before any work."""
+    bytes twice; a bad method or alpha is a usage error before any work."""
     import json
 
     from gptq_cli import api
@@ -187,8 +187,7 @@ def test_quantize_gptaq_end_to_end(tmp_path):
     assert meta["method"] == "gptaq" and meta["gptaq_alpha"] == 0.25
     data = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in "abc"}
     assert data["a"] == data["b"] and data["a"] != data["c"]
-    for bad in ({"method": "awq"}, {"method": "gptaq", "gptaq_alpha": 0.0},
-                {"method": "gptaq", "target_bits": 4.0}):
+    for bad in ({"method": "awq"}, {"method": "gptaq", "gptaq_alpha": 0.0}):
         with pytest.raises(UsageError):
             run("bad", **bad)
         assert not (tmp_path / "bad").exists()
@@ -225,3 +224,35 @@ def test_gptaq_resumed_run_writes_the_same_bytes(tmp_path):
     resumed = run("resumed", lambda kind, *args: events.append((kind, *args)))
     assert ("resume", 2, 3, tmp_path / "resumed.work") in [e[:4] for e in events]
     assert (whole.output / "model.safetensors").read_bytes() == (resumed.output / "model.safetensors").read_bytes()
+
+
+def test_target_bits_with_gptaq_solves_the_same_allocation_with_gptaq(tmp_path):
+    """`--target-bits` with `--method gptaq-ls`: the allocation comes from the same measurement (full-precision
+    Hessians, where GPTAQ's asymmetry is zero, so the method does not change it); the real run then solves every
+    linear, at its own bits and group size, with GPTAQ. Same modules' settings as GPTQ's mixed run, other
+    weights, the method in the meta, the same bytes twice."""
+    import json
+
+    from gptq_cli import api
+    from gptq_cli.format.config import QuantConfig
+    from gptq_cli.inspect import inspect_checkpoint
+    from tests.tiny_models import random_input_ids, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float16)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in random_input_ids(8, 32, seed=7).tolist()))
+
+    def run(out, **kw):
+        return api.quantize(str(model_dir), QuantConfig(), dataset=str(calib), nsamples=8, seqlen=32,
+                            batch_size=4, device="cpu", dtype="float32", output=tmp_path / out, target_bits=3.5,
+                            **kw)
+
+    gptq = run("gptq")
+    measured = gptq.output / "measurements.json"
+    ls, again = (run(name, method="gptaq-ls", gptaq_alpha=0.5, measurements=measured) for name in ("ls", "again"))
+    settings = [{m.name: (m.bits, m.group_size) for m in inspect_checkpoint(r.output).modules} for r in (gptq, ls)]
+    assert settings[0] == settings[1] and len({s for s in settings[0].values()}) > 1   # mixed, and the same mix
+    meta = json.loads((ls.output / "config.json").read_text())["quantization_config"]["meta"]
+    assert meta["method"] == "gptaq-ls" and meta["target_bits"] == 3.5
+    data = [(r.output / "model.safetensors").read_bytes() for r in (gptq, ls, again)]
+    assert data[1] == data[2] and data[1] != data[0]

@@ -156,13 +156,13 @@ def quantize(
                 raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {run_args[k]}")
         cands = _mixed_options(target_bits, candidates, measurements, {k: v for k, v in flags.items() if v is not None})
         if dry_run:
-            if method != "gptq":
-                raise UsageError(f"--dry-run does not estimate --method {method} yet (it needs about four block "
-                                 "forwards per block and a second stream of activations); drop one of them")
+            from gptq_cli.api import check_method
+            check_method(method, gptaq_alpha)
             from gptq_cli.plan import make_plan
             plan = make_plan(model, quant, device=device, dtype=dtype,
                              **{**run_args, "seqlen": run_args["seqlen"] or 2048}, target_bits=target_bits,
-                             candidates=cands, measurements=measurements, trust_remote_code=trust_remote_code)
+                             candidates=cands, measurements=measurements, trust_remote_code=trust_remote_code,
+                             method=method)
             _print_plan(plan, json_out, quiet)
             return
         from gptq_cli.api import quantize as api_quantize
