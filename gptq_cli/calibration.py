@@ -36,7 +36,7 @@ from gptq_cli.activation_pool import BufferPool
 from gptq_cli.arch import StopForward, linear_weight
 from gptq_cli.modelio import activations_in_heap
 from gptq_cli.phases import phase
-from gptq_cli.gptaq import accumulate_cross
+from gptq_cli.gptaq import accumulate_cross, cross_term
 from gptq_cli.solver import accumulate_hessian, complete_hessian
 
 MEMORY_SHARE = 0.25   # recorded tail inputs take at most this share of their device's free memory, else no tail
@@ -111,13 +111,14 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
     inputs and fingerprints. With `probe`, the first pass runs as probe(pass), to the end. What is recorded or
     captured is kept through `keep` (a tensor's copy, or itself); kept_bytes says how much of it lives outside
     the heap (modelio.activations_in_heap). GPTAQ: with fp_inputs (per pass, each module's full-precision
-    input), `crosses` gets each Hessian owner's ΔX X̃ᵀ (gptaq.accumulate_cross), by the owner's name."""
+    input), `crosses` gets each Hessian owner's ΔX X̃ᵀ (gptaq.accumulate_cross, cross_term), by the owner's name."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {}
     current = 0   # the pass running now
     shares: dict[str, str] = {}
     seen: list[tuple[str, torch.Tensor]] = []
     captured: list[list[Call]] = []
     owners: set[str] = set(modules)   # the modules whose inputs a pass must reach: all of them at first
+    asymmetric: set[str] = set()      # GPTAQ: the owners whose two inputs differed in some batch
     done = through = False            # this pass has what it needs / runs to the end anyway (the probe's)
 
     def hook_for(name: str, module: nn.Module):
@@ -139,7 +140,10 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
                         if name not in fp_inputs[current]:
                             raise RuntimeError(f"GPTAQ: {name} saw calibration batch {current} in the quantized "
                                                "model but not in the full-precision one")
-                        crosses[name] = accumulate_cross(crosses.get(name), n, fp_inputs[current][name], x)
+                        x_fp = fp_inputs[current][name]
+                        if name not in asymmetric and not torch.equal(x_fp, x):
+                            asymmetric.add(name)
+                        crosses[name] = accumulate_cross(crosses.get(name), n, x_fp, x)
                     acc[name] = accumulate_hessian(H, n, x)
             if owners <= {n for n, _ in seen}:
                 done = True
@@ -176,6 +180,8 @@ def collect_hessians(modules: dict[str, nn.Module], passes: list[Pass], capture:
     with phase("hessian"):
         hessians = [([n for n in modules if shares.get(n, n) == owner], complete_hessian(H), count)
                     for owner, (H, count) in acc.items()]
+        for owner, (H, _count) in acc.items() if fp_inputs is not None else ():
+            crosses[owner] = cross_term(crosses[owner], H, owner in asymmetric)
     once = capture is not None and all(len(c) == 1 for c in captured)
     return hessians, [c[0] for c in captured] if once else None
 

@@ -19,24 +19,13 @@ from torch import Tensor
 
 from gptq_cli.format.config import check_setting
 from gptq_cli.gptaq import GPTAQ_ALPHA, gptaq_correction
-from gptq_cli.kernels import cpu_columns, cpu_gemm
+from gptq_cli.kernels import cpu_columns, cpu_gemm, matmul_tf32  # noqa: F401 (matmul_tf32: the solver's)
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.hessian_inverse import (DAMP_STEP, IndefiniteHessian, NonFiniteHessian,  # noqa: F401 (the solver's)
                                       inverse_hessian_factor)
 from gptq_cli.quantizer import dequantize, find_params, quantize
 
 BlockFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
-
-
-@contextmanager
-def matmul_tf32(allowed: bool) -> Iterator[None]:
-    """CUDA float32 matmuls with TF32 tensor cores allowed or not; the previous setting comes back."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @contextmanager

@@ -231,7 +231,7 @@ def test_gptaq_reaches_gptqmodels_gptaq_error(gptqmodel_side, alpha):
     problem (measured 0.98-1.01x; not bit-equal: we quantize with the fp16-rounded scales the file stores, and
     across solver blocks GPTQModel subtracts the quantized values' share of the asymmetry where the column
     update has the values the columns were quantized from), and both are well below GPTQ's."""
-    from gptq_cli.gptaq import accumulate_cross
+    from gptq_cli.gptaq import accumulate_cross, cross_term
     from gptq_cli.solver import accumulate_hessian, complete_hessian, quantize_weight
 
     results = gptqmodel_side[0]["gptaq"]
@@ -241,6 +241,7 @@ def test_gptaq_reaches_gptqmodels_gptaq_error(gptqmodel_side, alpha):
             D = accumulate_cross(D, n, x_fp, x)
             H, n = accumulate_hessian(H, n, x)
         H = complete_hessian(H)
+        D = cross_term(D, H)
 
         def error(Q: torch.Tensor) -> float:
             return sum((x_fp @ p["W"].t() - x @ Q.t()).pow(2).sum() for x_fp, x in zip(p["X_fp"], p["X"])).item()

@@ -9,11 +9,15 @@
   kernels' layout (for act-order, a permutation of qweight's rows) on every call.
 - `dequantize_4bit_kernel_order(layout, scales, qzeros, checkpoint_format, dtype)`: the weight in kernel order.
 - `backend_name(device)`: "cuda-ext" or "torch", which of the two runs for tensors on that device.
+- `matmul_tf32(allowed)`: CUDA float32 matmuls with TF32 tensor cores allowed or not, within a `with`.
 
 A GEMV or dequantize call the kernels cannot take (a shape, dtype or batch size outside their limits) goes to
 the twin, which computes the same thing, so callers never need to check.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -24,6 +28,17 @@ from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_packed, gemv_4bit
 MAX_BLOCK_COLUMNS = 128   # csrc/kernels.h kMaxBlockColumns
 GEMV_MAX_BATCH = 8        # csrc/kernels.h kGemvMaxBatch
 ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}   # v1 stores zero - 1
+
+
+@contextmanager
+def matmul_tf32(allowed: bool) -> Iterator[None]:
+    """CUDA float32 matmuls with TF32 tensor cores allowed or not; the previous setting comes back."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def backend_name(device: torch.device | str) -> str:

@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["available", "xtx_lower", "xtx_panel"]
+__all__ = ["available", "xtx_lower", "xtx_panel", "xty"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # CBLAS enums
 _SYMBOLS = {torch.bfloat16: "cblas_gemm_bf16bf16f32", torch.float16: "cblas_gemm_f16f16f32"}
@@ -124,3 +124,18 @@ def xtx_panel(X: Tensor, H: Tensor, start: int, end: int, alpha: float, beta: fl
     _GEMM[X.dtype](_ROW_MAJOR, _TRANS, _NO_TRANS, K - start, end - start, m, alpha,
                    X.data_ptr() + start * item, K, X.data_ptr() + start * item, K, beta,
                    H.data_ptr() + (start * K + start) * 4, K)
+
+
+def xty(X: Tensor, Y: Tensor, C: Tensor, alpha: float, beta: float) -> None:
+    """C = beta · C + alpha · XᵀY, in place: X, Y [m, K] contiguous, both bf16 or both fp16, on the CPU
+    (available(X.dtype)); C [K, K] contiguous float32 on the CPU. Products exact, sums float32."""
+    m, K = X.shape
+    if not (X.is_contiguous() and Y.is_contiguous() and C.is_contiguous() and X.shape == Y.shape
+            and X.dtype == Y.dtype and X.dtype in _GEMM and C.dtype == torch.float32 and C.shape == (K, K)
+            and X.device.type == Y.device.type == C.device.type == "cpu"):
+        raise ValueError(f"xty: X {tuple(X.shape)} {X.dtype}, Y {tuple(Y.shape)} {Y.dtype}, C {tuple(C.shape)} "
+                         f"{C.dtype} not supported")
+    if max(m, K) >= 2 ** 31:
+        raise ValueError("xty: dimensions too large for 32-bit BLAS indices")
+    _GEMM[X.dtype](_ROW_MAJOR, _TRANS, _NO_TRANS, K, K, m, alpha, X.data_ptr(), K, Y.data_ptr(), K, beta,
+                   C.data_ptr(), K)
