@@ -25,9 +25,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -38,6 +37,9 @@ from gptq_cli.modelio import activations_in_heap
 from gptq_cli.phases import phase
 from gptq_cli.gptaq import accumulate_cross, cross_term
 from gptq_cli.solver import accumulate_hessian, complete_hessian
+
+if TYPE_CHECKING:
+    from gptq_cli.fp_stream import FullPrecisionPasses
 
 MEMORY_SHARE = 0.25   # recorded tail inputs take at most this share of their device's free memory, else no tail
 # On a GPU also at most this much per submodule: recomputing attention or an MLP there is cheap, and a 7B
@@ -317,11 +319,9 @@ class BlockPasses:
     submodule a tail answered gets its own forward back, and what was kept goes back to the pool."""
 
     def __init__(self, block: nn.Module, linears: dict[str, nn.Module], groups: list[list[str]],
-                 calib: Calibration, device: torch.device, fp: Calibration | None = None) -> None:
+                 calib: Calibration, device: torch.device, fp: FullPrecisionPasses | None = None) -> None:
         self.block, self.linears, self.groups, self.calib, self.device = block, linears, groups, calib, device
-        # GPTAQ: the full-precision model's inputs to this block, and the block's own weights before quantization
-        self.fp = fp
-        self.originals = {n: m.weight.data for n, m in linears.items()} if fp is not None else {}
+        self.fp = fp   # GPTAQ: the full-precision model's stream through this block (fp_stream.py)
         self.crosses: dict[str, torch.Tensor] = {}   # GPTAQ: the last group's ΔX X̃ᵀ, by Hessian owner
         self.tails: dict[str, Tail] = {}
         self.replay: tuple[nn.Module, list[Call]] | None = None   # for the next group's passes
@@ -331,6 +331,8 @@ class BlockPasses:
         return self
 
     def __exit__(self, *_exc) -> None:
+        if self.fp is not None:
+            self.fp.close()
         for tail in self.tails.values():
             if "forward" in vars(tail.scope):
                 del tail.scope.forward
@@ -360,7 +362,7 @@ class BlockPasses:
                 probe = TailProbe(self.block, self.linears, groups)
             else:
                 self._set_tails(known)
-        fp_inputs = self._full_precision_inputs(group) if self.fp is not None else None
+        fp_inputs = self.fp.inputs(group, self.tails) if self.fp is not None else None
         self.crosses = {}
         try:
             hessians, recorded = collect_hessians({n: self.linears[n] for n in group}, passes, capture,
@@ -412,61 +414,11 @@ class BlockPasses:
                     tail.outputs[b] = None
         advance(self.calib, self.block, release)
         if self.fp is not None:
-            with self._full_precision():
-                advance(self.fp, self.block)
+            self.fp.advance(self.tails)
 
     def cross(self, names: list[str]) -> torch.Tensor | None:
         """GPTAQ: ΔX X̃ᵀ of the Hessian these linears share (from the last hessians()), None without GPTAQ."""
         return next((D for owner, D in self.crosses.items() if owner in names), None)
-
-    @contextmanager
-    def _full_precision(self) -> Iterator[None]:
-        """The block as the full-precision model has it: its weights before quantization, no tail shortcuts (they
-        answer with quantized outputs); everything as it was afterwards."""
-        current = {n: m.weight.data for n, m in self.linears.items()}
-        shortcuts = {id(t.scope): (t.scope, vars(t.scope).pop("forward")) for t in self.tails.values()
-                     if "forward" in vars(t.scope)}
-        try:
-            for n, m in self.linears.items():
-                m.weight.data = self.originals[n]
-            yield
-        finally:
-            for n, m in self.linears.items():
-                m.weight.data = current[n]
-            for scope, forward in shortcuts.values():
-                scope.forward = forward
-
-    def _full_precision_inputs(self, group: list[str]) -> list[dict[str, torch.Tensor]]:
-        """Per calibration batch, the group's linears' inputs in the full-precision model (kept in the pool),
-        each pass stopped once all of them are seen."""
-        inputs: list[dict[str, torch.Tensor]] = []
-
-        def hook_for(name: str):
-            def hook(_module, args):
-                x = args[0]
-                kept = next((t for n, t in inputs[-1].items() if seen[n] is x), None)
-                seen[name] = x
-                inputs[-1][name] = kept if kept is not None else self.calib.keep(x)
-                if len(inputs[-1]) == len(group):
-                    raise StopForward
-            return hook
-
-        seen: dict[str, torch.Tensor] = {}
-        handles = [self.linears[n].register_forward_pre_hook(hook_for(n)) for n in group]
-        try:
-            with self._full_precision():
-                for run_pass in self.fp.passes(self.block):
-                    inputs.append({})
-                    seen.clear()
-                    try:
-                        with activations_in_heap(self.calib.kept_bytes):
-                            run_pass()
-                    except StopForward:
-                        pass
-        finally:
-            for h in handles:
-                h.remove()
-        return inputs
 
     def _set_tails(self, structure: Structure) -> None:
         self.tails = {last: Tail(self.block.get_submodule(scope), self.linears[last], extra)

@@ -25,6 +25,7 @@ from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.modelio import StreamingModel, activations_in_heap
 from gptq_cli.phases import phase
+from gptq_cli.fp_stream import FullPrecisionPasses
 from gptq_cli.gptaq import GPTAQ_ALPHA, least_squares_target
 from gptq_cli.solver import BlockFn, IndefiniteHessian, NonFiniteHessian, quantize_block, quantize_weight
 
@@ -99,7 +100,8 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Arch | None, calib: Cal
     linears = block_linears(block)
     groups = block_groups(block, arch, lambda: block(calib.hidden[0], **calib.kwargs[0]), quant.true_sequential)
     results: list[ModuleResult] = []
-    with BlockPasses(block, linears, groups, calib, device, fp) as passes:
+    fp_passes = FullPrecisionPasses(block, linears, fp, device) if fp is not None else None
+    with BlockPasses(block, linears, groups, calib, device, fp_passes) as passes:
         for k in range(len(groups)):
             hessians = distributed.reduce_hessians(ranks, passes.hessians(k), passes.crosses)
             results += _solve_group(hessians, linears, quant, prefix, dtype, ranks, on_module, passes.cross)

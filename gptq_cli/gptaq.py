@@ -4,7 +4,7 @@ quantized model's inputs X̃. What it adds to GPTQ, as pure tensor functions: th
 (ΔX = X − X̃; accumulated beside the Hessian as X X̃ᵀ, less H at the end), the paper's correction P that the
 solver's column update carries (solver.quantize_weight(dXXT=...)), and the least-squares target GPTQ can be run
 on instead (`--method gptaq-ls`).
-The engine's full-precision stream lives in calibration.BlockPasses (`fp`).
+The engine's full-precision stream lives in fp_stream.py.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.modelio import empty_model, resolve_device, resolve_dtype, resolve_model, storage_dtype
 
 FORWARD_PASSES = 2.5      # calibration passes through a block's weights per block (early stops and shortcuts)
-# GPTAQ's full-precision stream: per group a pass up to its inputs, then one whole pass to advance (no shortcuts)
+# GPTAQ's full-precision stream (fp_stream.py): attention and MLP twice per batch, and the partial passes' norms
 GPTAQ_FORWARD_PASSES = 2.5
 SLACK = 1.15              # allocator overhead and short-lived temporaries not modelled below
 PROBE_COLUMNS = 128       # the solver's block: a column's in-block update spans the rest of its block
@@ -65,8 +65,8 @@ def make_plan(model: str, quant: QuantConfig, *, device: str | None, dtype: str,
     recorded = tokens * (hidden + widest) * elt      # the tail shortcuts' inputs (attention out, MLP down)
     block = block_params * elt + activations + recorded + batch_size * seqlen * widest * elt * 4
     gptaq = method != "gptq"
-    if gptaq:   # the full-precision model's block inputs, and one group's full-precision linear inputs
-        block += tokens * (hidden + widest) * elt
+    if gptaq:   # the full-precision model's block inputs, one group's linear inputs, its attention's outputs
+        block += tokens * (2 * hidden + widest) * elt
     # One solve: the group's Hessian and the solver's K×K buffer, W in float32, its codes, the lazy update's
     # product, W stacked in the model dtype; with the packed results of the block's earlier solves, kept until
     # the block is stored. GPTAQ: ΔX X̃ᵀ and its correction (or the least-squares target's product), K×K each.
@@ -211,10 +211,10 @@ def _solve_seconds(n: int, k: int, tokens: int, quant: QuantConfig, rates: dict[
     """One stacked solve: its Hessian (2·tokens times the products of its lower panels, at the rate of the
     route the activations take: solver.accumulate_hessian), the factorisation (K³, from the probe's at
     PROBE_FACTOR), the lazy block updates (N·K² FLOPs), the column loop, the clip search when asked for, and
-    the dequantization and packing of the result. GPTAQ adds ΔX X̃ᵀ, a whole K×K product in float32."""
+    the dequantization and packing of the result. GPTAQ adds X X̃ᵀ, a whole K×K product by the Hessian's route."""
     hessian = 2 * tokens * _hessian_products(k) / rates["flops_hessian"]
     if gptaq:
-        hessian += 2 * tokens * k * k / rates["flops_f32"]
+        hessian += 2 * tokens * k * k / rates["flops_hessian"]
     # K³ at the probe's rate, which rises with K (BLAS works on bigger panels; measured ~K/2048-fold to 5632)
     # up to the matmul rate
     rate = min(rates["flops_f32"], PROBE_FACTOR ** 3 / rates["chol_s"] * max(1.0, k / PROBE_FACTOR))

@@ -279,3 +279,44 @@ def test_target_bits_with_gptaq_solves_the_same_allocation_with_gptaq(tmp_path):
     assert meta["method"] == "gptaq-ls" and meta["target_bits"] == 3.5
     data = [(r.output / "model.safetensors").read_bytes() for r in (gptq, ls, again)]
     assert data[1] == data[2] and data[1] != data[0]
+
+
+def test_full_precision_stream_runs_attention_and_mlp_twice_per_batch(tmp_path, monkeypatch):
+    """The full-precision stream's shortcuts (fp_stream.py): per block and batch it runs attention for q/k/v's
+    and o_proj's inputs and the MLP for gate/up's and down_proj's; the later groups and its advance take the
+    recorded outputs. Counted as the real forwards GPTAQ calls beyond GPTQ's (without the shortcuts: 5 and 3)."""
+    from transformers.models.llama import modeling_llama
+
+    from gptq_cli.activation_pool import BufferPool
+    from gptq_cli.arch import resolve_arch
+    from gptq_cli.calibration import Calibration
+    from gptq_cli.engine import capture_inputs, quantize_decoder_block
+    from gptq_cli.format.config import QuantConfig
+    from gptq_cli.modelio import load_streaming, resolve_model
+    from tests.tiny_models import random_input_ids, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float32)
+    batches = [random_input_ids(2, 16, seed=s) for s in (1, 2, 3)]
+    counts = {"attention": 0, "mlp": 0}
+    for cls, key in ((modeling_llama.LlamaAttention, "attention"), (modeling_llama.LlamaMLP, "mlp")):
+        def counted(self, *args, _real=cls.forward, _key=key, **kwargs):
+            counts[_key] += 1
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "forward", counted)
+
+    def real_forwards(method: str) -> dict[str, int]:
+        counts.update(attention=0, mlp=0)
+        sm = load_streaming(resolve_model(str(model_dir)), torch.float32)
+        layers_path, arch = resolve_arch(sm.model)
+        cpu = torch.device("cpu")
+        calib = capture_inputs(sm, layers_path, batches, cpu, torch.float32, BufferPool())
+        fp = Calibration([calib.keep(h) for h in calib.hidden], calib.kwargs, calib.pool) if method != "gptq" else None
+        quant = QuantConfig(bits=4, group_size=32, meta={"method": method})
+        for i in range(len(sm.model.get_submodule(layers_path))):
+            quantize_decoder_block(sm, layers_path, i, arch, calib, quant, cpu, torch.float32, fp=fp)
+        return dict(counts)
+
+    gptq, gptaq = real_forwards("gptq"), real_forwards("gptaq")
+    blocks_times_batches = 2 * len(batches)
+    assert gptaq["attention"] - gptq["attention"] == 2 * blocks_times_batches
+    assert gptaq["mlp"] - gptq["mlp"] == 2 * blocks_times_batches
