@@ -285,6 +285,23 @@ def fingerprint(args: tuple, kwargs: dict) -> list:
     return flat
 
 
+def recorded_forward(outputs: list[torch.Tensor | None], versions: list[int], fingerprints: list[list], extra: int,
+                     real: Callable) -> Callable:
+    """A tail submodule's forward: its i-th call (counted modulo the batches: every later pass calls it once, in
+    batch order) returns outputs[i] (followed by `extra` Nones when extra >= 0), unless that output was released
+    or changed in place or the call's arguments do not match fingerprints[i]: then the real forward runs."""
+    calls, batches = itertools.count(), len(outputs)
+
+    def forward(*args, **kwargs):
+        i = next(calls) % batches
+        out = outputs[i]
+        if out is None or out._version != versions[i] or not same_arguments(fingerprint(args, kwargs),
+                                                                             fingerprints[i]):
+            return real(*args, **kwargs)
+        return out if extra < 0 else (out, *([None] * extra))
+    return forward
+
+
 def same_arguments(a: list, b: list) -> bool:
     """Whether two fingerprints agree: same structure, plain values, shapes, dtypes, devices and sampled bits."""
     return a == b
@@ -391,18 +408,8 @@ class BlockPasses:
             tail.versions.append(tail.outputs[-1]._version)
             self.calib.give(x)
         tail.inputs.clear()
-        real = tail.scope.forward
-        calls = itertools.count()
-
-        def forward(*args, **kwargs):
-            i = next(calls) % batches
-            out = tail.outputs[i]
-            if out is None or out._version != tail.versions[i] or not same_arguments(fingerprint(args, kwargs),
-                                                                                     tail.fingerprints[i]):
-                return real(*args, **kwargs)
-            return out if tail.extra < 0 else (out, *([None] * tail.extra))
-
-        tail.scope.forward = forward
+        tail.scope.forward = recorded_forward(tail.outputs, tail.versions, tail.fingerprints, tail.extra,
+                                              tail.scope.forward)
 
     def advance(self) -> None:
         """Replace the calibration inputs by the block's outputs (advance); each tail output goes back to the

@@ -15,7 +15,6 @@ not once per later group. Same ops on the same values as the passes they replace
 """
 from __future__ import annotations
 
-import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from gptq_cli.arch import StopForward, linear_weight
-from gptq_cli.calibration import Calibration, Tail, advance, fingerprint, fits_in_memory, same_arguments
+from gptq_cli.calibration import Calibration, Tail, advance, fingerprint, fits_in_memory, recorded_forward
 from gptq_cli.modelio import activations_in_heap
 
 __all__ = ["FullPrecisionPasses"]
@@ -119,7 +118,8 @@ class FullPrecisionPasses:
             for n, m in self.linears.items():
                 m.weight.data = self.originals[n]
             for r in self.tails.values():
-                r.tail.scope.forward = self._shortcut(r, r.tail.scope.forward)
+                r.tail.scope.forward = recorded_forward(r.outputs, r.versions, r.fingerprints, r.tail.extra,
+                                                        r.tail.scope.forward)
             yield
         finally:
             for n, m in self.linears.items():
@@ -128,20 +128,6 @@ class FullPrecisionPasses:
                 vars(r.tail.scope).pop("forward", None)
             for scope, forward in quantized.values():
                 scope.forward = forward
-
-    def _shortcut(self, r: _Outputs, real):
-        """The tail submodule's forward answering batch i's call with its recorded output (the real forward
-        when the arguments or the output changed)."""
-        calls, batches = itertools.count(), len(r.outputs)
-
-        def forward(*args, **kwargs):
-            i = next(calls) % batches
-            out = r.outputs[i]
-            if out is None or out._version != r.versions[i] or not same_arguments(fingerprint(args, kwargs),
-                                                                                   r.fingerprints[i]):
-                return real(*args, **kwargs)
-            return out if r.tail.extra < 0 else (out, *([None] * r.tail.extra))
-        return forward
 
     def _outputs_fit(self, last: str) -> bool:
         tokens = sum(x.shape[:-1].numel() for x in self.fp.hidden)
