@@ -137,12 +137,27 @@ def quantize_command(report: InspectReport, quant_log: dict[str, Any], base_mode
     if not q.true_sequential:
         args.append("--no-true-sequential")
     args += ["--damp-percent", f"{q.damp_percent:g}"] + (["--mse"] if q.mse else [])
+    method, alpha = _method(q)
+    args += ["--method", method] + ([] if alpha is None else ["--gptaq-alpha", f"{alpha:g}"])
     calibration = quant_log.get("calibration") if isinstance(quant_log.get("calibration"), dict) else {}
     for key in ("dataset", "nsamples", "seqlen", "seed"):
         if calibration.get(key) is not None:
             args += [f"--{key}", str(calibration[key])]
     args += ["--format", q.checkpoint_format, "-o", output]
     return shlex.join(args), False
+
+
+def _method(q) -> tuple[str, float | None]:
+    """(--method, --gptaq-alpha) a checkpoint was made with, from quantization_config's meta (files without it,
+    ours before GPTAQ or other tools': plain GPTQ)."""
+    method = q.meta.get("method", "gptq") if isinstance(q.meta.get("method"), str) else "gptq"
+    alpha = q.meta.get("gptaq_alpha")
+    return method, float(alpha) if method != "gptq" and isinstance(alpha, (int, float)) else None
+
+
+def _method_text(q) -> str:
+    method, alpha = _method(q)
+    return method if alpha is None else f"{method}, alpha {alpha:g}"
 
 
 def _intro(report: InspectReport, repo_id: str, base_model: str | None) -> str:
@@ -162,6 +177,7 @@ def _settings_table(report: InspectReport, quant_log: dict[str, Any]) -> str:
             ("act-order (desc_act)", yes_no[q.desc_act]), ("symmetric", yes_no[q.sym]),
             ("static groups", yes_no[q.static_groups]), ("true sequential", yes_no[q.true_sequential]),
             ("damp percent", f"{q.damp_percent:g}"), ("MSE clip search", yes_no[q.mse]),
+            ("method", _method_text(q)),
             ("checkpoint format", f"{q.checkpoint_format} ({stored})"),
             ("quantized modules", len(report.modules))]
     calibration = quant_log.get("calibration") if isinstance(quant_log.get("calibration"), dict) else {}

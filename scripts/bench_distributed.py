@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--dataset", default=str(CALIB))
     ap.add_argument("--report", default=None)
     args = ap.parse_args()
-    flags = ["--dataset", args.dataset, "--device", "cpu", "--quiet"]
+    flags = ["--dataset", args.dataset, "--device", "cpu", "--method", "gptq", "--quiet"]
     work = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     single = run([sys.executable, "-m", "gptq_cli.cli", "quantize", args.model, "-o", str(work / "one"), *flags],
                  args.procs * args.threads)

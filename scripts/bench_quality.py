@@ -133,7 +133,8 @@ def rtn_model(model_dir: Path, bits: int, group_size: int, dtype: torch.dtype):
 
 def quantize_ours(model: Path, flags: list[str], calib: Path, out: Path) -> dict:
     subprocess.run(["rm", "-rf", str(out), f"{out}.work"], check=True)
-    run = timed([sys.executable, "-m", "gptq_cli.cli", "quantize", str(model), *flags, "--dataset", str(calib),
+    method = [] if "--method" in flags else ["--method", "gptq"]   # GPTQ against GPTQModel's GPTQ unless told
+    run = timed([sys.executable, "-m", "gptq_cli.cli", "quantize", str(model), *flags, *method, "--dataset", str(calib),
                  "--nsamples", "128", "--seqlen", "512", "-o", str(out), "--json", "--quiet"])
     log = json.loads((out / "quant_log.json").read_text())
     return {"wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"], "dtype": log["dtype"],

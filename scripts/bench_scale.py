@@ -130,7 +130,7 @@ def measure(name: str, work: Path, nsamples: int, seqlen: int) -> dict:
     subprocess.run(["rm", "-rf", str(out), str(out) + ".work"], check=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [shutil.which("gptq") or "gptq", "quantize", str(model), "-o", str(out), "--dataset", str(calib),
-            "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--device", "cpu"]
+            "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--device", "cpu", "--method", "gptq"]
     plan = json.loads(subprocess.run(base + ["--dry-run", "--json"], env=env, capture_output=True, text=True,
                                      check=True).stdout)
     load = {"loadavg_before": os.getloadavg(), "other_processes_before": others_running()}

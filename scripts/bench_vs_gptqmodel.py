@@ -41,7 +41,8 @@ def flags(setting: str) -> list[str]:
 
 def run_ours(model: Path, out: Path, flags: list[str], dtype: str, calib: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [shutil.which("gptq") or "gptq", "quantize", str(model), *flags, "--dataset", str(calib),
+    # --method gptq: GPTQ against GPTQModel's GPTQ (our default is GPTAQ-LS)
+    cmd = [shutil.which("gptq") or "gptq", "quantize", str(model), *flags, "--method", "gptq", "--dataset", str(calib),
            "--nsamples", "128", "--seqlen", "512", "--dtype", dtype, "-o", str(out), "--quiet"]
     res = timed(cmd)
     log = json.loads((out / "quant_log.json").read_text())

@@ -75,7 +75,7 @@ def main() -> int:
                 fields, kwargs = SETTINGS[name]
                 out = Path(tmp) / f"{arch}-{name}"
                 quantize(str(model), QuantConfig(**fields), dataset=str(calib), nsamples=8, seqlen=64, batch_size=4, device="cpu",
-                         dtype="float32", output=out, **kwargs)
+                         dtype="float32", output=out, **{"method": "gptq", **kwargs})
                 result[f"{arch}/{name}"] = digests(out)
                 print(f"{arch}/{name}: {len(result[f'{arch}/{name}'])} files", flush=True)
     args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

@@ -132,7 +132,7 @@ def quantize_run(model_dir: Path, out: Path, *, nsamples: int, seqlen: int, laye
     with PhaseTimers() as timers:
         t0 = last[0] = time.perf_counter()
         api.quantize(str(model_dir), quant, dataset="builtin", nsamples=nsamples, seqlen=seqlen, device=device,
-                     output=out, progress=progress)
+                     output=out, progress=progress, method="gptq")
         total = time.perf_counter() - t0
     blocks = sum(block_times[1:]) / max(1, len(block_times) - 1) if len(block_times) > 1 else total / layers
     row = {"layers": layers, "total_s": total, "phases_s": dict(timers.seconds), "block_s": block_times,
@@ -191,7 +191,7 @@ def step_ppl(outdir: Path, cpu: bool) -> dict:
     model_dir = make_llama(work / "model", dims, 2, "cpu")
     ckpt = work / "q"
     api.quantize(str(model_dir), QuantConfig(bits=4, group_size=128, desc_act=True), dataset="builtin",
-                 nsamples=16, seqlen=256, device=device, output=ckpt)
+                 nsamples=16, seqlen=256, device=device, output=ckpt, method="gptq")
     runs = {dev: evaluate(str(ckpt), dataset="builtin", seqlen=256, limit=8, device=dev)
             for dev in ([] if cpu else ["cuda"]) + ["cpu"]}
     ppl = {dev: run["ppl"] for dev, run in runs.items()}

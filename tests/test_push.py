@@ -144,11 +144,29 @@ def test_the_card_rebuilds_the_quantize_command_when_none_was_recorded(hub, chec
     quantize = typer.main.get_command(app).commands["quantize"]
     params = quantize.make_context("quantize", command.split()[2:]).params
     expected = dict(bits=4, group_size=128, desc_act=True, sym=True, damp_percent=0.01, dataset="wikitext2",
-                    nsamples=16, seqlen=64, seed=3, fmt="gptq", model="org/tiny-base")
+                    nsamples=16, seqlen=64, seed=3, fmt="gptq", model="org/tiny-base", method="gptq",
+                    gptaq_alpha=None)   # a file without a method in its meta is plain GPTQ, not the default
     assert {k: params[k] for k in expected} == expected
+    assert "| method | gptq |" in card
     assert params["output"] == Path("tiny-gptq")
     with pytest.raises(Exception, match="No such option"):  # the parser is strict: the check above means something
         quantize.make_context("quantize", ["m", "--no-such-flag"])
+
+
+def test_the_card_names_a_gptaq_checkpoints_method_and_alpha(hub, checkpoint):
+    import typer.main
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"]["meta"].update(method="gptaq-ls", gptaq_alpha=1.0)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    (checkpoint / "quantize_config.json").write_text(json.dumps(config["quantization_config"]))
+    result = push_cli(checkpoint, "me/tiny-gptq", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    card = json.loads(result.stdout)["card_text"]
+    assert "| method | gptaq-ls, alpha 1 |" in card
+    command = card.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    params = typer.main.get_command(app).commands["quantize"].make_context("quantize", command.split()[2:]).params
+    assert params["method"] == "gptaq-ls" and params["gptaq_alpha"] == 1.0
 
 
 def test_a_recorded_command_and_a_known_license_go_into_the_card(hub, checkpoint, tmp_path):

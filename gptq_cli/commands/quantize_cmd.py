@@ -120,14 +120,15 @@ def quantize(
                                                 "measurements.json an earlier --target-bits run left beside its "
                                                 "checkpoint (same model, calibration, settings): no new "
                                                 "measurement; with --dry-run, prints the allocation."),
-    method: str = typer.Option("gptq", "--method", help="gptq; gptaq: each layer aims at the full-precision "
-                               "model's output on full-precision inputs (Li et al. 2025; one more stream of "
-                               "calibration activations and about four block forwards per block instead of "
-                               "one); gptaq-ls: the same aim, GPTQ run on the least-squares fit of that output. "
-                               "Same file format."),
+    method: Optional[str] = typer.Option(None, "--method", help="gptaq-ls (default; gptq with --target-bits): "
+                                         "each layer aims at the full-precision model's output on full-precision "
+                                         "inputs, by GPTQ run on the least-squares fit of that output (one more "
+                                         "stream of calibration activations, about twice the time); gptaq: the "
+                                         "same aim by GPTAQ's own update (Li et al. 2025); gptq: each layer's "
+                                         "own output on the quantized model's inputs. Same file format."),
     gptaq_alpha: Optional[float] = typer.Option(None, "--gptaq-alpha", help="With --method gptaq or gptaq-ls: "
-                                                "the weight of its correction, in (0, 1] (default: the GPTAQ "
-                                                "authors')."),
+                                                "the weight of the full-precision aim, in (0, 1] (default 1 for "
+                                                "gptaq-ls, the exact fit; 0.25 for gptaq, the authors')."),
     trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
     json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -156,13 +157,13 @@ def quantize(
                 raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {run_args[k]}")
         cands = _mixed_options(target_bits, candidates, measurements, {k: v for k, v in flags.items() if v is not None})
         if dry_run:
-            from gptq_cli.api import check_method
-            check_method(method, gptaq_alpha)
+            from gptq_cli.api import resolve_method
+            plan_method = resolve_method(method, gptaq_alpha, target_bits)[0]
             from gptq_cli.plan import make_plan
             plan = make_plan(model, quant, device=device, dtype=dtype,
                              **{**run_args, "seqlen": run_args["seqlen"] or 2048}, target_bits=target_bits,
                              candidates=cands, measurements=measurements, trust_remote_code=trust_remote_code,
-                             method=method)
+                             method=plan_method)
             _print_plan(plan, json_out, quiet)
             return
         from gptq_cli.api import quantize as api_quantize
@@ -198,7 +199,7 @@ def quantize(
                                   output=output, work_dir=work_dir, resume=resume, command=command,
                                   progress=on_progress, target_bits=target_bits, candidates=cands,
                                   measurements=measurements, trust_remote_code=trust_remote_code,
-                                  method=method, **({} if gptaq_alpha is None else {"gptaq_alpha": gptaq_alpha}),
+                                  method=method, gptaq_alpha=gptaq_alpha,
                                   **run_args)
         if not result.writer:   # another torchrun rank: rank 0 reports the checkpoint it wrote
             return
