@@ -144,7 +144,9 @@ def test_a_work_dir_without_finished_blocks_is_started_afresh_under_other_settin
                                           (["--method", "awq"], "--method 'awq': use one of gptq, gptaq"),
                                           (["--method", "gptaq", "--gptaq-alpha", "0"], "--gptaq-alpha 0.0: use"),
                                           (["--method", "gptaq-ls", "--gptaq-alpha", "2", "--dry-run"],
-                                           "--gptaq-alpha 2.0: use")])
+                                           "--gptaq-alpha 2.0: use"),
+                                          (["--method", "gptq", "--gptaq-alpha", "0.5"],
+                                           "--gptaq-alpha goes with --method gptaq or gptaq-ls")])
 def test_quantize_settings_that_cannot_be_applied_are_refused_before_any_work(tmp_path, model_dir, args, phrase):
     if "--work-dir" in args:
         (tmp_path / "out").mkdir()
