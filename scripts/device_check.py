@@ -200,6 +200,17 @@ def step_ppl(outdir: Path, cpu: bool) -> dict:
     if "cuda" in ppl:
         report["relative_difference"] = abs(ppl["cuda"] - ppl["cpu"]) / ppl["cpu"]
         report["within_1_percent"] = report["relative_difference"] <= 0.01
+    # the default method (GPTAQ-LS: a second, full-precision stream of activations) on this device, and the
+    # same on the CPU: their perplexities should agree as GPTQ's do
+    gptaq = {}
+    for dev in ([] if cpu else ["cuda"]) + ["cpu"]:
+        out = work / f"q_gptaq_ls_{dev}"
+        api.quantize(str(model_dir), QuantConfig(bits=4, group_size=128, desc_act=True), dataset="builtin",
+                     nsamples=16, seqlen=256, device=dev, output=out, method="gptaq-ls")
+        gptaq[dev] = evaluate(str(out), dataset="builtin", seqlen=256, limit=8, device="cpu")["ppl"]
+    report["gptaq_ls_quantized_on"] = gptaq
+    if "cuda" in gptaq:
+        report["gptaq_ls_relative_difference"] = abs(gptaq["cuda"] - gptaq["cpu"]) / gptaq["cpu"]
     return report
 
 

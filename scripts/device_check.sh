@@ -15,7 +15,8 @@
 #                  copy bandwidth; block kernel vs torch column loop on 4096x4096
 #   quantize.json  7B-shaped quantize at 128x2048: per-phase timers, peak GPU memory, per-layer times and the
 #                  32-layer extrapolation; recording all inputs vs the default; decode tokens/s 4-bit vs fp16
-#   ppl.json       a tiny model's perplexity quantized and evaluated on CUDA vs on the CPU (within 1%)
+#   ppl.json       a tiny model's perplexity quantized and evaluated on CUDA vs on the CPU (within 1%); the
+#                  default method (gptaq-ls, two activation streams) quantized on CUDA vs on the CPU
 set -u
 OUTDIR=${1:?usage: scripts/device_check.sh OUTDIR [--cpu]}
 MODE=${2:-gpu}
