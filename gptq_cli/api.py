@@ -45,7 +45,7 @@ METHODS = ("gptq", "gptaq", "gptaq-ls")
 # draw at 4g128 and 4g128 act-order (bench/methods_smollm2_*); with --target-bits plain GPTQ, which made the
 # better mixed model (GPTAQ-LS moves weights that the allocation measured as they were).
 DEFAULT_METHOD, MIXED_METHOD = "gptaq-ls", "gptq"
-DEFAULT_ALPHA = {"gptaq": GPTAQ_ALPHA, "gptaq-ls": 1.0}   # the authors' weight for their update
+DEFAULT_ALPHA = {"gptaq": GPTAQ_ALPHA, "gptaq-ls": 1.0}   # the authors' weight; the exact least-squares fit
 
 
 @dataclass

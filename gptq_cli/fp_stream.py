@@ -10,8 +10,8 @@ the block, the stream advances through it the same way.
 Tails, as in calibration.py: once a group holding a tail's last linear (o_proj, down_proj ...) has its
 full-precision inputs, that linear's full-precision outputs on them are computed once and answer the
 full-precision passes that follow (later groups, advance), guarded by a fingerprint of the tail submodule's
-arguments and the output's version counter; so attention and the MLP run once per batch in this stream too,
-not once per later group. Same ops on the same values as the passes they replace, hence the same bytes.
+arguments and the output's version counter; so attention and the MLP each run twice per batch in this stream
+(for their own groups' inputs), not once per later group and again to advance. Same ops on the same values as the passes they replace, hence the same bytes.
 """
 from __future__ import annotations
 
