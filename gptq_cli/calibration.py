@@ -252,6 +252,12 @@ def fits_in_memory(nbytes: int, device: torch.device) -> bool:
     return nbytes <= MEMORY_SHARE * free
 
 
+def records_fit(hidden: list[torch.Tensor], width: int, device: torch.device) -> bool:
+    """Whether one `width`-wide activation per token of every calibration batch (`hidden`) fits in memory."""
+    tokens = sum(x.shape[:-1].numel() for x in hidden)
+    return fits_in_memory(tokens * width * hidden[0].element_size(), device)
+
+
 GUARD_SAMPLES = 1024   # values of each tensor argument a fingerprint reads
 
 
@@ -452,7 +458,5 @@ class BlockPasses:
         return [lambda c=c: run(c) for c in calls]
 
     def _inputs_fit(self, last: nn.Module) -> bool:
-        """Whether recording `last`'s inputs for every calibration batch fits in memory (fits_in_memory)."""
-        tokens = sum(x.shape[:-1].numel() for x in self.calib.hidden)
-        return fits_in_memory(tokens * linear_weight(last).shape[1] * self.calib.hidden[0].element_size(),
-                              self.device)
+        """Whether recording `last`'s inputs for every calibration batch fits in memory."""
+        return records_fit(self.calib.hidden, linear_weight(last).shape[1], self.device)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gptq_cli.arch import StopForward, linear_weight
-from gptq_cli.calibration import Calibration, Tail, advance, fingerprint, fits_in_memory, recorded_forward
+from gptq_cli.calibration import Calibration, Tail, advance, fingerprint, recorded_forward, records_fit
 from gptq_cli.modelio import activations_in_heap
 
 __all__ = ["FullPrecisionPasses"]
@@ -130,6 +130,5 @@ class FullPrecisionPasses:
                 scope.forward = forward
 
     def _outputs_fit(self, last: str) -> bool:
-        tokens = sum(x.shape[:-1].numel() for x in self.fp.hidden)
-        return fits_in_memory(tokens * linear_weight(self.linears[last]).shape[0] * self.fp.hidden[0].element_size(),
-                              self.device)
+        """Whether recording `last`'s full-precision outputs for every calibration batch fits in memory."""
+        return records_fit(self.fp.hidden, linear_weight(self.linears[last]).shape[0], self.device)
