@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from gptq_cli import __version__, distributed, phases
+from gptq_cli import __version__, distributed, kernels, phases
 from gptq_cli.activation_pool import BufferPool
 from gptq_cli.arch import Arch, quantized_shapes, resolve_arch
 from gptq_cli.calibration import Calibration
@@ -138,6 +138,7 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
                          f"or pass the --work-dir an interrupted run left")
     dev = resolve_device(device)
     resolve_dtype(dtype, dev)   # a bad --dtype is refused before the model is looked for
+    kernels.initialize_cpu_math()
     bound_allocator()
     ranks = distributed.init(dev)   # under torchrun: this process's share of the batches and solves
     progress = progress if ranks.writer else None

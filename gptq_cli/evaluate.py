@@ -174,6 +174,7 @@ def load_model(source: ModelSource, *, device: str | None = None, dtype: str = "
     from gptq_cli.modelio import resolve_device, resolve_dtype, storage_dtype
 
     dev = resolve_device(device)
+    kernels.initialize_cpu_math()
     if dtype == "auto":
         cdtype = torch.float32 if dev.type == "cpu" else storage_dtype(source.ref)
     else:

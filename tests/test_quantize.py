@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,6 +165,41 @@ def test_deterministic_bytes(tmp_path, calib_file):
                         for f in sorted(out.iterdir()) if f.name != "quant_log.json"})
     assert digests[0] == digests[1]
     assert any(name.endswith(".safetensors") for name in digests[0])
+
+
+def test_cpu_math_is_initialized_before_any_module_runs(tmp_path, calib_file, tiny_llama_dir, monkeypatch):
+    """The first parallel call of MKL's vector math in a process can compute wrong values (a race in its lazy
+    start; kernels.initialize_cpu_math): quantize and evaluate make that first call themselves, in one thread,
+    before a model's forward (in which the rotary cos would otherwise be it)."""
+    from gptq_cli import evaluate as evaluate_mod, kernels
+
+    events: list[str] = []
+    monkeypatch.setattr(kernels, "initialize_cpu_math", lambda: events.append("initialize"))
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: events.append("forward"))
+    try:
+        run_quantize(tiny_llama_dir, tmp_path / "q", calib_file, bits=4, group_size=64)
+        assert events[0] == "initialize" and "forward" in events
+        events.clear()
+        words = Path(__file__).parent / "fixtures" / "words.txt"
+        evaluate_mod.evaluate(str(tmp_path / "q"), dataset=str(words), seqlen=64, limit=1)
+        assert events[0] == "initialize" and "forward" in events
+    finally:
+        hook.remove()
+
+
+def test_first_vector_math_call_after_initialization_is_exact():
+    """Fresh processes (the race needs one) compute a rotary cos split over 2 threads right after
+    initialize_cpu_math: the first result equals the second. Without the initialisation ~7% of processes differ
+    on the 2-core Xeon (scripts/repro_vml_first_call.py, bench/vml_first_call_*.json)."""
+    import subprocess
+    import sys
+
+    from scripts.repro_vml_first_call import TRIAL
+
+    for _ in range(4):
+        out = subprocess.run([sys.executable, "-c", TRIAL, "initialized"], capture_output=True, text=True,
+                             check=True)
+        assert json.loads(out.stdout.strip().splitlines()[-1])["differ"] == 0
 
 
 def test_singular_hessian_from_duplicated_and_dead_inputs(tmp_path, calib_file):

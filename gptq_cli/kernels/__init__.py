@@ -10,6 +10,7 @@
 - `dequantize_4bit_kernel_order(layout, scales, qzeros, checkpoint_format, dtype)`: the weight in kernel order.
 - `backend_name(device)`: "cuda-ext" or "torch", which of the two runs for tensors on that device.
 - `matmul_tf32(allowed)`: CUDA float32 matmuls with TF32 tensor cores allowed or not, within a `with`.
+- `initialize_cpu_math()`: MKL's vector math initialised in the calling thread, before a model runs (why: there).
 
 A GEMV or dequantize call the kernels cannot take (a shape, dtype or batch size outside their limits) goes to
 the twin, which computes the same thing, so callers never need to check.
@@ -39,6 +40,18 @@ def matmul_tf32(allowed: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def initialize_cpu_math() -> None:
+    """Make MKL's vector math library (VML) initialise itself in this thread, once, before any model runs.
+
+    torch computes float cos, sin, exp, ... of CPU tensors through VML, split across its threads from 2048
+    elements on. When the first VML call of a process runs in two threads at once, one thread sometimes gets
+    values up to ~1e-4 off (a race in VML's lazy initialisation): 7 of 100 fresh processes on the 2-core Xeon,
+    more under load (scripts/repro_vml_first_call.py). In a quantize run that call is the rotary embedding's cos
+    of the first calibration batch, so layer 0's o_proj Hessian and everything after it changed now and then
+    (issue 29's rare nondeterminism). One call small enough to stay in this thread settles it (0 of 100)."""
+    torch.ones(256).exp()
 
 
 def backend_name(device: torch.device | str) -> str:
