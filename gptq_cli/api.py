@@ -41,11 +41,14 @@ ProgressFn = Callable[..., None]
 
 # --method: plain GPTQ; GPTAQ's asymmetric calibration (its column update); GPTQ on GPTAQ's least-squares target
 METHODS = ("gptq", "gptaq", "gptaq-ls")
-# The default: GPTQ on GPTAQ's least-squares target, at alpha 1 (the exact fit), beat GPTQ on every calibration
-# draw at 4g128 and 4g128 act-order (bench/methods_smollm2_*); with --target-bits plain GPTQ, which made the
-# better mixed model (GPTAQ-LS moves weights that the allocation measured as they were).
-DEFAULT_METHOD, MIXED_METHOD = "gptaq-ls", "gptq"
+# The default, uniform or with --target-bits: GPTQ on GPTAQ's least-squares target. It beat GPTQ on every
+# calibration draw at 4g128, at 4g128 act-order and, at a smaller alpha, at --target-bits 4.2144
+# (bench/methods_smollm2_*). Its alpha: 1 (the exact fit) for uniform settings; MIXED_ALPHA with --target-bits,
+# where the full correction overshoots (the allocation measured each linear's candidates on W, not on the
+# moved W').
+DEFAULT_METHOD = "gptaq-ls"
 DEFAULT_ALPHA = {"gptaq": GPTAQ_ALPHA, "gptaq-ls": 1.0}   # the authors' weight; the exact least-squares fit
+MIXED_ALPHA = {"gptaq": GPTAQ_ALPHA, "gptaq-ls": 0.5}
 
 
 @dataclass
@@ -61,23 +64,23 @@ class QuantizeResult:
 
 def resolve_method(method: str | None, gptaq_alpha: float | None = None,
                    target_bits: float | None = None) -> tuple[str, float | None]:
-    """The (method, alpha) a run uses: method None is DEFAULT_METHOD, or MIXED_METHOD with --target-bits; alpha
-    None is the method's DEFAULT_ALPHA (None for gptq). UsageError for a method or alpha quantize does not take."""
-    if method is None:
-        method = MIXED_METHOD if target_bits is not None else DEFAULT_METHOD
+    """The (method, alpha) a run uses: method None is DEFAULT_METHOD; alpha None is the method's DEFAULT_ALPHA,
+    or its MIXED_ALPHA with --target-bits (None for gptq). UsageError for a method or alpha quantize does not
+    take."""
+    method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: use one of {', '.join(METHODS)}")
     if method == "gptq":
         if gptaq_alpha is not None:
-            raise UsageError(f"--gptaq-alpha goes with --method gptaq or gptaq-ls, not gptq"
-                             f"{' (the method --target-bits uses by default)' if target_bits is not None else ''}; "
-                             f"drop it or add --method gptaq-ls")
+            raise UsageError("--gptaq-alpha goes with --method gptaq or gptaq-ls, not gptq; drop it or use "
+                             "--method gptaq-ls")
         return method, None
+    default = (MIXED_ALPHA if target_bits is not None else DEFAULT_ALPHA)[method]
     if gptaq_alpha is None:
-        return method, DEFAULT_ALPHA[method]
+        return method, default
     if not 0 < gptaq_alpha <= 1:
-        raise UsageError(f"--gptaq-alpha {gptaq_alpha}: use a number in (0, 1] (default for --method {method}: "
-                         f"{DEFAULT_ALPHA[method]:g})")
+        raise UsageError(f"--gptaq-alpha {gptaq_alpha}: use a number in (0, 1] (default for --method {method}"
+                         f"{' with --target-bits' if target_bits is not None else ''}: {default:g})")
     return method, gptaq_alpha
 
 
@@ -122,8 +125,8 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     (auto_map) may run it; refused otherwise.
     method: "gptq"; "gptaq" (Li et al. 2025: each layer aims at the full-precision model's output on
     full-precision inputs; gptaq_alpha weighs that correction); or "gptaq-ls" (the same aim, by GPTQ run on the
-    least-squares fit of that output, gptaq.least_squares_target). None: DEFAULT_METHOD, or MIXED_METHOD with
-    target_bits (resolve_method). Recorded in quantization_config's meta (GPTAQ's; plain GPTQ adds nothing)."""
+    least-squares fit of that output, gptaq.least_squares_target). None: DEFAULT_METHOD (resolve_method:
+    its alpha differs with target_bits). Recorded in quantization_config's meta (GPTAQ's; plain GPTQ adds nothing)."""
     from gptq_cli.textdata import calibration_samples
 
     quant = quant or QuantConfig()

@@ -253,7 +253,7 @@ def test_target_bits_with_gptaq_solves_the_same_allocation_with_gptaq(tmp_path):
     """`--target-bits` with `--method gptaq-ls`: the allocation comes from the same measurement (full-precision
     Hessians, where GPTAQ's asymmetry is zero, so the method does not change it); the real run then solves every
     linear, at its own bits and group size, with GPTAQ. Same modules' settings as GPTQ's mixed run, other
-    weights, the method in the meta, the same bytes twice."""
+    weights, the method in the meta, the same bytes twice; with no --method, gptaq-ls at MIXED_ALPHA."""
     import json
 
     from gptq_cli import api
@@ -270,13 +270,14 @@ def test_target_bits_with_gptaq_solves_the_same_allocation_with_gptaq(tmp_path):
                             batch_size=4, device="cpu", dtype="float32", output=tmp_path / out, target_bits=3.5,
                             **kw)
 
-    gptq = run("gptq")
+    gptq = run("gptq", method="gptq")
     measured = gptq.output / "measurements.json"
-    ls, again = (run(name, method="gptaq-ls", gptaq_alpha=0.5, measurements=measured) for name in ("ls", "again"))
+    ls = run("ls", measurements=measured)   # the default method with --target-bits: gptaq-ls at MIXED_ALPHA
+    again = run("again", method="gptaq-ls", gptaq_alpha=api.MIXED_ALPHA["gptaq-ls"], measurements=measured)
     settings = [{m.name: (m.bits, m.group_size) for m in inspect_checkpoint(r.output).modules} for r in (gptq, ls)]
     assert settings[0] == settings[1] and len({s for s in settings[0].values()}) > 1   # mixed, and the same mix
     meta = json.loads((ls.output / "config.json").read_text())["quantization_config"]["meta"]
-    assert meta["method"] == "gptaq-ls" and meta["target_bits"] == 3.5
+    assert meta["method"] == "gptaq-ls" and meta["gptaq_alpha"] == 0.5 and meta["target_bits"] == 3.5
     data = [(r.output / "model.safetensors").read_bytes() for r in (gptq, ls, again)]
     assert data[1] == data[2] and data[1] != data[0]
 

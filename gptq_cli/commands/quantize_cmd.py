@@ -120,15 +120,16 @@ def quantize(
                                                 "measurements.json an earlier --target-bits run left beside its "
                                                 "checkpoint (same model, calibration, settings): no new "
                                                 "measurement; with --dry-run, prints the allocation."),
-    method: Optional[str] = typer.Option(None, "--method", help="gptaq-ls (default; gptq with --target-bits): "
+    method: Optional[str] = typer.Option(None, "--method", help="gptaq-ls (default): "
                                          "each layer aims at the full-precision model's output on full-precision "
                                          "inputs, by GPTQ run on the least-squares fit of that output (one more "
                                          "stream of calibration activations, about twice the time); gptaq: the "
                                          "same aim by GPTAQ's own update (Li et al. 2025); gptq: each layer's "
                                          "own output on the quantized model's inputs. Same file format."),
     gptaq_alpha: Optional[float] = typer.Option(None, "--gptaq-alpha", help="With --method gptaq or gptaq-ls: "
-                                                "the weight of the full-precision aim, in (0, 1] (default 1 for "
-                                                "gptaq-ls, the exact fit; 0.25 for gptaq, the authors')."),
+                                                "the weight of the full-precision aim, in (0, 1] (default for "
+                                                "gptaq-ls 1, the exact fit, or 0.5 with --target-bits; 0.25 for "
+                                                "gptaq, the authors')."),
     trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
     json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
 ) -> None:
