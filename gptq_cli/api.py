@@ -125,8 +125,8 @@ def quantize(model: str, quant: QuantConfig | None = None, *, dataset: str = "bu
     (auto_map) may run it; refused otherwise.
     method: "gptq"; "gptaq" (Li et al. 2025: each layer aims at the full-precision model's output on
     full-precision inputs; gptaq_alpha weighs that correction); or "gptaq-ls" (the same aim, by GPTQ run on the
-    least-squares fit of that output, gptaq.least_squares_target). None: DEFAULT_METHOD (resolve_method:
-    its alpha differs with target_bits). Recorded in quantization_config's meta (GPTAQ's; plain GPTQ adds nothing)."""
+    least-squares fit of that output, gptaq.least_squares_target). None: DEFAULT_METHOD (resolve_method: its
+    alpha differs with target_bits). Recorded in quantization_config's meta (GPTAQ's; plain GPTQ adds nothing)."""
     from gptq_cli.textdata import calibration_samples
 
     quant = quant or QuantConfig()

@@ -11,7 +11,8 @@ Tails, as in calibration.py: once a group holding a tail's last linear (o_proj, 
 full-precision inputs, that linear's full-precision outputs on them are computed once and answer the
 full-precision passes that follow (later groups, advance), guarded by a fingerprint of the tail submodule's
 arguments and the output's version counter; so attention and the MLP each run twice per batch in this stream
-(for their own groups' inputs), not once per later group and again to advance. Same ops on the same values as the passes they replace, hence the same bytes.
+(for their own groups' inputs), not once per later group and again to advance. Same ops on the same values as
+the passes they replace, hence the same bytes.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 For each seed's calibration (128 x 512 C4 tokens: seed 0 the shared ids, seed s > 0 drawn from the C4 excerpt as
 scripts/bench_quality.py draws them), each setting and each method: `gptq quantize` in its own process (wall,
 peak RSS), then WikiText-2 perplexity (first --windows windows of 2048 tokens of the raw test text). Settings are
-uniform (4g128, 4g128-act, 4g128-act-static, 4g128-mse, 3g128, 3g64, 4pc) or mixed at a uniform candidate's exact size (mixed@4g128: `--target-bits`
-with the stored bits per weight of uniform 4g128). A mixed setting measures once per seed (the first method run
+uniform (4g128, 4g128-act, 4g128-act-static, 4g128-mse, 3g128, 3g64, 4pc) or mixed at a uniform candidate's
+exact size (mixed@4g128: `--target-bits` with the stored bits per weight of uniform 4g128). A mixed setting measures once per seed (the first method run
 on it) and the other methods reuse that measurement (`--measurements`: the allocation does not depend on the
 method, mixed.py). Methods are NAME or NAME:ALPHA (gptq, gptaq:0.25, gptaq-ls:1).
 

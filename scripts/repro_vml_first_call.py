@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 TRIAL = """
-import sys, torch
+import json, sys, torch
 torch.set_num_threads(2)
 if sys.argv[1] == "initialized":
     from gptq_cli.kernels import initialize_cpu_math
@@ -29,7 +29,7 @@ freqs = torch.arange(64)[None, :, None].float() * inv_freq
 emb = torch.cat((freqs, freqs), dim=-1)
 first, second = emb.cos(), emb.cos()
 print(json.dumps({"differ": int((first != second).sum()), "max_abs": float((first - second).abs().max())}))
-""".replace("import sys,", "import json, sys,")
+"""
 
 
 def trial(arm: str) -> dict:

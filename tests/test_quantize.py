@@ -189,8 +189,8 @@ def test_cpu_math_is_initialized_before_any_module_runs(tmp_path, calib_file, ti
 
 def test_first_vector_math_call_after_initialization_is_exact():
     """Fresh processes (the race needs one) compute a rotary cos split over 2 threads right after
-    initialize_cpu_math: the first result equals the second. Without the initialisation ~7% of processes differ
-    on the 2-core Xeon (scripts/repro_vml_first_call.py, bench/vml_first_call_*.json)."""
+    initialize_cpu_math: the first result equals the second. Without the initialisation 3-7% of processes
+    differ on the 2-core Xeon (scripts/repro_vml_first_call.py, bench/vml_first_call_*.json)."""
     import subprocess
     import sys
 

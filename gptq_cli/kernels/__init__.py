@@ -47,10 +47,11 @@ def initialize_cpu_math() -> None:
 
     torch computes float cos, sin, exp, ... of CPU tensors through VML, split across its threads from 2048
     elements on. When the first VML call of a process runs in two threads at once, one thread sometimes gets
-    values up to ~1e-4 off (a race in VML's lazy initialisation): 7 of 100 fresh processes on the 2-core Xeon,
-    more under load (scripts/repro_vml_first_call.py). In a quantize run that call is the rotary embedding's cos
-    of the first calibration batch, so layer 0's o_proj Hessian and everything after it changed now and then
-    (issue 29's rare nondeterminism). One call small enough to stay in this thread settles it (0 of 100)."""
+    values up to 1.5e-4 off (a race in VML's lazy initialisation): 5 of 150 fresh processes on the 2-core Xeon
+    (scripts/repro_vml_first_call.py, bench/vml_first_call_*.json; 7 of 100 in a hand-run loop). In a quantize
+    run that call is the rotary embedding's cos of the first calibration batch, so layer 0's o_proj Hessian and
+    everything after it changed now and then (issue 29's rare nondeterminism). One call small enough to stay in
+    this thread settles it (0 of 150)."""
     torch.ones(256).exp()
 
 
