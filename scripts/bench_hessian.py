@@ -1,15 +1,20 @@
 """The Hessian's accumulation on a CPU, route by route, side by side in one run (issue 29).
 
-For 4096 tokens of random bf16 activations of width K (SmolLM2's 576 and 1536, Llama's 2048/4096/5632/11008):
-- fp32 full: the activations widened to float32, then one float32 addmm of the whole XᵀX (the route before);
-- fp32 panels: the same in float32, lower panels only (solver.hessian_panels), as fp32 activations now take;
+For 4096 tokens of random bf16 activations of width K (SmolLM2's 576 and 1536, Llama's
+2048/4096/5632/11008):
+- fp32 full: the activations widened to float32, then one float32 addmm of the whole XᵀX (the route
+  before);
+- fp32 panels: the same in float32, lower panels only (solver.hessian_panels), as fp32 activations
+  now take;
 - 16-bit full: MKL's bf16-input, fp32-output GEMM of the whole XᵀX (kernels/cpu_gemm.py);
-- 16-bit panels: the same on the lower panels: what accumulate_hessian does for bf16/fp16 activations.
-Milliseconds per call (best of 5) and each route's largest error against the float64 product, relative to the
-largest entry. Writes bench/hessian_<cpu>.json. Quiet machine only.
+- 16-bit panels: the same on the lower panels: what accumulate_hessian does for bf16/fp16
+  activations.
+Milliseconds per call (best of 5) and each route's largest error against the float64 product,
+relative to the largest entry. Writes bench/hessian_<cpu>.json. Quiet machine only.
 
     python scripts/bench_hessian.py
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +51,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = {}
     for K in WIDTHS:
-        X = (torch.randn(TOKENS, K, generator=gen) * (0.05 + 4 * torch.rand(K, generator=gen) ** 4)).bfloat16()
+        X = (
+            torch.randn(TOKENS, K, generator=gen) * (0.05 + 4 * torch.rand(K, generator=gen) ** 4)
+        ).bfloat16()
         H = torch.zeros(K, K)
 
         def fp32_full():
@@ -72,19 +79,32 @@ def main() -> None:
 
         wide = torch.zeros(K, K).addmm_(X.float().t(), X.float(), alpha=2 / TOKENS)
         fast = complete_hessian(accumulate_hessian(None, 0, X)[0])
-        row = {"fp32_full_ms": best_ms(fp32_full), "fp32_panels_ms": best_ms(fp32_panels),
-               "panels": len(hessian_panels(K)), "error_fp32_full": error(wide),
-               "error_16bit_panels": error(fast)}
+        row = {
+            "fp32_full_ms": best_ms(fp32_full),
+            "fp32_panels_ms": best_ms(fp32_panels),
+            "panels": len(hessian_panels(K)),
+            "error_fp32_full": error(wide),
+            "error_16bit_panels": error(fast),
+        }
         if cpu_gemm.available(torch.bfloat16):
             row.update({"bf16_full_ms": best_ms(bf16_full), "bf16_panels_ms": best_ms(bf16_panels)})
             row["speedup_over_before"] = round(row["fp32_full_ms"] / row["bf16_panels_ms"], 2)
         rows[str(K)] = row
         print(K, row, file=sys.stderr, flush=True)
-    report = {"what": f"Hessian accumulation of {TOKENS} bf16 activation rows of width K on a CPU, by route",
-              "machine": {"cpu": cpu_info(), "platform": platform.platform(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__},
-              "mkl_16bit_gemm": cpu_gemm.available(torch.bfloat16), "loadavg": os.getloadavg(),
-              "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": rows}
+    report = {
+        "what": f"Hessian accumulation of {TOKENS} bf16 activation rows of width K on a CPU, "
+        "by route",
+        "machine": {
+            "cpu": cpu_info(),
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "mkl_16bit_gemm": cpu_gemm.available(torch.bfloat16),
+        "loadavg": os.getloadavg(),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "results": rows,
+    }
     out = ROOT / "bench" / f"hessian_{cpu_slug()}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
