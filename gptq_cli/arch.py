@@ -1,9 +1,11 @@
 """Where the decoder blocks of a model are and which linears inside a block are solved together.
 
-One declarative table for the architectures we know, and a generic fallback that finds the decoder ModuleList
-and orders its linears by a traced forward pass. A "sequential group" is a set of linears that read the same
-input; with true-sequential quantization each group is solved before the next group's inputs are collected.
+One declarative table for the architectures we know, and a generic fallback that finds the decoder
+ModuleList and orders its linears by a traced forward pass. A "sequential group" is a set of linears
+that read the same input; with true-sequential quantization each group is solved before the next
+group's inputs are collected.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +30,8 @@ _LLAMA_GROUPS = (
 
 @dataclass(frozen=True)
 class Arch:
-    layers: str                           # attribute path of the nn.ModuleList of decoder blocks
-    groups: tuple[tuple[str, ...], ...]   # sequential groups of linear names inside one block
+    layers: str  # attribute path of the nn.ModuleList of decoder blocks
+    groups: tuple[tuple[str, ...], ...]  # sequential groups of linear names inside one block
 
 
 ARCHS: dict[str, Arch] = {
@@ -40,27 +42,57 @@ ARCHS: dict[str, Arch] = {
     "gemma": Arch("model.layers", _LLAMA_GROUPS),
     "gemma2": Arch("model.layers", _LLAMA_GROUPS),
     "gemma3_text": Arch("model.layers", _LLAMA_GROUPS),
-    "phi3": Arch("model.layers", (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
-                                  ("mlp.down_proj",))),
-    # Sparse MoE, experts defused by moe.py; "*" stands for every expert index. Every expert's gate/up read the
-    # same (all-token) input during calibration, so they share one Hessian and are solved as one matrix.
-    "mixtral": Arch("model.layers", (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                                     ("self_attn.o_proj",), ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
-                                     ("mlp.experts.*.down_proj",))),
-    "opt": Arch("model.decoder.layers", (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                                         ("self_attn.out_proj",), ("fc1",), ("fc2",))),
-    "gpt2": Arch("transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))),
+    "phi3": Arch(
+        "model.layers",
+        (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    ),
+    # Sparse MoE, experts defused by moe.py; "*" stands for every expert index. Every expert's
+    # gate/up read the same (all-token) input during calibration, so they share one Hessian and are
+    # solved as one matrix.
+    "mixtral": Arch(
+        "model.layers",
+        (
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.o_proj",),
+            ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
+            ("mlp.experts.*.down_proj",),
+        ),
+    ),
+    "opt": Arch(
+        "model.decoder.layers",
+        (
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+    ),
+    "gpt2": Arch(
+        "transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))
+    ),
 }
 
 
 def find_layers_path(model: nn.Module) -> str:
-    """The decoder ModuleList (generic fallback): the longest ModuleList whose blocks contain linears and which
-    is not inside another such list (a block's list of MoE experts can be longer than the list of blocks)."""
-    lists = [(name, len(mod)) for name, mod in model.named_modules()
-             if isinstance(mod, nn.ModuleList) and len(mod) and any(isinstance(m, QUANTIZABLE) for m in mod[0].modules())]
-    outer = [(name, n) for name, n in lists if not any(name.startswith(other + ".") for other, _ in lists)]
+    """The decoder ModuleList (generic fallback): the longest ModuleList whose blocks contain
+    linears and which is not inside another such list (a block's list of MoE experts can be
+    longer than the list of blocks)."""
+    lists = [
+        (name, len(mod))
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList)
+        and len(mod)
+        and any(isinstance(m, QUANTIZABLE) for m in mod[0].modules())
+    ]
+    outer = [
+        (name, n)
+        for name, n in lists
+        if not any(name.startswith(other + ".") for other, _ in lists)
+    ]
     if not outer:
-        raise ValueError("no decoder block list found: the model has no nn.ModuleList of blocks with linears")
+        raise ValueError(
+            "no decoder block list found: the model has no nn.ModuleList of blocks with linears"
+        )
     return max(outer, key=lambda item: item[1])[0]
 
 
@@ -77,15 +109,20 @@ def resolve_arch(model: nn.Module) -> tuple[str, Arch | None]:
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """The linears of a block that get quantized: all but those whose outputs cannot be packed (SPEC §2 packs
-    zero points along N, 32/bits to a word, so N must be a multiple of 32 for 3-bit): in practice the 1-output
-    gates of some MoE blocks (Qwen2-MoE's shared_expert_gate), which GPTQModel leaves unquantized too."""
-    return {name: m for name, m in block.named_modules()
-            if isinstance(m, QUANTIZABLE) and linear_weight(m).shape[0] % 32 == 0}
+    """The linears of a block that get quantized: all but those whose outputs cannot be packed
+    (SPEC §2 packs zero points along N, 32/bits to a word, so N must be a multiple of 32 for
+    3-bit): in practice the 1-output gates of some MoE blocks (Qwen2-MoE's shared_expert_gate),
+    which GPTQModel leaves unquantized too."""
+    return {
+        name: m
+        for name, m in block.named_modules()
+        if isinstance(m, QUANTIZABLE) and linear_weight(m).shape[0] % 32 == 0
+    }
 
 
 def quantized_shapes(model: nn.Module, layers_path: str) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of every linear quantize will quantize, by full name, in model order."""
+    """(in_features, out_features) of every linear quantize will quantize, by full name, in model
+    order."""
     shapes = {}
     for i, block in enumerate(model.get_submodule(layers_path)):
         for name, module in block_linears(block).items():
@@ -94,18 +131,25 @@ def quantized_shapes(model: nn.Module, layers_path: str) -> dict[str, tuple[int,
     return shapes
 
 
-def block_groups(block: nn.Module, arch: Arch | None, run_block, true_sequential: bool = True) -> list[list[str]]:
+def block_groups(
+    block: nn.Module, arch: Arch | None, run_block, true_sequential: bool = True
+) -> list[list[str]]:
     """Sequential groups of one block's linears, in forward order.
 
-    With a registered architecture the table decides; otherwise `run_block()` is traced once and linears that
-    read the very same input tensor form one group, in the order they are first called.
+    With a registered architecture the table decides; otherwise `run_block()` is traced once and
+    linears that read the very same input tensor form one group, in the order they are first called.
     """
     linears = block_linears(block)
-    table = [[n for pattern in g for n in _expand(pattern, linears)] for g in arch.groups] if arch else []
+    table = (
+        [[n for pattern in g for n in _expand(pattern, linears)] for g in arch.groups]
+        if arch
+        else []
+    )
     if arch is not None and all(table) and all(n in linears for g in table for n in g):
         groups = table
         covered = {n for g in groups for n in g}
-        groups += [[n] for n in linears if n not in covered]   # e.g. extra projections some variants add
+        # e.g. extra projections some variants add
+        groups += [[n] for n in linears if n not in covered]
     else:
         groups = _trace_groups(block, linears, run_block)
     return groups if true_sequential else [[n for g in groups for n in g]]
@@ -116,25 +160,33 @@ def _expand(pattern: str, linears: dict[str, nn.Module]) -> list[str]:
     if "*" not in pattern:
         return [pattern]
     head, _, tail = pattern.partition("*")
-    found = [(int(idx), n) for n in linears if n.startswith(head) and n.endswith(tail)
-             and (idx := n[len(head):len(n) - len(tail)]).isdigit()]
+    found = [
+        (int(idx), n)
+        for n in linears
+        if n.startswith(head)
+        and n.endswith(tail)
+        and (idx := n[len(head) : len(n) - len(tail)]).isdigit()
+    ]
     return [n for _, n in sorted(found)]
 
 
 class StopForward(Exception):
-    """Raised by a hook once it has what it needs, so the rest of the forward pass is skipped (this trace, the
-    engine's capture of block 0's inputs, the calibration passes)."""
+    """Raised by a hook once it has what it needs, so the rest of the forward pass is skipped
+    (this trace, the engine's capture of block 0's inputs, the calibration passes)."""
 
 
 def _trace_groups(block: nn.Module, linears: dict[str, nn.Module], run_block) -> list[list[str]]:
-    order: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps `is` comparisons meaningful
+    # holding the inputs keeps `is` comparisons meaningful
+    order: list[tuple[str, torch.Tensor]] = []
     handles = []
     for name, mod in linears.items():
+
         def hook(_m, args, _name=name):
             if all(n != _name for n, _ in order):
                 order.append((_name, args[0]))
             if len(order) == len(linears):
                 raise StopForward
+
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         run_block()
@@ -151,7 +203,8 @@ def _trace_groups(block: nn.Module, linears: dict[str, nn.Module], run_block) ->
         else:
             groups.append([name])
         last_input = inp
-    groups += [[n] for n in linears if all(n not in g for g in groups)]  # never called: still quantized
+    # never called: still quantized
+    groups += [[n] for n in linears if all(n not in g for g in groups)]
     return groups
 
 

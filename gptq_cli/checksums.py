@@ -1,10 +1,13 @@
-"""Files that carry their own checksum, written atomically: the work dir's plan.json, measurements.json and block
-files (SPEC §1: every file in the work directory is checked when read; a damaged one is never used).
+"""Files that carry their own checksum, written atomically: the work dir's plan.json,
+measurements.json and block files (SPEC §1: every file in the work directory is checked when read; a
+damaged one is never used).
 
-A JSON document holds the sha256 of its canonical form (sorted keys, no spaces) under CHECKSUM_KEY. A safetensors
-file holds, in its header's metadata under the same key, the sha256 of its header without that entry (in
-canonical form) followed by its data bytes: a changed byte anywhere, header or tensor data, shows.
+A JSON document holds the sha256 of its canonical form (sorted keys, no spaces) under CHECKSUM_KEY.
+A safetensors file holds, in its header's metadata under the same key, the sha256 of its header
+without that entry (in canonical form) followed by its data bytes: a changed byte anywhere, header
+or tensor data, shows.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,11 +21,20 @@ import torch
 
 from gptq_cli.errors import naming_the_file
 
-__all__ = ["CHECKSUM_KEY", "Damaged", "write_atomic", "json_digest", "checked_json_bytes", "verified_json",
-           "read_checked_json", "checked_safetensors_bytes", "verify_safetensors"]
+__all__ = [
+    "CHECKSUM_KEY",
+    "Damaged",
+    "write_atomic",
+    "json_digest",
+    "checked_json_bytes",
+    "verified_json",
+    "read_checked_json",
+    "checked_safetensors_bytes",
+    "verify_safetensors",
+]
 
 CHECKSUM_KEY = "sha256"
-_CHUNK = 16 << 20   # bytes hashed per read: a block file of a 70B model is ~0.5 GB
+_CHUNK = 16 << 20  # bytes hashed per read: a block file of a 70B model is ~0.5 GB
 
 
 class Damaged(ValueError):
@@ -30,8 +42,8 @@ class Damaged(ValueError):
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and a rename: readers (and a
-    resumed run) see the old file or the whole new one, never a part."""
+    """Write `data` to `path` through a temporary file in the same directory and a rename:
+    readers (and a resumed run) see the old file or the whole new one, never a part."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -61,8 +73,8 @@ def checked_json_bytes(doc: dict[str, Any], indent: int = 2) -> bytes:
 
 
 def verified_json(doc: Any) -> dict[str, Any]:
-    """A parsed checked_json_bytes document without its checksum; Damaged when it is not a JSON object, has no
-    checksum or one that does not match."""
+    """A parsed checked_json_bytes document without its checksum; Damaged when it is not a JSON
+    object, has no checksum or one that does not match."""
     if not isinstance(doc, dict) or not isinstance(doc.get(CHECKSUM_KEY), str):
         raise Damaged("has no checksum")
     body = {k: v for k, v in doc.items() if k != CHECKSUM_KEY}
@@ -94,14 +106,15 @@ def checked_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[s
 
     draft = save(tensors, metadata=metadata)
     n = int.from_bytes(draft[:8], "little")
-    h = _header_digest(json.loads(draft[8:8 + n]))
-    h.update(memoryview(draft)[8 + n:])   # the data bytes do not depend on the metadata: same in the final file
+    h = _header_digest(json.loads(draft[8 : 8 + n]))
+    # the data bytes do not depend on the metadata: same in the final file
+    h.update(memoryview(draft)[8 + n :])
     return save(tensors, metadata={**metadata, CHECKSUM_KEY: h.hexdigest()})
 
 
 def verify_safetensors(path: Path) -> dict[str, str]:
-    """The metadata of a file written by checked_safetensors_bytes after reading all of it against its checksum;
-    Damaged when it cannot be read, is cut short, or a byte differs."""
+    """The metadata of a file written by checked_safetensors_bytes after reading all of it
+    against its checksum; Damaged when it cannot be read, is cut short, or a byte differs."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -112,7 +125,12 @@ def verify_safetensors(path: Path) -> dict[str, str]:
             if not isinstance(stored, str):
                 raise Damaged("has no checksum")
             h = _header_digest(header)
-            ends = [end for k, spec in header.items() if k != "__metadata__" for end in spec["data_offsets"][1:]]
+            ends = [
+                end
+                for k, spec in header.items()
+                if k != "__metadata__"
+                for end in spec["data_offsets"][1:]
+            ]
             size = 0
             while chunk := f.read(_CHUNK):
                 h.update(chunk)

@@ -1,5 +1,6 @@
-"""The kinds of failure the CLI distinguishes (SPEC §1: exit 2 for bad input, exit 1 for failed work, 130 for
-Ctrl-C), and how Ctrl-C is told apart from a failure."""
+"""The kinds of failure the CLI distinguishes (SPEC §1: exit 2 for bad input, exit 1 for failed
+work, 130 for Ctrl-C), and how Ctrl-C is told apart from a failure."""
+
 from __future__ import annotations
 
 import errno
@@ -23,19 +24,25 @@ class UsageError(GptqError):
 
 
 # What an OSError from the file system means for the user, and what to do about it.
-_OS_ERRORS = {errno.ENOSPC: ("no space left on the device", "free space there or write elsewhere"),
-              errno.EDQUOT: ("disk quota exceeded", "free space there or write elsewhere"),
-              errno.EROFS: ("read-only file system", "choose a directory you can write to"),
-              errno.EACCES: ("permission denied", "choose a directory you can write to"),
-              errno.ENAMETOOLONG: ("a name too long for the file system", "choose a shorter name"),
-              errno.EIO: ("an I/O error", "check the disk")}
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free space there or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free space there or write elsewhere"),
+    errno.EROFS: ("read-only file system", "choose a directory you can write to"),
+    errno.EACCES: ("permission denied", "choose a directory you can write to"),
+    errno.ENAMETOOLONG: ("a name too long for the file system", "choose a shorter name"),
+    errno.EIO: ("an I/O error", "check the disk"),
+}
 
 
 def describe_os_error(e: OSError) -> str:
-    """One line for a file-system error: what happened, where (for a copy, its destination), what to do."""
+    """One line for a file-system error: what happened, where (for a copy, its destination), what
+    to do."""
     what, advice = _OS_ERRORS.get(e.errno, (e.strerror or type(e).__name__, "check that path"))
     where = e.filename2 or e.filename
-    return f"{what}{f' at {where}' if where else ''} ({errno.errorcode.get(e.errno, e.errno)}): {advice}"
+    return (
+        f"{what}{f' at {where}' if where else ''} ({errno.errorcode.get(e.errno, e.errno)}): "
+        f"{advice}"
+    )
 
 
 def naming_the_file(e: BaseException, path: str | Path) -> BaseException:
@@ -46,9 +53,9 @@ def naming_the_file(e: BaseException, path: str | Path) -> BaseException:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (exit code 130, as for any SIGINT), with a message saying what was kept and how to continue
-    (quantize: the finished blocks of `total`, in the work dir). A KeyboardInterrupt still, so that code
-    catching Exception does not swallow it."""
+    """Ctrl-C (exit code 130, as for any SIGINT), with a message saying what was kept and how to
+    continue (quantize: the finished blocks of `total`, in the work dir). A KeyboardInterrupt
+    still, so that code catching Exception does not swallow it."""
 
     exit_code = 130
 
@@ -59,10 +66,11 @@ class Interrupted(KeyboardInterrupt):
 
 @contextmanager
 def noting_interrupts() -> Iterator[Callable[[], bool]]:
-    """Yields a function that says whether SIGINT arrived within. Ctrl-C still raises KeyboardInterrupt at once,
-    but when it lands inside a C extension the extension may turn it into its own error (safetensors'
-    get_tensor raises ValueError); the note lets the caller treat that error as the interrupt it is.
-    Notes nothing outside the main thread or when SIGINT is not handled by Python (ignored, default)."""
+    """Yields a function that says whether SIGINT arrived within. Ctrl-C still raises
+    KeyboardInterrupt at once, but when it lands inside a C extension the extension may turn it
+    into its own error (safetensors' get_tensor raises ValueError); the note lets the caller
+    treat that error as the interrupt it is. Notes nothing outside the main thread or when SIGINT
+    is not handled by Python (ignored, default)."""
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or not callable(previous):
         yield lambda: False

@@ -1,9 +1,12 @@
-"""Where a quantize run's wall time goes: exclusive seconds per phase, for quant_log.json and the summary.
+"""Where a quantize run's wall time goes: exclusive seconds per phase, for quant_log.json and the
+summary.
 
-One clock per process. Code marks what it is doing with `phase("hessian")`; phases nest (the Hessian hooks run
-inside a forward pass), and each second is charged to the innermost phase only, so the phases add up to the
-wall time measured. What runs outside every marked phase is "other" (tokenizing, planning, Python glue).
+One clock per process. Code marks what it is doing with `phase("hessian")`; phases nest (the Hessian
+hooks run inside a forward pass), and each second is charged to the innermost phase only, so the
+phases add up to the wall time measured. What runs outside every marked phase is "other"
+(tokenizing, planning, Python glue).
 """
+
 from __future__ import annotations
 
 import time
@@ -12,9 +15,10 @@ from typing import Iterator
 
 __all__ = ["PHASES", "phase", "restart", "report"]
 
-# read/load: model files, calibration samples, each block's weights; forward: the calibration passes through
-# the blocks (hooks included, Hessians not); hessian: folding activations into H; solve: GPTQ itself and
-# putting the dequantized weights back; pack: bit-packing the checkpoint tensors; write: work dir and checkpoint
+# read/load: model files, calibration samples, each block's weights; forward: the calibration passes
+# through the blocks (hooks included, Hessians not); hessian: folding activations into H; solve:
+# GPTQ itself and putting the dequantized weights back; pack: bit-packing the checkpoint tensors;
+# write: work dir and checkpoint
 PHASES = ("load", "forward", "hessian", "solve", "pack", "write", "other")
 
 
@@ -28,7 +32,8 @@ class _Clock:
         self.since = time.perf_counter()
 
     def switch(self, name: str) -> str:
-        """Charge the time since the last switch to the current phase, make `name` current; return the old one."""
+        """Charge the time since the last switch to the current phase, make `name` current;
+        return the old one."""
         now = time.perf_counter()
         self.seconds[self.current] += now - self.since
         self.since, previous, self.current = now, self.current, name

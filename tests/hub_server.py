@@ -1,25 +1,37 @@
-"""A small Hugging Face Hub-compatible HTTP server on 127.0.0.1, for testing `gptq push` end to end with the
-real huggingface_hub client (HF_ENDPOINT pointed here). Stdlib only: http.server in a thread.
+"""A small Hugging Face Hub-compatible HTTP server on 127.0.0.1, for testing `gptq push` end to end
+with the real huggingface_hub client (HF_ENDPOINT pointed here). Stdlib only: http.server in a
+thread.
 
 It implements exactly the endpoints huggingface_hub (2.x) calls to create a repo and commit files:
 
-    GET  /api/agent-harnesses                            the client's agent-detection registry (best effort)
-    POST /api/repos/create                               create_repo (409 + url when it exists: exist_ok)
-    GET  /api/models/{repo}                              repo_info (create_repo's check after a 401/403)
-    POST /api/models/{repo}/branch/{branch}              create_branch
-    POST /api/validate-yaml                              create_commit checks README.md's metadata first
-    POST /api/models/{repo}/preupload/{revision}         _fetch_upload_modes: "lfs" or "regular" per file
-    POST /{repo}.git/info/lfs/objects/batch              the git-LFS batch API: where to PUT each object
-    PUT  /lfs-upload/{oid}                               the upload itself (a pre-signed URL on the real Hub)
-    POST /{repo}.git/info/lfs/objects/verify             the LFS verify action
-    POST /api/models/{repo}/commit/{revision}            the NDJSON commit: header, file (base64), lfsFile lines
+    GET  /api/agent-harnesses
+        the client's agent-detection registry (best effort)
+    POST /api/repos/create
+        create_repo (409 + url when it exists: exist_ok)
+    GET  /api/models/{repo}
+        repo_info (create_repo's check after a 401/403)
+    POST /api/models/{repo}/branch/{branch}
+        create_branch
+    POST /api/validate-yaml
+        create_commit checks README.md's metadata first
+    POST /api/models/{repo}/preupload/{revision}
+        _fetch_upload_modes: "lfs" or "regular" per file
+    POST /{repo}.git/info/lfs/objects/batch
+        the git-LFS batch API: where to PUT each object
+    PUT  /lfs-upload/{oid}
+        the upload itself (a pre-signed URL on the real Hub)
+    POST /{repo}.git/info/lfs/objects/verify
+        the LFS verify action
+    POST /api/models/{repo}/commit/{revision}
+        the NDJSON commit: header, file (base64), lfsFile lines
 
-Large files take the LFS path only when huggingface_hub's Xet upload is off (HF_HUB_DISABLE_XET; hf_xet
-speaks to a separate storage service that this server does not imitate). Every request is recorded in
-`requests`, unknown ones also in `unhandled` (answered 404); `fail(endpoint, status)` makes the next call
-of a named endpoint fail. Uploaded content is checked (sha256 = oid, sizes) and stored byte for byte:
-`files(repo_id, branch)` gives what a clone of the branch would hold.
+Large files take the LFS path only when huggingface_hub's Xet upload is off (HF_HUB_DISABLE_XET;
+hf_xet speaks to a separate storage service that this server does not imitate). Every request is
+recorded in `requests`, unknown ones also in `unhandled` (answered 404); `fail(endpoint, status)`
+makes the next call of a named endpoint fail. Uploaded content is checked (sha256 = oid, sizes) and
+stored byte for byte: `files(repo_id, branch)` gives what a clone of the branch would hold.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,7 +46,8 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-# The real Hub stores these as LFS whatever their size (its default .gitattributes), and anything >= 10 MiB.
+# The real Hub stores these as LFS whatever their size (its default .gitattributes), and anything >=
+# 10 MiB.
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 LFS_MIN_SIZE = 10 * 1024 * 1024
 
@@ -69,15 +82,16 @@ class HttpError(Exception):
 
 
 class HubServer:
-    """The Hub's state (repos, LFS objects) and the HTTP server around it; use as a context manager."""
+    """The Hub's state (repos, LFS objects) and the HTTP server around it; use as a context
+    manager."""
 
     def __init__(self, token: str = "hf_test_token"):
         self.token = token
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
-        self.requests: list[tuple[str, str]] = []     # (method, path) of every request, in order
-        self.unhandled: list[tuple[str, str]] = []    # requests no route matched
-        self._failures: dict[str, int] = {}           # endpoint name -> status of its next answer
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
+        self.unhandled: list[tuple[str, str]] = []  # requests no route matched
+        self._failures: dict[str, int] = {}  # endpoint name -> status of its next answer
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -103,13 +117,16 @@ class HubServer:
     def endpoints_called(self) -> list[str]:
         return [_route(method, path)[0] or f"{method} {path}" for method, path in self.requests]
 
-    # ----- endpoints: each gets the route's match groups and the parsed body, returns the JSON answer -----
+    # ----- endpoints: each gets the route's match groups and the parsed body, returns the JSON
+    # answer -----
 
     def _handle_agent_harnesses(self, body: dict, headers: dict) -> dict:
         return {"standardEnvVars": [], "harnesses": {}}
 
     def _handle_create_repo(self, body: dict, headers: dict) -> dict:
-        repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
+        repo_id = (
+            f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
+        )
         if repo_id in self.repos:
             # the client reads the url from this answer too (create_repo with exist_ok)
             raise HttpError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
@@ -118,8 +135,12 @@ class HubServer:
 
     def _handle_repo_info(self, body: dict, headers: dict, repo: str) -> dict:
         info = self._repo(repo)
-        return {"id": repo, "private": info.private, "sha": info.commits[-1]["oid"] if info.commits else None,
-                "siblings": [{"rfilename": path} for path in sorted(info.branches["main"])]}
+        return {
+            "id": repo,
+            "private": info.private,
+            "sha": info.commits[-1]["oid"] if info.commits else None,
+            "siblings": [{"rfilename": path} for path in sorted(info.branches["main"])],
+        }
 
     def _handle_create_branch(self, body: dict, headers: dict, repo: str, branch: str) -> dict:
         branches = self._repo(repo).branches
@@ -139,18 +160,31 @@ class HubServer:
 
     def _handle_preupload(self, body: dict, headers: dict, repo: str, revision: str) -> dict:
         self._branch(repo, revision)
-        return {"files": [{"path": f["path"], "shouldIgnore": False, "oid": None,
-                           "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) or f["size"] >= LFS_MIN_SIZE
-                           else "regular"} for f in body["files"]]}
+        return {
+            "files": [
+                {
+                    "path": f["path"],
+                    "shouldIgnore": False,
+                    "oid": None,
+                    "uploadMode": "lfs"
+                    if f["path"].endswith(LFS_SUFFIXES) or f["size"] >= LFS_MIN_SIZE
+                    else "regular",
+                }
+                for f in body["files"]
+            ]
+        }
 
     def _handle_lfs_batch(self, body: dict, headers: dict, repo: str) -> dict:
         self._repo(repo)
         objects = []
         for obj in body["objects"]:
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
-            if obj["oid"] not in self.lfs_objects:  # already stored objects get no actions: nothing to send
-                entry["actions"] = {"upload": {"href": f"{self.url}/lfs-upload/{obj['oid']}"},
-                                    "verify": {"href": f"{self.url}/{repo}.git/info/lfs/objects/verify"}}
+            # already stored objects get no actions: nothing to send
+            if obj["oid"] not in self.lfs_objects:
+                entry["actions"] = {
+                    "upload": {"href": f"{self.url}/lfs-upload/{obj['oid']}"},
+                    "verify": {"href": f"{self.url}/{repo}.git/info/lfs/objects/verify"},
+                }
             objects.append(entry)
         return {"transfer": "basic", "objects": objects}
 
@@ -168,7 +202,11 @@ class HubServer:
 
     def _handle_commit(self, lines: list[dict], headers: dict, repo: str, revision: str) -> dict:
         files = self._branch(repo, revision)
-        if headers.get("content-type") != "application/x-ndjson" or not lines or lines[0]["key"] != "header":
+        if (
+            headers.get("content-type") != "application/x-ndjson"
+            or not lines
+            or lines[0]["key"] != "header"
+        ):
             raise HttpError(400, "a commit is NDJSON starting with a header line")
         added = {}
         for line in lines[1:]:
@@ -178,17 +216,30 @@ class HubServer:
             elif line["key"] == "lfsFile":
                 content = self.lfs_objects.get(value["oid"])
                 if content is None or len(content) != value.get("size", len(content)):
-                    raise HttpError(400, f"LFS object {value['oid']} for {value['path']} was never uploaded")
+                    raise HttpError(
+                        400, f"LFS object {value['oid']} for {value['path']} was never uploaded"
+                    )
                 added[value["path"]] = content
             else:
                 raise HttpError(400, f"unsupported commit line {line['key']!r}")
         files.update(added)
-        oid = hashlib.sha1(json.dumps([repo, revision, len(self.repos[repo].commits), sorted(added)]).encode()
-                           ).hexdigest()
-        self.repos[repo].commits.append({"oid": oid, "branch": revision, "summary": lines[0]["value"]["summary"],
-                                         "description": lines[0]["value"].get("description", ""),
-                                         "files": sorted(added)})
-        return {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+        oid = hashlib.sha1(
+            json.dumps([repo, revision, len(self.repos[repo].commits), sorted(added)]).encode()
+        ).hexdigest()
+        self.repos[repo].commits.append(
+            {
+                "oid": oid,
+                "branch": revision,
+                "summary": lines[0]["value"]["summary"],
+                "description": lines[0]["value"].get("description", ""),
+                "files": sorted(added),
+            }
+        )
+        return {
+            "commitUrl": f"{self.url}/{repo}/commit/{oid}",
+            "commitOid": oid,
+            "pullRequestUrl": None,
+        }
 
     def _repo(self, repo_id: str) -> Repo:
         if repo_id not in self.repos:
@@ -201,7 +252,9 @@ class HubServer:
             raise HttpError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return branches[revision]
 
-    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, dict]:
+    def answer(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict, dict]:
         """(status, JSON body, extra headers) for one request; runs under the server's lock."""
         with self._lock:
             self.requests.append((method, path))
@@ -210,7 +263,10 @@ class HubServer:
                 self.unhandled.append((method, path))
                 return 404, {"error": f"no such endpoint: {method} {path}"}, {}
             try:
-                if name not in UNAUTHENTICATED and headers.get("authorization") != f"Bearer {self.token}":
+                if (
+                    name not in UNAUTHENTICATED
+                    and headers.get("authorization") != f"Bearer {self.token}"
+                ):
                     raise HttpError(401, "Invalid credentials in Authorization header")
                 if name in self._failures:
                     raise HttpError(self._failures.pop(name), f"injected failure of {name}")
@@ -240,7 +296,9 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
         def _serve(self) -> None:
             body = self._read_body()
             headers = {k.lower(): v for k, v in self.headers.items()}
-            status, answer, extra = server.answer(self.command, urlsplit(self.path).path, headers, body)
+            status, answer, extra = server.answer(
+                self.command, urlsplit(self.path).path, headers, body
+            )
             data = json.dumps(answer).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

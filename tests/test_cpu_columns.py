@@ -1,4 +1,6 @@
-"""The C column loop (csrc/cpu_columns.c) against the solver's torch loop: the same bits for every setting."""
+"""The C column loop (csrc/cpu_columns.c) against the solver's torch loop: the same bits for
+every setting."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,10 +18,11 @@ SETTINGS = [
     {"bits": 2, "sym": False, "group_size": 32},
     {"bits": 8, "group_size": -1, "desc_act": True},
     {"desc_act": True},
-    {"desc_act": True, "static_groups": True, "group_size": 32},   # the group changes at almost every column
+    # the group changes at almost every column
+    {"desc_act": True, "static_groups": True, "group_size": 32},
     {"act_group_aware": True},
     {"mse": True, "group_size": -1},
-    {"group_size": 48, "block_size": 32},   # groups that straddle blocks: found at a block's start
+    {"group_size": 48, "block_size": 32},  # groups that straddle blocks: found at a block's start
 ]
 
 
@@ -27,7 +30,10 @@ SETTINGS = [
 def built() -> None:
     if not cpu_columns.available():
         if shutil.which("cc") or shutil.which("gcc"):
-            pytest.fail("a C compiler is here but gptq_cli._cpu_columns is not built: `pip install -e .` builds it")
+            pytest.fail(
+                "a C compiler is here but gptq_cli._cpu_columns is not built: `pip install "
+                "-e .` builds it"
+            )
         pytest.skip("no C compiler: the solver runs its torch loop only")
 
 
@@ -38,12 +44,15 @@ def solve_in_torch(monkeypatch: pytest.MonkeyPatch, W: torch.Tensor, H: torch.Te
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "4g128")
+@pytest.mark.parametrize(
+    "setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "4g128"
+)
 def test_c_loop_gives_the_torch_loops_bits(built, monkeypatch, setting, threads):
     W, H = correlated_problem(N=160, K=300, seed=7)
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)   # C splits the rows across threads: its bits must not depend on them
-    try:   # (the lazy update's GEMM is the same in both runs, at the same thread count)
+    # C splits the rows across threads: its bits must not depend on them
+    torch.set_num_threads(threads)
+    try:  # (the lazy update's GEMM is the same in both runs, at the same thread count)
         in_c = solver.quantize_weight(W, H, **setting)
         in_torch = solve_in_torch(monkeypatch, W, H, **setting)
     finally:
@@ -53,10 +62,18 @@ def test_c_loop_gives_the_torch_loops_bits(built, monkeypatch, setting, threads)
     assert in_c.loss == in_torch.loss
 
 
-@pytest.mark.parametrize("setting", [{}, {"bits": 3, "group_size": 64, "act_group_aware": True},
-                                     {"desc_act": True, "block_size": 32}], ids=["4g128", "3g64-gar", "act-b32"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {},
+        {"bits": 3, "group_size": 64, "act_group_aware": True},
+        {"desc_act": True, "block_size": 32},
+    ],
+    ids=["4g128", "3g64-gar", "act-b32"],
+)
 def test_c_loop_gives_the_torch_loops_bits_with_gptaq(built, monkeypatch, setting):
     from tests.test_gptaq import asymmetric_problem
+
     W, H, dXXT, _, _ = asymmetric_problem(N=96, K=200, seed=3)
     in_c = solver.quantize_weight(W, H, dXXT=dXXT, **setting)
     in_torch = solve_in_torch(monkeypatch, W, H, dXXT=dXXT, **setting)
@@ -65,11 +82,13 @@ def test_c_loop_gives_the_torch_loops_bits_with_gptaq(built, monkeypatch, settin
 
 
 def test_the_c_loop_is_what_runs(built, monkeypatch):
-    """quantize_block on a CPU goes through run_columns (else the comparison above would compare torch with
-    itself), once per run of columns between group starts."""
+    """quantize_block on a CPU goes through run_columns (else the comparison above would compare
+    torch with itself), once per run of columns between group starts."""
     calls = []
     original = cpu_columns.run_columns
-    monkeypatch.setattr(cpu_columns, "run_columns", lambda *a, **k: calls.append(a[7:9]) or original(*a, **k))
+    monkeypatch.setattr(
+        cpu_columns, "run_columns", lambda *a, **k: calls.append(a[7:9]) or original(*a, **k)
+    )
     W, H = correlated_problem(N=32, K=256, seed=1)
     solver.quantize_weight(W, H, group_size=64, block_size=128)
     assert calls == [(0, 64), (64, 128), (0, 64), (64, 128)]
@@ -77,8 +96,17 @@ def test_the_c_loop_is_what_runs(built, monkeypatch):
 
 def test_run_columns_refuses_what_it_cannot_read(built):
     W = torch.zeros(4, 8)
-    args = (torch.eye(8), torch.ones(4, 1), torch.zeros(4, 1), torch.zeros(8, dtype=torch.int64),
-            torch.empty(4, 8), torch.empty(4, 8), 0, 8, 15)
+    args = (
+        torch.eye(8),
+        torch.ones(4, 1),
+        torch.zeros(4, 1),
+        torch.zeros(8, dtype=torch.int64),
+        torch.empty(4, 8),
+        torch.empty(4, 8),
+        0,
+        8,
+        15,
+    )
     with pytest.raises(ValueError, match="contiguous float32"):
         cpu_columns.run_columns(W.double(), *args)
     with pytest.raises(ValueError, match="contiguous float32"):

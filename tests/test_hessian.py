@@ -1,6 +1,7 @@
-"""The Hessian's accumulation (solver.accumulate_hessian / complete_hessian) and its CPU 16-bit GEMM route
-(kernels/cpu_gemm.py): panels of the lower triangle, mirrored once, within float32 summation rounding of the
-exact XᵀX whichever route computed it."""
+"""The Hessian's accumulation (solver.accumulate_hessian / complete_hessian) and its CPU 16-bit
+GEMM route (kernels/cpu_gemm.py): panels of the lower triangle, mirrored once, within float32
+summation rounding of the exact XᵀX whichever route computed it."""
+
 from __future__ import annotations
 
 import platform
@@ -23,8 +24,9 @@ def activations(m: int, K: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 
 def within_summation_rounding(H: torch.Tensor, X: torch.Tensor) -> None:
-    """|H − 2/m XᵀX| ≤ m·ε₃₂·2/m |X|ᵀ|X| elementwise: the classic bound for float32 sums of m exact products
-    (the products of 16-bit numbers are exact in float32), with X's values as given (no further rounding)."""
+    """|H − 2/m XᵀX| ≤ m·ε₃₂·2/m |X|ᵀ|X| elementwise: the classic bound for float32 sums of m
+    exact products (the products of 16-bit numbers are exact in float32), with X's values as
+    given (no further rounding)."""
     Xd = X.double()
     m = X.shape[0]
     exact = 2 / m * Xd.t() @ Xd
@@ -43,15 +45,17 @@ def test_panels_cover_the_columns_in_equal_widths(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_panels_then_mirror_give_the_exact_symmetric_hessian(dtype: torch.dtype,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(solver, "HESSIAN_PANEL", 7)    # several panels on a small matrix
+def test_panels_then_mirror_give_the_exact_symmetric_hessian(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(solver, "HESSIAN_PANEL", 7)  # several panels on a small matrix
     X = activations(3 * 40, 30, dtype, seed=1)
     H, n = None, 0
     for part in X.split(40):
         H, n = accumulate_hessian(H, n, part)
     assert n == 120
-    assert torch.equal(H[:6, 6:], torch.zeros(6, 24))   # above the first panel: not computed (half the work)
+    # above the first panel: not computed (half the work)
+    assert torch.equal(H[:6, 6:], torch.zeros(6, 24))
     H = complete_hessian(H)
     assert torch.equal(H, H.t())
     within_summation_rounding(H, X)
@@ -59,9 +63,9 @@ def test_panels_then_mirror_give_the_exact_symmetric_hessian(dtype: torch.dtype,
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_route_is_as_close_as_float32s(dtype: torch.dtype) -> None:
-    """The 16-bit-input GEMM and the float32 route of the same activations both stay within float32 summation
-    rounding of the exact product, and of each other by twice that."""
-    X = activations(4096, 600, dtype, seed=2)       # two panels of the default width
+    """The 16-bit-input GEMM and the float32 route of the same activations both stay within
+    float32 summation rounding of the exact product, and of each other by twice that."""
+    X = activations(4096, 600, dtype, seed=2)  # two panels of the default width
     fast = complete_hessian(accumulate_hessian(None, 0, X)[0])
     wide = complete_hessian(accumulate_hessian(None, 0, X.float())[0])
     within_summation_rounding(fast, X)
@@ -69,8 +73,10 @@ def test_16bit_route_is_as_close_as_float32s(dtype: torch.dtype) -> None:
     assert not torch.equal(fast, torch.zeros_like(fast))
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or not torch.backends.mkl.is_available(),
-                    reason="MKL's mixed-precision GEMM ships in torch's x86-64 builds only")
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or not torch.backends.mkl.is_available(),
+    reason="MKL's mixed-precision GEMM ships in torch's x86-64 builds only",
+)
 def test_mkl_16bit_gemm_is_found_in_torch() -> None:
     assert cpu_gemm.available(torch.bfloat16) and cpu_gemm.available(torch.float16)
 
@@ -84,21 +90,22 @@ def test_xtx_panel_touches_its_panel_only() -> None:
     expected[8:, 8:13] = 10.0 + 0.5 * (X[:, 8:].double().t() @ X[:, 8:13].double()).float()
     torch.testing.assert_close(H, expected, rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError):
-        cpu_gemm.xtx_panel(X.t(), H, 0, 5, 1.0, 0.0)     # not contiguous
+        cpu_gemm.xtx_panel(X.t(), H, 0, 5, 1.0, 0.0)  # not contiguous
 
 
 @pytest.mark.skipif(not cpu_gemm.available(torch.float32), reason="no MKL SSYRK in this torch")
 def test_float32_syrk_route_writes_the_lower_triangle_within_summation_rounding() -> None:
-    """float32 activations go through MKL's SSYRK: lower triangle only, beta/alpha as a running mean, within
-    float32 summation rounding of the exact XᵀX, and close to torch's GEMM on the same values."""
+    """float32 activations go through MKL's SSYRK: lower triangle only, beta/alpha as a running
+    mean, within float32 summation rounding of the exact XᵀX, and close to torch's GEMM on the
+    same values."""
     X = activations(3 * 700, 300, torch.float32, seed=4)
     H, n = None, 0
     for part in X.split(700):
         H, n = accumulate_hessian(H, n, part)
-    assert torch.equal(H.triu(1), torch.zeros(300, 300))   # the upper triangle is not computed
+    assert torch.equal(H.triu(1), torch.zeros(300, 300))  # the upper triangle is not computed
     H = complete_hessian(H)
     assert torch.equal(H, H.t())
     within_summation_rounding(H, X)
     torch.testing.assert_close(H, 2 / n * X.t() @ X, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
-        cpu_gemm.xtx_lower(X.t(), torch.zeros(2100, 2100), 1.0, 0.0)   # not contiguous
+        cpu_gemm.xtx_lower(X.t(), torch.zeros(2100, 2100), 1.0, 0.0)  # not contiguous

@@ -1,5 +1,6 @@
-"""`gptq inspect`: a good checkpoint passes with the right facts; each kind of corruption is reported as the
-right problem with exit 1; bad paths are one-line usage errors with exit 2."""
+"""`gptq inspect`: a good checkpoint passes with the right facts; each kind of corruption is
+reported as the right problem with exit 1; bad paths are one-line usage errors with exit 2."""
+
 from __future__ import annotations
 
 import json
@@ -46,11 +47,20 @@ def test_good_checkpoint_passes_with_the_right_facts(tiny_gptq_checkpoint, tiny_
     assert report["architecture"] == "LlamaForCausalLM"
     assert report["tool"] == {"name": f"gptq_cli:{__version__}", "guessed": False}
     assert report["format"] == {"declared": "gptq", "zeros_look_like": "gptq"}
-    assert (report["config"]["bits"], report["config"]["group_size"], report["config"]["desc_act"]) == (4, 128, True)
+    assert (
+        report["config"]["bits"],
+        report["config"]["group_size"],
+        report["config"]["desc_act"],
+    ) == (4, 128, True)
     modules = {m["name"]: m for m in report["modules"]}
     assert set(modules) == set(tiny_gptq_checkpoint.weights)
     down = modules["model.layers.1.mlp.down_proj"]
-    assert (down["in_features"], down["out_features"], down["groups"], down["act_order"]) == (768, 256, 6, True)
+    assert (down["in_features"], down["out_features"], down["groups"], down["act_order"]) == (
+        768,
+        256,
+        6,
+        True,
+    )
     # sizes against the files themselves: the fp16 source model and the checkpoint
     size = report["size"]
     assert size["fp16_bytes"] == stored_bytes(tiny_llama_dir / "model.safetensors")
@@ -67,7 +77,7 @@ def shrink_qweight(t):
 
 def g_idx_out_of_range(t):
     t[f"{Q_PROJ}.g_idx"] = t[f"{Q_PROJ}.g_idx"].clone()
-    t[f"{Q_PROJ}.g_idx"][5] = 7          # K = 256, group 128: valid groups are 0 and 1
+    t[f"{Q_PROJ}.g_idx"][5] = 7  # K = 256, group 128: valid groups are 0 and 1
 
 
 def nan_scale(t):
@@ -76,18 +86,26 @@ def nan_scale(t):
 
 
 def v2_zeros_under_v1_label(t):
-    """Store every zero point as z (the v2 convention: 0x88888888) while the config still says v1."""
+    """Store every zero point as z (the v2 convention: 0x88888888) while the config still says
+    v1."""
     for key in [k for k in t if k.endswith(".qzeros")]:
         n = t[key.replace(".qzeros", ".scales")].shape[1]
         t[key] = pack_last(unpack_last(t[key], 4, n) + 1, 4)
 
 
-@pytest.mark.parametrize("corrupt,expected,count", [
-    (shrink_qweight, f"{Q_PROJ}.qweight: shape [31, 256], expected [32, 256]", 1),
-    (g_idx_out_of_range, f"{Q_PROJ}.g_idx: 1 value(s) outside [0, 2)", 1),
-    (nan_scale, f"{Q_PROJ}.scales: 1 NaN/Inf", 1),
-    (v2_zeros_under_v1_label, f"{Q_PROJ}.qzeros: labelled checkpoint_format 'gptq' but zero points are stored as 8", 14),
-])
+@pytest.mark.parametrize(
+    "corrupt,expected,count",
+    [
+        (shrink_qweight, f"{Q_PROJ}.qweight: shape [31, 256], expected [32, 256]", 1),
+        (g_idx_out_of_range, f"{Q_PROJ}.g_idx: 1 value(s) outside [0, 2)", 1),
+        (nan_scale, f"{Q_PROJ}.scales: 1 NaN/Inf", 1),
+        (
+            v2_zeros_under_v1_label,
+            f"{Q_PROJ}.qzeros: labelled checkpoint_format 'gptq' but zero points are stored as 8",
+            14,
+        ),
+    ],
+)
 def test_corruptions_are_reported(tmp_path, tiny_gptq_checkpoint, corrupt, expected, count):
     bad = rewrite(tiny_gptq_checkpoint.path, tmp_path / "bad", corrupt)
     result = gptq(bad, "--json")
@@ -106,20 +124,33 @@ def test_zero_look_of_v1_label_on_v2_zeros(tmp_path, tiny_gptq_checkpoint):
 
 def test_bad_paths_exit_2_with_one_line(tmp_path, tiny_llama_dir):
     (tmp_path / "empty").mkdir()
-    cases = {tmp_path / "missing": "does not exist", tmp_path / "empty": "not a model directory",
-             tiny_llama_dir: "not a quantized checkpoint"}
+    cases = {
+        tmp_path / "missing": "does not exist",
+        tmp_path / "empty": "not a model directory",
+        tiny_llama_dir: "not a quantized checkpoint",
+    }
     for path, message in cases.items():
         result = gptq(path)
         assert result.exit_code == 2, result.output
         lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (
+            result.stderr
+        )
         assert result.stdout == ""
 
 
 def test_plot_draws_the_loss_log(tmp_path, tiny_gptq_checkpoint):
-    log = {"modules": [{"name": name, "loss": 0.001 * (i + 1), "damp": 0.01, "seconds": 0.1, "samples": 8}
-                       for i, name in enumerate(sorted(tiny_gptq_checkpoint.weights))]}
-    ckpt = rewrite(tiny_gptq_checkpoint.path, tmp_path / "ckpt", extra_files={"quant_log.json": json.dumps(log).encode()})
+    log = {
+        "modules": [
+            {"name": name, "loss": 0.001 * (i + 1), "damp": 0.01, "seconds": 0.1, "samples": 8}
+            for i, name in enumerate(sorted(tiny_gptq_checkpoint.weights))
+        ]
+    }
+    ckpt = rewrite(
+        tiny_gptq_checkpoint.path,
+        tmp_path / "ckpt",
+        extra_files={"quant_log.json": json.dumps(log).encode()},
+    )
     png = tmp_path / "loss.png"
     result = gptq(ckpt, "--plot", png, "--quiet")
     assert result.exit_code == 0, result.output
@@ -135,17 +166,22 @@ def test_help_has_examples():
     assert result.exit_code == 0 and "Examples" in result.output and "--plot" in result.output
 
 
-def test_act_order_g_idx_under_desc_act_false_is_a_problem_whatever_meta_says(tmp_path, tiny_gptq_checkpoint):
-    """Loaders read desc_act, not our meta's solving order: a file saying desc_act false whose g_idx is not
-    k // group_size computes another model in the loaders that skip g_idx (vLLM 0.32 never reads it)."""
+def test_act_order_g_idx_under_desc_act_false_is_a_problem_whatever_meta_says(
+    tmp_path, tiny_gptq_checkpoint
+):
+    """Loaders read desc_act, not our meta's solving order: a file saying desc_act false whose
+    g_idx is not k // group_size computes another model in the loaders that skip g_idx (vLLM 0.32
+    never reads it)."""
     import shutil
+
     bad = shutil.copytree(tiny_gptq_checkpoint.path, tmp_path / "bad")
     for name, key in (("config.json", "quantization_config"), ("quantize_config.json", None)):
         doc = json.loads((bad / name).read_text())
         qdict = doc[key] if key else doc
         qdict["desc_act"] = False
-        qdict.setdefault("meta", {})["act_order"] = True   # as we write static-groups act-order
+        qdict.setdefault("meta", {})["act_order"] = True  # as we write static-groups act-order
         (bad / name).write_text(json.dumps(doc))
     report = json.loads(gptq(bad, "--json").stdout)
-    assert not report["ok"] and any("not k // group_size although desc_act is false" in p
-                                    for p in report["problems"]), report["problems"]
+    assert not report["ok"] and any(
+        "not k // group_size although desc_act is false" in p for p in report["problems"]
+    ), report["problems"]

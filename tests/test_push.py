@@ -1,10 +1,12 @@
 """`gptq push` end to end: the real huggingface_hub client against tests/hub_server.py on 127.0.0.1.
 
-Every test points HF_ENDPOINT (and huggingface_hub's import-time copy of it) at the local server, keeps the
-token file and caches in a temporary HF_HOME, and fails if anything tries to open a connection to a host
-other than loopback. Files are compared byte for byte with the checkpoint on disk; the card's metadata is
-read back with a YAML parser; the rebuilt quantize command is parsed by the real `gptq quantize` parser.
+Every test points HF_ENDPOINT (and huggingface_hub's import-time copy of it) at the local server,
+keeps the token file and caches in a temporary HF_HOME, and fails if anything tries to open a
+connection to a host other than loopback. Files are compared byte for byte with the checkpoint on
+disk; the card's metadata is read back with a YAML parser; the rebuilt quantize command is parsed by
+the real `gptq quantize` parser.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,10 +28,24 @@ from tests.hub_server import HubServer
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-QUANT_LOG = {"model": "org/tiny-base", "calibration": {"dataset": "wikitext2", "nsamples": 16, "seqlen": 64,
-                                                       "seed": 3}, "modules": []}
-EVAL_RESULTS = {"tool": "gptq_cli:0.1.0", "results": [{"dataset": "wikitext2", "seqlen": 64, "windows": 40,
-                                                       "ppl": 23.456789, "device": "cpu", "dtype": "float32"}]}
+QUANT_LOG = {
+    "model": "org/tiny-base",
+    "calibration": {"dataset": "wikitext2", "nsamples": 16, "seqlen": 64, "seed": 3},
+    "modules": [],
+}
+EVAL_RESULTS = {
+    "tool": "gptq_cli:0.1.0",
+    "results": [
+        {
+            "dataset": "wikitext2",
+            "seqlen": 64,
+            "windows": 40,
+            "ppl": 23.456789,
+            "device": "cpu",
+            "dtype": "float32",
+        }
+    ],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -58,13 +74,18 @@ def loopback_only(monkeypatch):
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """A running local Hub, with the environment of a user logged in to it (HF_TOKEN) and Xet off."""
+    """A running local Hub, with the environment of a user logged in to it (HF_TOKEN) and Xet
+    off."""
     import huggingface_hub.constants as constants
 
     home = tmp_path / "hf_home"
     with HubServer() as server:
-        env = {"HF_ENDPOINT": server.url, "HF_TOKEN": server.token, "HF_HOME": str(home),
-               "HF_HUB_DISABLE_XET": "1"}
+        env = {
+            "HF_ENDPOINT": server.url,
+            "HF_TOKEN": server.token,
+            "HF_HOME": str(home),
+            "HF_HUB_DISABLE_XET": "1",
+        }
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         # huggingface_hub read these at import, before this test set the environment
@@ -76,7 +97,9 @@ def hub(monkeypatch, tmp_path):
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
         server.env = env
         yield server
-        assert not server.unhandled, f"the client called endpoints the server does not know: {server.unhandled}"
+        assert not server.unhandled, (
+            f"the client called endpoints the server does not know: {server.unhandled}"
+        )
 
 
 @pytest.fixture
@@ -113,9 +136,11 @@ def test_push_sends_every_file_byte_identical_with_a_generated_card(hub, checkpo
     remote = hub.files("me/tiny-gptq")
     card = remote.pop("README.md").decode()
     assert remote == local_files(checkpoint)
-    assert not (checkpoint / "README.md").exists()  # the card is sent, the directory is left as it was
+    # the card is sent, the directory is left as it was
+    assert not (checkpoint / "README.md").exists()
     weights = (checkpoint / "model.safetensors").read_bytes()
-    assert list(hub.lfs_objects.values()) == [weights]  # the weights went through LFS, nothing else did
+    # the weights went through LFS, nothing else did
+    assert list(hub.lfs_objects.values()) == [weights]
     called = hub.endpoints_called()
     assert called.index("create_repo") < called.index("lfs_upload") < called.index("commit")
     summary = json.loads(result.stdout)
@@ -127,7 +152,11 @@ def test_push_sends_every_file_byte_identical_with_a_generated_card(hub, checkpo
     meta = front_matter(card)
     assert meta["base_model"] == "org/tiny-base" and meta["library_name"] == "transformers"
     assert meta["tags"] == ["gptq", "4-bit", "quantized", "gptq_cli"] and "license" not in meta
-    assert "| bits | 4 |" in card and "| group size | 128 |" in card and "| act-order (desc_act) | yes |" in card
+    assert (
+        "| bits | 4 |" in card
+        and "| group size | 128 |" in card
+        and "| act-order (desc_act) | yes |" in card
+    )
     assert "| wikitext2 | 64 | 40 | 23.4568 |" in card
     assert 'from_pretrained("me/tiny-gptq"' in card
 
@@ -143,13 +172,27 @@ def test_the_card_rebuilds_the_quantize_command_when_none_was_recorded(hub, chec
 
     quantize = typer.main.get_command(app).commands["quantize"]
     params = quantize.make_context("quantize", command.split()[2:]).params
-    expected = dict(bits=4, group_size=128, desc_act=True, sym=True, damp_percent=0.01, dataset="wikitext2",
-                    nsamples=16, seqlen=64, seed=3, fmt="gptq", model="org/tiny-base", method="gptq",
-                    gptaq_alpha=None)   # a file without a method in its meta is plain GPTQ, not the default
+    expected = dict(
+        bits=4,
+        group_size=128,
+        desc_act=True,
+        sym=True,
+        damp_percent=0.01,
+        dataset="wikitext2",
+        nsamples=16,
+        seqlen=64,
+        seed=3,
+        fmt="gptq",
+        model="org/tiny-base",
+        method="gptq",
+        # a file without a method in its meta is plain GPTQ, not the default
+        gptaq_alpha=None,
+    )
     assert {k: params[k] for k in expected} == expected
     assert "| method | gptq |" in card
     assert params["output"] == Path("tiny-gptq")
-    with pytest.raises(Exception, match="No such option"):  # the parser is strict: the check above means something
+    # the parser is strict: the check above means something
+    with pytest.raises(Exception, match="No such option"):
         quantize.make_context("quantize", ["m", "--no-such-flag"])
 
 
@@ -165,25 +208,38 @@ def test_the_card_names_a_gptaq_checkpoints_method_and_alpha(hub, checkpoint):
     card = json.loads(result.stdout)["card_text"]
     assert "| method | gptaq-ls, alpha 1 |" in card
     command = card.split("```bash\n", 1)[1].split("\n```", 1)[0]
-    params = typer.main.get_command(app).commands["quantize"].make_context("quantize", command.split()[2:]).params
+    params = (
+        typer.main.get_command(app)
+        .commands["quantize"]
+        .make_context("quantize", command.split()[2:])
+        .params
+    )
     assert params["method"] == "gptaq-ls" and params["gptaq_alpha"] == 1.0
 
 
 def test_a_recorded_command_and_a_known_license_go_into_the_card(hub, checkpoint, tmp_path):
     base = tmp_path / "base-model"
     base.mkdir()
-    (base / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# The base model\n")
+    (base / "README.md").write_text(
+        "---\nlicense: apache-2.0\nlanguage: en\n---\n# The base model\n"
+    )
     recorded = ["gptq", "quantize", str(base), "--bits", "4", "--desc-act", "-o", "tiny-gptq"]
-    (checkpoint / "quant_log.json").write_text(json.dumps({**QUANT_LOG, "model": str(base), "command": recorded}))
+    (checkpoint / "quant_log.json").write_text(
+        json.dumps({**QUANT_LOG, "model": str(base), "command": recorded})
+    )
     config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "_name_or_path": "org/tiny-base"}))
+    (checkpoint / "config.json").write_text(
+        json.dumps({**config, "_name_or_path": "org/tiny-base"})
+    )
 
     result = push_cli(checkpoint, "me/tiny-gptq", "--quiet")
     assert result.exit_code == 0, result.output
     card = hub.files("me/tiny-gptq")["README.md"].decode()
     meta = front_matter(card)
     assert meta["license"] == "apache-2.0" and meta["base_model"] == "org/tiny-base"
-    assert f"Made with:\n\n```bash\ngptq quantize {base} --bits 4 --desc-act -o tiny-gptq\n```" in card
+    assert (
+        f"Made with:\n\n```bash\ngptq quantize {base} --bits 4 --desc-act -o tiny-gptq\n```" in card
+    )
 
 
 def test_the_license_comes_from_the_base_models_card_in_the_local_cache(hub, checkpoint):
@@ -211,16 +267,28 @@ def test_the_users_readme_is_kept(hub, checkpoint):
 
 
 def test_private_revision_and_commit_message(hub, checkpoint):
-    result = push_cli(checkpoint, "org/tiny", "--private", "--revision", "4bit-g128", "--commit-message",
-                      "first cut", "--json")
+    result = push_cli(
+        checkpoint,
+        "org/tiny",
+        "--private",
+        "--revision",
+        "4bit-g128",
+        "--commit-message",
+        "first cut",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     repo = hub.repos["org/tiny"]
     assert repo.private and repo.branches["main"] == {}
-    assert hub.files("org/tiny", "4bit-g128")["model.safetensors"] == (checkpoint / "model.safetensors").read_bytes()
+    assert (
+        hub.files("org/tiny", "4bit-g128")["model.safetensors"]
+        == (checkpoint / "model.safetensors").read_bytes()
+    )
     assert [(c["branch"], c["summary"]) for c in repo.commits] == [("4bit-g128", "first cut")]
     assert json.loads(result.stdout)["revision"] == "4bit-g128"
 
-    again = push_cli(checkpoint, "org/tiny", "--quiet")  # the repo exists now: exist_ok, a second commit on main
+    # the repo exists now: exist_ok, a second commit on main
+    again = push_cli(checkpoint, "org/tiny", "--quiet")
     assert again.exit_code == 0, again.output
     assert [c["branch"] for c in repo.commits] == ["4bit-g128", "main"]
 
@@ -231,14 +299,20 @@ def test_dry_run_lists_files_and_card_and_sends_nothing(hub, checkpoint, monkeyp
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     listed = {f["path"]: f["size"] for f in plan["files"]}
-    assert listed == {**{name: len(data) for name, data in local_files(checkpoint).items()},
-                      "README.md": len(plan["card_text"].encode())}
+    assert listed == {
+        **{name: len(data) for name, data in local_files(checkpoint).items()},
+        "README.md": len(plan["card_text"].encode()),
+    }
     assert plan["bytes"] == sum(listed.values()) and plan["card"] == "generated"
     assert front_matter(plan["card_text"])["tags"][1] == "4-bit"
     assert hub.requests == []
 
     shown = push_cli(checkpoint, "me/tiny-gptq", "--dry-run")
-    assert shown.exit_code == 0 and "model.safetensors" in shown.stderr and "base_model: org/tiny-base" in shown.stderr
+    assert (
+        shown.exit_code == 0
+        and "model.safetensors" in shown.stderr
+        and "base_model: org/tiny-base" in shown.stderr
+    )
     assert hub.requests == []
 
 
@@ -295,16 +369,22 @@ def test_an_unreachable_hub_fails_with_one_line(hub, checkpoint, monkeypatch):
     result = push_cli(checkpoint, "me/tiny-gptq")
     assert result.exit_code == 2
     line = one_error_line(result)
-    assert f"cannot reach the Hub at {closed}" in line and "ConnectError" in line and "HF_ENDPOINT" in line
+    assert (
+        f"cannot reach the Hub at {closed}" in line
+        and "ConnectError" in line
+        and "HF_ENDPOINT" in line
+    )
 
 
 def test_a_hub_that_never_answers_is_given_up_after_the_timeout(hub, checkpoint, monkeypatch):
-    """A server that accepts the connection and never replies (issue 30: the push waited until killed)."""
+    """A server that accepts the connection and never replies (issue 30: the push waited until
+    killed)."""
     import huggingface_hub.constants as constants
 
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
-        silent.listen(8)   # connections are accepted by the kernel; nothing is ever read or answered
+        # connections are accepted by the kernel; nothing is ever read or answered
+        silent.listen(8)
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
@@ -314,14 +394,24 @@ def test_a_hub_that_never_answers_is_given_up_after_the_timeout(hub, checkpoint,
     assert result.exit_code == 2, result.output
     line = one_error_line(result)
     assert f"the Hub at {endpoint} did not answer within 1 s" in line and "--timeout" in line
-    assert waited < 30   # bounded: a few requests of 1 s each, retries included
+    assert waited < 30  # bounded: a few requests of 1 s each, retries included
 
 
 def test_the_installed_command_honours_hf_endpoint_from_its_environment(hub, checkpoint):
-    """A separate process: huggingface_hub reads HF_ENDPOINT and HF_HUB_DISABLE_XET at import, as for users."""
-    env = {**os.environ, **hub.env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "gptq_cli.cli", "push", str(checkpoint), "me/from-env", "--json"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    """A separate process: huggingface_hub reads HF_ENDPOINT and HF_HUB_DISABLE_XET at import, as
+    for users."""
+    env = {
+        **os.environ,
+        **hub.env,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptq_cli.cli", "push", str(checkpoint), "me/from-env", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     remote = hub.files("me/from-env")
     assert remote.pop("README.md").startswith(b"---\n") and remote == local_files(checkpoint)

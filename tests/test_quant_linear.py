@@ -1,5 +1,7 @@
-"""QuantLinear against the dequantization formula computed directly from codes/scales/zeros (no packing):
-every bit width, v1 and v2 zeros, act-order g_idx, K not a multiple of the group size, input dtypes."""
+"""QuantLinear against the dequantization formula computed directly from codes/scales/zeros (no
+packing): every bit width, v1 and v2 zeros, act-order g_idx, K not a multiple of the group size,
+input dtypes."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,7 +10,12 @@ import torch
 from gptq_cli.quant_linear import QuantLinear
 from tests.tiny_models import random_quantized_weight
 
-CASES = [(bits, fmt, act_order) for bits in (2, 3, 4, 8) for fmt in ("gptq", "gptq_v2") for act_order in (False, True)]
+CASES = [
+    (bits, fmt, act_order)
+    for bits in (2, 3, 4, 8)
+    for fmt in ("gptq", "gptq_v2")
+    for act_order in (False, True)
+]
 
 
 def reference(x: torch.Tensor, qw, bias=None) -> torch.Tensor:
@@ -19,12 +26,19 @@ def reference(x: torch.Tensor, qw, bias=None) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits,fmt,act_order", CASES)
 def test_forward_matches_reference(bits, fmt, act_order):
-    # K = 200 is neither a multiple of the group size (64) nor of 32; N = 48 is not a multiple of 32 either.
-    qw = random_quantized_weight(48, 200, bits=bits, group_size=64, act_order=act_order, sym=fmt == "gptq",
-                                 seed=bits)
+    # K = 200 is neither a multiple of the group size (64) nor of 32; N = 48 is not a multiple of 32
+    # either.
+    qw = random_quantized_weight(
+        48, 200, bits=bits, group_size=64, act_order=act_order, sym=fmt == "gptq", seed=bits
+    )
     bias = torch.randn(48, generator=torch.Generator().manual_seed(1)).to(torch.float16)
     module = QuantLinear.from_quantized(qw, bias=bias, checkpoint_format=fmt)
-    assert (module.bits, module.group_size, module.in_features, module.out_features) == (bits, 64, 200, 48)
+    assert (module.bits, module.group_size, module.in_features, module.out_features) == (
+        bits,
+        64,
+        200,
+        48,
+    )
     assert module.checkpoint_format == fmt
 
     assert torch.equal(module.dequantize_weight(torch.float32), qw.dequantize(torch.float32))
@@ -38,7 +52,7 @@ def test_asymmetric_v1_and_v2_give_the_same_weights():
     qw = random_quantized_weight(40, 96, bits=4, group_size=32, sym=False, v1_storable=True, seed=5)
     v1 = QuantLinear.from_quantized(qw, checkpoint_format="gptq")
     v2 = QuantLinear.from_quantized(qw, checkpoint_format="gptq_v2")
-    assert not torch.equal(v1.qzeros, v2.qzeros)   # stored differently (zero - 1 vs zero) ...
+    assert not torch.equal(v1.qzeros, v2.qzeros)  # stored differently (zero - 1 vs zero) ...
     assert torch.equal(v1.dequantize_weight(), v2.dequantize_weight())  # ... same meaning
 
 
@@ -50,7 +64,9 @@ def test_output_has_the_input_dtype(dtype):
     out = module(x.to(dtype))
     assert out.dtype == dtype
     expected = reference(x.to(dtype), qw)
-    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+    torch.testing.assert_close(
+        out.double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max())
+    )
 
 
 def test_per_channel_group_size():
@@ -96,7 +112,9 @@ def test_wrong_shapes_are_refused():
 @pytest.mark.cuda
 @pytest.mark.parametrize("bits,fmt,act_order", [(4, "gptq", True), (3, "gptq_v2", False)])
 def test_cuda_forward_matches_cpu(bits, fmt, act_order):
-    qw = random_quantized_weight(256, 320, bits=bits, group_size=128, act_order=act_order, sym=fmt == "gptq")
+    qw = random_quantized_weight(
+        256, 320, bits=bits, group_size=128, act_order=act_order, sym=fmt == "gptq"
+    )
     module = QuantLinear.from_quantized(qw, checkpoint_format=fmt)
     x = torch.randn(8, 320, generator=torch.Generator().manual_seed(11))
     cpu = module(x)
@@ -104,4 +122,6 @@ def test_cuda_forward_matches_cpu(bits, fmt, act_order):
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
     half = module(x.to("cuda", torch.float16))
     assert half.dtype == torch.float16
-    torch.testing.assert_close(half.float().cpu(), cpu, rtol=2e-2, atol=2e-2 * float(cpu.abs().max()))
+    torch.testing.assert_close(
+        half.float().cpu(), cpu, rtol=2e-2, atol=2e-2 * float(cpu.abs().max())
+    )

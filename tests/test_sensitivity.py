@@ -1,5 +1,7 @@
-"""sensitivity.output_fisher (the streamed backward pass behind --target-bits) against plain autograd on the
-whole float model: the same mean squared gradient of the next-token loss on every quantized linear's outputs."""
+"""sensitivity.output_fisher (the streamed backward pass behind --target-bits) against plain
+autograd on the whole float model: the same mean squared gradient of the next-token loss on every
+quantized linear's outputs."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +16,10 @@ from tests.tiny_models import random_input_ids, save_tiny_model
 
 
 def reference_fisher(model_dir, batches):
-    """Every linear's output gradient from one autograd pass of the whole model, squared, summed over tokens."""
+    """Every linear's output gradient from one autograd pass of the whole model, squared, summed
+    over tokens."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     layers_path, _ = resolve_arch(model)
     sums, handles = {}, []
@@ -24,13 +28,22 @@ def reference_fisher(model_dir, batches):
             full = f"{layers_path}.{i}.{name}"
 
             def hook(_m, _a, out, full=full):
-                out.register_hook(lambda g: sums.__setitem__(full, sums.get(full, 0) + g.pow(2).reshape(-1, g.shape[-1]).sum(0)))
+                out.register_hook(
+                    lambda g: sums.__setitem__(
+                        full, sums.get(full, 0) + g.pow(2).reshape(-1, g.shape[-1]).sum(0)
+                    )
+                )
+
             handles.append(m.register_forward_hook(hook))
     count = sum(ids[:, 1:].numel() for ids in batches)
     for ids in batches:
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum") / count
+        loss = (
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            / count
+        )
         loss.backward()
     tokens = sum(ids.numel() for ids in batches)
     return {k: v / tokens for k, v in sums.items()}
@@ -50,12 +63,15 @@ def test_streamed_fisher_equals_autograd_on_the_whole_model(tmp_path, arch):
             sm.materialize(f"{layers_path}.{i}.", torch.device("cpu"), torch.float32)
             advance(calib, block)
             sm.release(block)
-    ours = output_fisher(sm, layers_path, kept, calib.hidden, calib.kwargs, batches, torch.device("cpu"))
+    ours = output_fisher(
+        sm, layers_path, kept, calib.hidden, calib.kwargs, batches, torch.device("cpu")
+    )
     reference = reference_fisher(model_dir, batches)
     assert set(ours) == set(reference) and len(ours) >= 8
     for name, f in ours.items():
         assert f.shape == reference[name].shape
         assert f.min() >= 0 and f.max() > 0, name
-        torch.testing.assert_close(f, reference[name], rtol=1e-3, atol=1e-12 * float(reference[name].max()),
-                                   msg=name)
-    assert all(not block for block in kept)   # emptied as it went
+        torch.testing.assert_close(
+            f, reference[name], rtol=1e-3, atol=1e-12 * float(reference[name].max()), msg=name
+        )
+    assert all(not block for block in kept)  # emptied as it went

@@ -1,5 +1,6 @@
-"""What every subcommand shares: error handling and exit codes, --json output, progress on stderr, and keeping
-other libraries' logs, warnings and progress bars off the terminal."""
+"""What every subcommand shares: error handling and exit codes, --json output, progress on
+stderr, and keeping other libraries' logs, warnings and progress bars off the terminal."""
+
 from __future__ import annotations
 
 import json
@@ -12,31 +13,62 @@ from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from gptq_cli.errors import GptqError, Interrupted, describe_os_error, noting_interrupts
 
-# Progress, tables and logs go to stderr so that stdout carries only the --json object. markup=False: paths, model
-# names and messages print as typed ("x[/]" or "a[bold]b" are file names, not rich markup); styles come from Text.
+# Progress, tables and logs go to stderr so that stdout carries only the --json object.
+# markup=False: paths, model names and messages print as typed ("x[/]" or "a[bold]b" are file names,
+# not rich markup); styles come from Text.
 console = Console(stderr=True, markup=False)
 
-JSON_OPTION = typer.Option(False, "--json", help="Print one machine-readable JSON object on stdout.")
-TRUST_REMOTE_CODE_OPTION = typer.Option(False, "--trust-remote-code", help="Allow a model whose config.json names "
-                                        "its own code (auto_map) to run that code; only for code you trust.")
+JSON_OPTION = typer.Option(
+    False, "--json", help="Print one machine-readable JSON object on stdout."
+)
+TRUST_REMOTE_CODE_OPTION = typer.Option(
+    False,
+    "--trust-remote-code",
+    help="Allow a model whose config.json names "
+    "its own code (auto_map) to run that code; only for code "
+    "you trust.",
+)
 QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
-DEBUG_OPTION = typer.Option(False, "--debug", help="Show the full traceback on errors, and other libraries' "
-                            "warnings and logs.")
+DEBUG_OPTION = typer.Option(
+    False,
+    "--debug",
+    help="Show the full traceback on errors, and other libraries' warnings and logs.",
+)
 
-# Loggers of libraries that print on import or while loading (transformers' advice is for Python callers, e.g.
-# "pass `dtype=torch.float32`"; torchao's failed optional kernels; datasets' retries). Our own output is ours.
-_NOISY_LOGGERS = ("transformers", "datasets", "huggingface_hub", "torch", "torchao", "accelerate", "gptqmodel",
-                  "urllib3", "filelock", "fsspec")
+# Loggers of libraries that print on import or while loading (transformers' advice is for Python
+# callers, e.g. "pass `dtype=torch.float32`"; torchao's failed optional kernels; datasets' retries).
+# Our own output is ours.
+_NOISY_LOGGERS = (
+    "transformers",
+    "datasets",
+    "huggingface_hub",
+    "torch",
+    "torchao",
+    "accelerate",
+    "gptqmodel",
+    "urllib3",
+    "filelock",
+    "fsspec",
+)
 
 
 def say(label: str, message: str, style: str = "bold red") -> None:
     """One line on stderr: a styled `label:` and the message exactly as given."""
-    console.print(Text.assemble((f"{label}:", style), " ", message), highlight=False, soft_wrap=True)
+    console.print(
+        Text.assemble((f"{label}:", style), " ", message), highlight=False, soft_wrap=True
+    )
 
 
 def run(work: Callable[[], Any], *, debug: bool = False) -> Any:
@@ -50,19 +82,21 @@ def run(work: Callable[[], Any], *, debug: bool = False) -> Any:
                 raise
             say("error", str(e))
             raise typer.Exit(e.exit_code)
-        except Interrupted as e:   # what was kept and how to continue
+        except Interrupted as e:  # what was kept and how to continue
             say("error", str(e))
             raise typer.Exit(e.exit_code)
         except KeyboardInterrupt:
             console.print(Text("interrupted", style="bold red"))
             raise typer.Exit(130)
         except Exception as e:
-            if interrupted():  # Ctrl-C that landed in a C extension and came out as that extension's error
+            # Ctrl-C that landed in a C extension and came out as that extension's error
+            if interrupted():
                 console.print(Text("interrupted", style="bold red"))
                 raise typer.Exit(130)
             if debug:
                 raise
-            if isinstance(e, OSError) and e.errno is not None:   # disk full, no permission...: said plainly
+            # disk full, no permission...: said plainly
+            if isinstance(e, OSError) and e.errno is not None:
                 say("error", describe_os_error(e))
                 raise typer.Exit(1)
             # an unexpected failure of the work: one line unless --debug
@@ -71,8 +105,9 @@ def run(work: Callable[[], Any], *, debug: bool = False) -> Any:
 
 
 def quiet_libraries(debug: bool = False) -> None:
-    """Keep other libraries' log lines, Python warnings and tqdm bars off stderr: the progress and messages a
-    user sees are ours (a bar on a terminal, one line per block otherwise). --debug leaves them all on."""
+    """Keep other libraries' log lines, Python warnings and tqdm bars off stderr: the progress
+    and messages a user sees are ours (a bar on a terminal, one line per block otherwise).
+    --debug leaves them all on."""
     if debug:
         return
     # Read when these libraries are imported (after this: commands import them lazily).
@@ -80,7 +115,8 @@ def quiet_libraries(debug: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # bare tqdm bars, e.g. transformers' "de-quantizing GGUF tensors"
+    # bare tqdm bars, e.g. transformers' "de-quantizing GGUF tensors"
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import torch  # noqa: F401  (its import sets up its loggers' levels: ours must come after)
 
     for name in _NOISY_LOGGERS:
@@ -116,8 +152,15 @@ def show_progress(quiet: bool) -> bool:
 @contextmanager
 def progress_bar(quiet: bool) -> Iterator[Progress]:
     """A rich progress bar on stderr, disabled when not a TTY or --quiet."""
-    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                   disable=not show_progress(quiet), transient=False)
+    bar = Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show_progress(quiet),
+        transient=False,
+    )
     with bar:
         yield bar

@@ -1,15 +1,32 @@
-"""`gptq push CHECKPOINT REPO_ID`: check, then upload a GPTQ checkpoint with a model card to the Hub."""
+"""`gptq push CHECKPOINT REPO_ID`: check, then upload a GPTQ checkpoint with a model card to the
+Hub."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
-from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, console, emit_json, run, say,
-                                      show_progress)
+from gptq_cli.commands.common import (
+    DEBUG_OPTION,
+    JSON_OPTION,
+    QUIET_OPTION,
+    console,
+    emit_json,
+    run,
+    say,
+    show_progress,
+)
 from gptq_cli.push import HUB_TIMEOUT
 
 if TYPE_CHECKING:
@@ -27,29 +44,54 @@ Examples:
 
 
 def push(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Directory of the GPTQ checkpoint to publish."),
-    repo_id: str = typer.Argument(..., metavar="REPO_ID", help="OWNER/NAME on the Hub; created if it does not "
-                                  "exist."),
-    private: bool = typer.Option(False, "--private", help="Create the repo private (an existing repo keeps its "
-                                 "visibility)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created from main if "
-                                           "needed; default main)."),
-    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit summary (default: "
-                                                 "\"Upload N-bit GPTQ checkpoint with gptq_cli VERSION\")."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the files and sizes and print the model card; "
-                                 "send nothing (no token needed)."),
-    timeout: float = typer.Option(HUB_TIMEOUT, "--timeout", help="Seconds to wait to connect and for each "
-                                  "answer of the Hub before giving up.", min=1),
-    json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
+    checkpoint: Path = typer.Argument(
+        ..., metavar="CHECKPOINT", help="Directory of the GPTQ checkpoint to publish."
+    ),
+    repo_id: str = typer.Argument(
+        ..., metavar="REPO_ID", help="OWNER/NAME on the Hub; created if it does not exist."
+    ),
+    private: bool = typer.Option(
+        False, "--private", help="Create the repo private (an existing repo keeps its visibility)."
+    ),
+    revision: Optional[str] = typer.Option(
+        None, "--revision", help="Branch to commit to (created from main if needed; default main)."
+    ),
+    commit_message: Optional[str] = typer.Option(
+        None,
+        "--commit-message",
+        help='Commit summary (default: "Upload N-bit GPTQ checkpoint with gptq_cli VERSION").',
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="List the files and sizes and print the model card; send nothing (no token needed).",
+    ),
+    timeout: float = typer.Option(
+        HUB_TIMEOUT,
+        "--timeout",
+        help="Seconds to wait to connect and for each answer of the Hub before giving up.",
+        min=1,
+    ),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+    debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Upload a GPTQ checkpoint to the Hugging Face Hub after `gptq inspect`'s validity check, with a model card.
+    """Upload a GPTQ checkpoint to the Hugging Face Hub after `gptq inspect`'s validity check, with
+    a model card.
 
-    The card (README.md: YAML metadata, quantization settings, the quantize command, eval_results.json,
-    how to load it) is generated unless the checkpoint already has a README.md, which is then sent unchanged.
+    The card (README.md: YAML metadata, quantization settings, the quantize command,
+    eval_results.json, how to load it) is generated unless the checkpoint already has a README.md,
+    which is then sent unchanged.
     Token: HF_TOKEN or `hf auth login`. Server: HF_ENDPOINT (default the Hugging Face Hub)."""
 
     def work() -> None:
-        from gptq_cli.push import CheckpointRefused, check_repo_id, hub_token, plan_push, push_checkpoint
+        from gptq_cli.push import (
+            CheckpointRefused,
+            check_repo_id,
+            hub_token,
+            plan_push,
+            push_checkpoint,
+        )
 
         check_repo_id(repo_id)
         token = None if dry_run else hub_token()
@@ -65,18 +107,35 @@ def push(
             elif not quiet:
                 _print_plan(plan)
             return
-        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(),
-                      TimeElapsedColumn(), console=console, disable=not show_progress(quiet or json_out)) as bar:
+        with Progress(
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not show_progress(quiet or json_out),
+        ) as bar:
             task = bar.add_task(f"pushing to {repo_id}", total=plan.total_bytes)
-            result = push_checkpoint(plan, token=token, private=private, revision=revision,
-                                     commit_message=commit_message, timeout=timeout,
-                                     on_file=lambda f: bar.update(task, advance=f.size, description=f.path_in_repo))
+            result = push_checkpoint(
+                plan,
+                token=token,
+                private=private,
+                revision=revision,
+                commit_message=commit_message,
+                timeout=timeout,
+                on_file=lambda f: bar.update(task, advance=f.size, description=f.path_in_repo),
+            )
         if json_out:
             emit_json(result)
         elif not quiet:
-            console.print(f"pushed {len(result['files'])} files ({result['bytes'] / 1e6:.1f} MB) to {result['url']} "
-                          f"@ {result['revision']}: {result['commit_url']}", highlight=False, soft_wrap=True)
+            console.print(
+                f"pushed {len(result['files'])} files ({result['bytes'] / 1e6:.1f} MB) "
+                f"to {result['url']} "
+                f"@ {result['revision']}: {result['commit_url']}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     run(work, debug=debug)
 
@@ -86,8 +145,12 @@ def _print_plan(plan: "PushPlan") -> None:
     table.add_column("file", overflow="fold")
     table.add_column("bytes", justify="right")
     for f in plan.files:
-        table.add_row(f.path_in_repo + ("  (generated card)" if f.content is not None else ""), f"{f.size:,}")
+        table.add_row(
+            f.path_in_repo + ("  (generated card)" if f.content is not None else ""), f"{f.size:,}"
+        )
     table.add_row("total", f"{plan.total_bytes:,}")
     console.print(table)
-    console.rule("README.md (generated)" if plan.card_generated else "README.md (the checkpoint's own, kept)")
+    console.rule(
+        "README.md (generated)" if plan.card_generated else "README.md (the checkpoint's own, kept)"
+    )
     console.print(plan.card, markup=False, highlight=False, soft_wrap=True)

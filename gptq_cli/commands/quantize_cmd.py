@@ -1,4 +1,5 @@
 """`gptq quantize MODEL`: solve + pack into a GPTQ checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,18 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from gptq_cli.commands.common import (DEBUG_OPTION, JSON_OPTION, QUIET_OPTION, TRUST_REMOTE_CODE_OPTION, console,
-                                      emit_json, progress_bar, run, say, show_progress)
+from gptq_cli.commands.common import (
+    DEBUG_OPTION,
+    JSON_OPTION,
+    QUIET_OPTION,
+    TRUST_REMOTE_CODE_OPTION,
+    console,
+    emit_json,
+    progress_bar,
+    run,
+    say,
+    show_progress,
+)
 from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
 
@@ -21,13 +32,25 @@ if TYPE_CHECKING:
     from gptq_cli.api import QuantizeResult
 
 _PACKAGE = Path(__file__).resolve().parents[1]
-# The --config presets: shipped inside the package by setup.py's build_py (a wheel install), else the source
-# tree's configs/ (a checkout or an editable install).
-CONFIG_DIR = next((d for d in (_PACKAGE / "presets", _PACKAGE.parent / "configs") if d.is_dir()), _PACKAGE / "presets")
-QUANT_KEYS = ("bits", "group_size", "desc_act", "sym", "static_groups", "act_group_aware", "true_sequential",
-              "damp_percent", "mse")
+# The --config presets: shipped inside the package by setup.py's build_py (a wheel install), else
+# the source tree's configs/ (a checkout or an editable install).
+CONFIG_DIR = next(
+    (d for d in (_PACKAGE / "presets", _PACKAGE.parent / "configs") if d.is_dir()),
+    _PACKAGE / "presets",
+)
+QUANT_KEYS = (
+    "bits",
+    "group_size",
+    "desc_act",
+    "sym",
+    "static_groups",
+    "act_group_aware",
+    "true_sequential",
+    "damp_percent",
+    "mse",
+)
 RUN_KEYS = ("dataset", "nsamples", "seqlen", "batch_size", "seed")
-WORST_SHOWN = 3   # modules with the largest loss named in the summary
+WORST_SHOWN = 3  # modules with the largest loss named in the summary
 
 EXAMPLES = """
 Examples:
@@ -64,145 +87,310 @@ def load_preset(config: str) -> dict:
 
 
 def quantize(
-    model: str = typer.Argument(..., metavar="MODEL", help="Hub id, local HF directory, .gguf file, or a built-in "
-                                "name (smollm2-135m)."),
+    model: str = typer.Argument(
+        ...,
+        metavar="MODEL",
+        help="Hub id, local HF directory, .gguf file, or a built-in name (smollm2-135m).",
+    ),
     bits: Optional[int] = typer.Option(None, "--bits", help="2, 3, 4 or 8 (default 4)."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="Columns per group, -1 = per channel "
-                                                                        "(default 128)."),
-    desc_act: Optional[bool] = typer.Option(None, "--desc-act/--no-desc-act", help="Act-order: quantize columns "
-                                            "by decreasing Hessian diagonal (default off)."),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric; asym "
-                                       "is written as gptq_v2."),
-    static_groups: Optional[bool] = typer.Option(None, "--static-groups/--no-static-groups",
-                                                 help="Find every group's scale and zero on the original weights, before "
-                                                      "any error update (as AutoGPTQ/GPTQModel); with "
-                                                      "act-order, groups of original columns."),
-    act_group_aware: Optional[bool] = typer.Option(None, "--act-group-aware/--no-act-group-aware",
-                                                   help="Without --desc-act: solve groups (and columns in them) "
-                                                        "by decreasing Hessian diagonal, keeping g_idx = k // g "
-                                                        "(per channel: act-order at no cost; default on)."),
-    true_sequential: Optional[bool] = typer.Option(None, "--true-sequential/--no-true-sequential",
-                                                   help="Quantize q/k/v → o → gate/up → down in turn (default on)."),
-    damp_percent: Optional[float] = typer.Option(None, "--damp-percent", help="Relative damping (default 0.01), "
-                                                 "raised automatically when the Hessian is not positive definite."),
-    mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="Search clipping ranges that minimise error."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="builtin (default, offline), c4, wikitext2, a "
-                                          ".txt/.jsonl/.json/.parquet path, or a Hub dataset id. A .jsonl of "
-                                          "input_ids rows is used as-is."),
-    dataset_path: Optional[str] = typer.Option(None, "--dataset-path", help="Offline copy of a named dataset."),
-    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration samples (default 128)."),
-    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration sample (default 2048)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per forward pass (default 8)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Calibration sampling seed (default 0)."),
+    group_size: Optional[int] = typer.Option(
+        None, "--group-size", help="Columns per group, -1 = per channel (default 128)."
+    ),
+    desc_act: Optional[bool] = typer.Option(
+        None,
+        "--desc-act/--no-desc-act",
+        help="Act-order: quantize columns by decreasing Hessian diagonal (default off).",
+    ),
+    sym: Optional[bool] = typer.Option(
+        None, "--sym/--asym", help="Symmetric (default) or asymmetric; asym is written as gptq_v2."
+    ),
+    static_groups: Optional[bool] = typer.Option(
+        None,
+        "--static-groups/--no-static-groups",
+        help="Find every group's scale and zero on the "
+        "original weights, before "
+        "any error update (as AutoGPTQ/GPTQModel); "
+        "with "
+        "act-order, groups of original columns.",
+    ),
+    act_group_aware: Optional[bool] = typer.Option(
+        None,
+        "--act-group-aware/--no-act-group-aware",
+        help="Without --desc-act: solve groups (and "
+        "columns in them) "
+        "by decreasing Hessian diagonal, keeping "
+        "g_idx = k // g "
+        "(per channel: act-order at no cost; "
+        "default on).",
+    ),
+    true_sequential: Optional[bool] = typer.Option(
+        None,
+        "--true-sequential/--no-true-sequential",
+        help="Quantize q/k/v → o → gate/up → down in turn (default on).",
+    ),
+    damp_percent: Optional[float] = typer.Option(
+        None,
+        "--damp-percent",
+        help="Relative damping (default 0.01), "
+        "raised automatically when the Hessian is not "
+        "positive definite.",
+    ),
+    mse: Optional[bool] = typer.Option(
+        None, "--mse/--no-mse", help="Search clipping ranges that minimise error."
+    ),
+    dataset: Optional[str] = typer.Option(
+        None,
+        "--dataset",
+        help="builtin (default, offline), c4, wikitext2, a "
+        ".txt/.jsonl/.json/.parquet path, or a Hub dataset id. A "
+        ".jsonl of "
+        "input_ids rows is used as-is.",
+    ),
+    dataset_path: Optional[str] = typer.Option(
+        None, "--dataset-path", help="Offline copy of a named dataset."
+    ),
+    nsamples: Optional[int] = typer.Option(
+        None, "--nsamples", help="Calibration samples (default 128)."
+    ),
+    seqlen: Optional[int] = typer.Option(
+        None, "--seqlen", help="Tokens per calibration sample (default 2048)."
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Samples per forward pass (default 8)."
+    ),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Calibration sampling seed (default 0)."
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="cuda if present, else cpu."),
-    dtype: str = typer.Option("auto", "--dtype", help="Activation dtype: auto, float16, bfloat16, float32."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="gptq (v1, default) or gptq_v2 (forced for asym)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default "
-                                          "<model>-gptq-<bits>bit-g<group>)."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where finished blocks are kept until the "
-                                            "checkpoint is written (default <output>.work); a rerun with the same "
-                                            "settings continues from it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run; an error when there is no "
-                                "work dir to continue (a plain rerun continues too, or starts afresh)."),
-    config: Optional[str] = typer.Option(None, "--config", help="A preset from configs/ (name or path); flags "
-                                         "override it."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layers, memory, time) and exit."),
-    table: bool = typer.Option(False, "--table", help="Also print every module's loss, damp and seconds (always in "
-                               "the output's quant_log.json)."),
-    target_bits: Optional[float] = typer.Option(None, "--target-bits", help="Mixed precision: choose each linear's "
-                                                "bits and group size so that the quantized linears average at most "
-                                                "this many stored bits per weight (scales, zeros, g_idx counted), "
-                                                "least loss first. Replaces --bits/--group-size."),
-    candidates: Optional[str] = typer.Option(None, "--candidates", help="With --target-bits: the settings to "
-                                             "choose from, \"4g128,3g64\" (g-1: per channel) or \"bits=3,4 "
-                                             "group=64,128\" (default bits 2,3,4,8 x group 32,64,128)."),
-    measurements: Optional[Path] = typer.Option(None, "--measurements", help="With --target-bits: the "
-                                                "measurements.json an earlier --target-bits run left beside its "
-                                                "checkpoint (same model, calibration, settings): no new "
-                                                "measurement; with --dry-run, prints the allocation."),
-    method: Optional[str] = typer.Option(None, "--method", help="gptaq-ls (default): "
-                                         "each layer aims at the full-precision model's output on full-precision "
-                                         "inputs, by GPTQ run on the least-squares fit of that output (one more "
-                                         "stream of calibration activations, about twice the time); gptaq: the "
-                                         "same aim by GPTAQ's own update (Li et al. 2025); gptq: each layer's "
-                                         "own output on the quantized model's inputs. Same file format."),
-    gptaq_alpha: Optional[float] = typer.Option(None, "--gptaq-alpha", help="With --method gptaq or gptaq-ls: "
-                                                "the weight of the full-precision aim, in (0, 1] (default for "
-                                                "gptaq-ls 1, the exact fit, or 0.5 with --target-bits; 0.25 for "
-                                                "gptaq, the authors')."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Activation dtype: auto, float16, bfloat16, float32."
+    ),
+    fmt: Optional[str] = typer.Option(
+        None, "--format", help="gptq (v1, default) or gptq_v2 (forced for asym)."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Output directory (default <model>-gptq-<bits>bit-g<group>)."
+    ),
+    work_dir: Optional[Path] = typer.Option(
+        None,
+        "--work-dir",
+        help="Where finished blocks are kept until the "
+        "checkpoint is written (default <output>.work); a "
+        "rerun with the same "
+        "settings continues from it.",
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue an interrupted run; an error when there is no "
+        "work dir to continue (a plain rerun continues too, or starts "
+        "afresh).",
+    ),
+    config: Optional[str] = typer.Option(
+        None, "--config", help="A preset from configs/ (name or path); flags override it."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (layers, memory, time) and exit."
+    ),
+    table: bool = typer.Option(
+        False,
+        "--table",
+        help="Also print every module's loss, damp and seconds (always in "
+        "the output's quant_log.json).",
+    ),
+    target_bits: Optional[float] = typer.Option(
+        None,
+        "--target-bits",
+        help="Mixed precision: choose each linear's "
+        "bits and group size so that the quantized linears "
+        "average at most "
+        "this many stored bits per weight (scales, zeros, "
+        "g_idx counted), "
+        "least loss first. Replaces --bits/--group-size.",
+    ),
+    candidates: Optional[str] = typer.Option(
+        None,
+        "--candidates",
+        help="With --target-bits: the settings to "
+        'choose from, "4g128,3g64" (g-1: per channel) or '
+        '"bits=3,4 '
+        'group=64,128" (default bits 2,3,4,8 x group '
+        "32,64,128).",
+    ),
+    measurements: Optional[Path] = typer.Option(
+        None,
+        "--measurements",
+        help="With --target-bits: the "
+        "measurements.json an earlier --target-bits run "
+        "left beside its "
+        "checkpoint (same model, calibration, settings): "
+        "no new "
+        "measurement; with --dry-run, prints the "
+        "allocation.",
+    ),
+    method: Optional[str] = typer.Option(
+        None,
+        "--method",
+        help="gptaq-ls (default): "
+        "each layer aims at the full-precision model's output on "
+        "full-precision "
+        "inputs, by GPTQ run on the least-squares fit of that "
+        "output (one more "
+        "stream of calibration activations, about twice the "
+        "time); gptaq: the "
+        "same aim by GPTAQ's own update (Li et al. 2025); gptq: "
+        "each layer's "
+        "own output on the quantized model's inputs. Same file "
+        "format.",
+    ),
+    gptaq_alpha: Optional[float] = typer.Option(
+        None,
+        "--gptaq-alpha",
+        help="With --method gptaq or gptaq-ls: "
+        "the weight of the full-precision aim, in (0, 1] "
+        "(default for "
+        "gptaq-ls 1, the exact fit, or 0.5 with "
+        "--target-bits; 0.25 for "
+        "gptaq, the authors').",
+    ),
     trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
-    json_out: bool = JSON_OPTION, quiet: bool = QUIET_OPTION, debug: bool = DEBUG_OPTION,
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+    debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Quantize a causal LM with GPTQ and write a GPTQ checkpoint that transformers, GPTQModel and vLLM load."""
-    flags = dict(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, static_groups=static_groups,
-                 act_group_aware=act_group_aware, true_sequential=true_sequential, damp_percent=damp_percent, mse=mse,
-                 dataset=dataset, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, seed=seed, format=fmt)
+    """Quantize a causal LM with GPTQ and write a GPTQ checkpoint that transformers, GPTQModel
+    and vLLM load."""
+    flags = dict(
+        bits=bits,
+        group_size=group_size,
+        desc_act=desc_act,
+        sym=sym,
+        static_groups=static_groups,
+        act_group_aware=act_group_aware,
+        true_sequential=true_sequential,
+        damp_percent=damp_percent,
+        mse=mse,
+        dataset=dataset,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        batch_size=batch_size,
+        seed=seed,
+        format=fmt,
+    )
 
     def work():
         settings = load_preset(config) if config else {}
         settings.update({k: v for k, v in flags.items() if v is not None})
         if settings.get("format") == "gptq" and settings.get("sym") is False:
-            raise UsageError("--asym needs --format gptq_v2: format gptq (v1) stores zero - 1 and cannot hold an "
-                             "asymmetric zero of 0; drop --format gptq (asym is then written as gptq_v2)")
+            raise UsageError(
+                "--asym needs --format gptq_v2: format gptq (v1) stores zero - 1 and "
+                "cannot hold an "
+                "asymmetric zero of 0; drop --format gptq (asym is then written as "
+                "gptq_v2)"
+            )
         try:
-            quant = QuantConfig(**{k: settings[k] for k in QUANT_KEYS if k in settings},
-                                checkpoint_format=settings.get("format", "gptq"))
+            quant = QuantConfig(
+                **{k: settings[k] for k in QUANT_KEYS if k in settings},
+                checkpoint_format=settings.get("format", "gptq"),
+            )
         except ValueError as e:
             raise UsageError(str(e)) from e
-        # seqlen None: 2048, or the model's context when that is shorter (an explicit one beyond it is refused)
-        run_args = dict(dataset=settings.get("dataset", "builtin"), nsamples=settings.get("nsamples", 128),
-                        seqlen=settings.get("seqlen"), batch_size=settings.get("batch_size", 8),
-                        seed=settings.get("seed", 0))
+        # seqlen None: 2048, or the model's context when that is shorter (an explicit one beyond it
+        # is refused)
+        run_args = dict(
+            dataset=settings.get("dataset", "builtin"),
+            nsamples=settings.get("nsamples", 128),
+            seqlen=settings.get("seqlen"),
+            batch_size=settings.get("batch_size", 8),
+            seed=settings.get("seed", 0),
+        )
         for k in ("nsamples", "seqlen", "batch_size"):
             if run_args[k] is not None and run_args[k] < 1:
                 raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {run_args[k]}")
-        cands = _mixed_options(target_bits, candidates, measurements, {k: v for k, v in flags.items() if v is not None})
+        cands = _mixed_options(
+            target_bits, candidates, measurements, {k: v for k, v in flags.items() if v is not None}
+        )
         if dry_run:
             from gptq_cli.api import resolve_method
+
             plan_method = resolve_method(method, gptaq_alpha, target_bits)[0]
             from gptq_cli.plan import make_plan
-            plan = make_plan(model, quant, device=device, dtype=dtype,
-                             **{**run_args, "seqlen": run_args["seqlen"] or 2048}, target_bits=target_bits,
-                             candidates=cands, measurements=measurements, trust_remote_code=trust_remote_code,
-                             method=plan_method)
+
+            plan = make_plan(
+                model,
+                quant,
+                device=device,
+                dtype=dtype,
+                **{**run_args, "seqlen": run_args["seqlen"] or 2048},
+                target_bits=target_bits,
+                candidates=cands,
+                measurements=measurements,
+                trust_remote_code=trust_remote_code,
+                method=plan_method,
+            )
             _print_plan(plan, json_out, quiet)
             return
         from gptq_cli.api import quantize as api_quantize
+
         with progress_bar(quiet or json_out) as bar:
             blocks = bar.add_task("blocks", total=None)
 
-            plain_lines = not (quiet or json_out or show_progress(quiet))  # a log, not a terminal: a line a block
+            # a log, not a terminal: a line a block
+            plain_lines = not (quiet or json_out or show_progress(quiet))
             t0 = time.perf_counter()
 
             def on_progress(kind, *args):
                 if kind == "block":
                     bar.update(blocks, completed=args[0], total=args[1])
                     if plain_lines and args[0]:
-                        console.print(f"block {args[0]}/{args[1]} quantized ({time.perf_counter() - t0:.0f} s)",
-                                      highlight=False)
+                        console.print(
+                            f"block {args[0]}/{args[1]} quantized "
+                            f"({time.perf_counter() - t0:.0f} s)",
+                            highlight=False,
+                        )
                 elif kind == "measure":
-                    bar.update(blocks, description="measuring candidates", completed=args[0], total=args[1])
+                    bar.update(
+                        blocks, description="measuring candidates", completed=args[0], total=args[1]
+                    )
                     if plain_lines:
-                        console.print(f"block {args[0]}/{args[1]} measured ({time.perf_counter() - t0:.0f} s)",
-                                      highlight=False)
+                        console.print(
+                            f"block {args[0]}/{args[1]} measured ({time.perf_counter() - t0:.0f} "
+                            "s)",
+                            highlight=False,
+                        )
                 elif kind == "module":
                     bar.update(blocks, description=f"blocks · {args[0].name}")
                 elif kind == "resume" and not (quiet or json_out):
-                    console.print(f"continuing {args[2]}: {args[0]} of {args[1]} blocks already quantized",
-                                  highlight=False)
+                    console.print(
+                        f"continuing {args[2]}: {args[0]} of {args[1]} blocks already quantized",
+                        highlight=False,
+                    )
                 elif kind == "note":  # a setting not applied as asked: said even with --quiet
                     say("note", args[0], style="bold yellow")
 
-            # What the user typed, under the console script's name however Python was started; None when the
-            # command was invoked programmatically (sys.argv is then some other program's).
+            # What the user typed, under the console script's name however Python was started; None
+            # when the command was invoked programmatically (sys.argv is then some other program's).
             command = shlex.join(["gptq", *sys.argv[1:]]) if "quantize" in sys.argv[1:] else None
-            result = api_quantize(model, quant, dataset_path=dataset_path, device=device, dtype=dtype,
-                                  output=output, work_dir=work_dir, resume=resume, command=command,
-                                  progress=on_progress, target_bits=target_bits, candidates=cands,
-                                  measurements=measurements, trust_remote_code=trust_remote_code,
-                                  method=method, gptaq_alpha=gptaq_alpha,
-                                  **run_args)
-        if not result.writer:   # another torchrun rank: rank 0 reports the checkpoint it wrote
+            result = api_quantize(
+                model,
+                quant,
+                dataset_path=dataset_path,
+                device=device,
+                dtype=dtype,
+                output=output,
+                work_dir=work_dir,
+                resume=resume,
+                command=command,
+                progress=on_progress,
+                target_bits=target_bits,
+                candidates=cands,
+                measurements=measurements,
+                trust_remote_code=trust_remote_code,
+                method=method,
+                gptaq_alpha=gptaq_alpha,
+                **run_args,
+            )
+        if not result.writer:  # another torchrun rank: rank 0 reports the checkpoint it wrote
             return
         summary = run_summary(model, result, quant)
         if json_out:
@@ -215,21 +403,32 @@ def quantize(
     run(work, debug=debug)
 
 
-def _mixed_options(target_bits: float | None, candidates: str | None, measurements: Path | None,
-                   settings: dict) -> list | None:
-    """The candidate list for --target-bits (None without it); usage errors for options that contradict it."""
+def _mixed_options(
+    target_bits: float | None, candidates: str | None, measurements: Path | None, settings: dict
+) -> list | None:
+    """The candidate list for --target-bits (None without it); usage errors for options that
+    contradict it."""
     if target_bits is None:
         if candidates is not None or measurements is not None:
-            raise UsageError("--candidates and --measurements go with --target-bits; add --target-bits B")
+            raise UsageError(
+                "--candidates and --measurements go with --target-bits; add --target-bits B"
+            )
         return None
     given = [f"--{k.replace('_', '-')}" for k in ("bits", "group_size") if k in settings]
     if given:
-        raise UsageError(f"--target-bits chooses bits and group size per module: leave out {' and '.join(given)} "
-                         f"(use --candidates to restrict the choice)")
+        raise UsageError(
+            "--target-bits chooses bits and group size per module: leave out "
+            f"{' and '.join(given)} "
+            f"(use --candidates to restrict the choice)"
+        )
     if measurements is not None and not measurements.is_file():
-        raise UsageError(f"--measurements {measurements}: no such file; pass the measurements.json a --target-bits "
-                         f"run left beside its checkpoint")
+        raise UsageError(
+            f"--measurements {measurements}: no such file; pass the measurements.json "
+            "a --target-bits "
+            f"run left beside its checkpoint"
+        )
     from gptq_cli.allocate import parse_candidates
+
     return parse_candidates(candidates)
 
 
@@ -242,61 +441,106 @@ def _print_plan(plan: dict, json_out: bool, quiet: bool) -> None:
     for k, v in plan.items():
         if k != "target_bits":
             table.add_row(k, str(v))
-    for k, v in mixed.items():   # the per-module choice is in --json; the table gives its totals
-        table.add_row(f"target_bits.{k}", str({a: b for a, b in v.items() if a != "modules"})
-                      if isinstance(v, dict) else str(v))
+    for k, v in mixed.items():  # the per-module choice is in --json; the table gives its totals
+        table.add_row(
+            f"target_bits.{k}",
+            str({a: b for a, b in v.items() if a != "modules"}) if isinstance(v, dict) else str(v),
+        )
     console.print(table)
 
 
 def run_summary(model: str, result: "QuantizeResult", quant: QuantConfig) -> dict:
-    """What the end of a run reports (--json prints it whole): where the checkpoint is, its size against fp16,
-    the time, the modules with the largest loss, the validity check, and the commands to run next."""
+    """What the end of a run reports (--json prints it whole): where the checkpoint is, its size
+    against fp16, the time, the modules with the largest loss, the validity check, and the
+    commands to run next."""
     from gptq_cli.inspect import inspect_checkpoint
 
     report = inspect_checkpoint(result.output)
     rows = result.modules
     out = shlex.quote(str(result.output))
-    return {"model": model, "output": str(result.output), "seconds": round(result.seconds, 2),
-            "phases": result.phases,
-            "config": result.plan.get("config", quant.to_hf_dict()),   # --target-bits: the allocated one
-            "modules": len(rows), "bits_per_weight": round(report.bits_per_weight, 4),
-            "mean_loss": sum(r["loss"] for r in rows) / max(len(rows), 1),
-            "worst_modules": [{"name": r["name"], "loss": r["loss"]}
-                              for r in sorted(rows, key=lambda r: r["loss"], reverse=True)[:WORST_SHOWN]],
-            "bytes": report.total_bytes, "fp16_bytes": report.fp16_bytes,
-            "compression_ratio": round(report.compression_ratio, 3), "problems": report.problems,
-            "loaders": report.loaders_line(),
-            "notes": result.notes, "quant_log": str(result.output / "quant_log.json"),
-            "next": [f"gptq eval {shlex.quote(model)} --compare {out} --limit 40", f"gptq inspect {out}",
-                     f"gptq push {out} ORG/NAME"]}
+    return {
+        "model": model,
+        "output": str(result.output),
+        "seconds": round(result.seconds, 2),
+        "phases": result.phases,
+        # --target-bits: the allocated one
+        "config": result.plan.get("config", quant.to_hf_dict()),
+        "modules": len(rows),
+        "bits_per_weight": round(report.bits_per_weight, 4),
+        "mean_loss": sum(r["loss"] for r in rows) / max(len(rows), 1),
+        "worst_modules": [
+            {"name": r["name"], "loss": r["loss"]}
+            for r in sorted(rows, key=lambda r: r["loss"], reverse=True)[:WORST_SHOWN]
+        ],
+        "bytes": report.total_bytes,
+        "fp16_bytes": report.fp16_bytes,
+        "compression_ratio": round(report.compression_ratio, 3),
+        "problems": report.problems,
+        "loaders": report.loaders_line(),
+        "notes": result.notes,
+        "quant_log": str(result.output / "quant_log.json"),
+        "next": [
+            f"gptq eval {shlex.quote(model)} --compare {out} --limit 40",
+            f"gptq inspect {out}",
+            f"gptq push {out} ORG/NAME",
+        ],
+    }
 
 
 def _print_summary(summary: dict) -> None:
-    """A few lines that fit a terminal: the result stays on screen (the per-module table is --table's)."""
+    """A few lines that fit a terminal: the result stays on screen (the per-module table is
+    --table's)."""
     config = summary["config"]
     group = "per channel" if config["group_size"] == -1 else f"group {config['group_size']}"
     worst = ", ".join(f"{m['name']} {m['loss']:.4g}" for m in summary["worst_modules"])
-    check = (Text("ok", style="green") if not summary["problems"] else
-             Text(f"{len(summary['problems'])} problem(s): gptq inspect {summary['output']}", style="bold red"))
-    phases = ", ".join(f"{name} {summary['phases'].get(name, 0):.1f}"
-                       for name in ("load", "forward", "hessian", "solve", "pack", "write"))
-    lines = [("quantized", f"{summary['model']} → {summary['output']} in {summary['seconds']:.1f} s"),
-             ("seconds", phases),
-             ("size", f"{_mb(summary['bytes'])} vs {_mb(summary['fp16_bytes'])} in fp16 "
-                      f"({summary['compression_ratio']:.2f}x smaller)"),
-             ("modules", f"{summary['modules']} quantized, "
-                         + (f"mixed ({len(config['dynamic'])} with their own bits/group), most common "
-                            if config.get("dynamic") else "")
-                         + f"{config['bits']}-bit {group}, {summary['bits_per_weight']} bits/weight, "
-                         f"{config['checkpoint_format']}; mean loss {summary['mean_loss']:.4g}"),
-             ("worst loss", worst),
-             ("full table", f"{summary['quant_log']} (or --table)"),
-             ("check", check),
-             ("loaders", summary["loaders"])]
+    check = (
+        Text("ok", style="green")
+        if not summary["problems"]
+        else Text(
+            f"{len(summary['problems'])} problem(s): gptq inspect {summary['output']}",
+            style="bold red",
+        )
+    )
+    phases = ", ".join(
+        f"{name} {summary['phases'].get(name, 0):.1f}"
+        for name in ("load", "forward", "hessian", "solve", "pack", "write")
+    )
+    lines = [
+        ("quantized", f"{summary['model']} → {summary['output']} in {summary['seconds']:.1f} s"),
+        ("seconds", phases),
+        (
+            "size",
+            f"{_mb(summary['bytes'])} vs {_mb(summary['fp16_bytes'])} in fp16 "
+            f"({summary['compression_ratio']:.2f}x smaller)",
+        ),
+        (
+            "modules",
+            f"{summary['modules']} quantized, "
+            + (
+                f"mixed ({len(config['dynamic'])} with their own bits/group), most common "
+                if config.get("dynamic")
+                else ""
+            )
+            + f"{config['bits']}-bit {group}, {summary['bits_per_weight']} "
+            "bits/weight, "
+            f"{config['checkpoint_format']}; mean loss {summary['mean_loss']:.4g}",
+        ),
+        ("worst loss", worst),
+        ("full table", f"{summary['quant_log']} (or --table)"),
+        ("check", check),
+        ("loaders", summary["loaders"]),
+    ]
     for label, value in lines:
-        console.print(Text.assemble((f"{label:>10}  ", "bold"), value), highlight=False, soft_wrap=True)
-    console.print(Text("next:", style="bold"), *(f"\n  {c}" for c in summary["next"]), sep="", highlight=False,
-                  soft_wrap=True)
+        console.print(
+            Text.assemble((f"{label:>10}  ", "bold"), value), highlight=False, soft_wrap=True
+        )
+    console.print(
+        Text("next:", style="bold"),
+        *(f"\n  {c}" for c in summary["next"]),
+        sep="",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _mb(nbytes: int) -> str:

@@ -1,9 +1,12 @@
-"""GPTQ checkpoint directories on disk: safetensors shards + index, configs, tokenizer files (SPEC §2).
+"""GPTQ checkpoint directories on disk: safetensors shards + index, configs, tokenizer files (SPEC
+§2).
 
-Writing is atomic (everything goes into a temporary sibling directory that is renamed into place only when
-complete) and deterministic (sorted keys everywhere, fixed safetensors metadata), so the same tensors and
-settings always give byte-identical files. Reading accepts checkpoints made by GPTQModel and AutoGPTQ too.
+Writing is atomic (everything goes into a temporary sibling directory that is renamed into place
+only when complete) and deterministic (sorted keys everywhere, fixed safetensors metadata), so the
+same tensors and settings always give byte-identical files. Reading accepts checkpoints made by
+GPTQModel and AutoGPTQ too.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,16 +27,37 @@ from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.format.safetensors_file import FileTensors, LazyTensors, nbytes, write_file
 
 SAFETENSORS_METADATA = {"format": "pt"}
-PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")   # a quantized linear's tensors, `<module>.<name>`
+# a quantized linear's tensors, `<module>.<name>`
+PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
-# Files copied from the source model: the tokenizer in its various on-disk forms and the generation defaults.
-SOURCE_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-                        "spiece.model", "*.tiktoken", "chat_template*", "generation_config.json")
+# Files copied from the source model: the tokenizer in its various on-disk forms and the generation
+# defaults.
+SOURCE_FILE_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "*.tiktoken",
+    "chat_template*",
+    "generation_config.json",
+)
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -46,29 +70,38 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
-def quantized_to_tensors(prefix: str, qw: QuantizedWeight, checkpoint_format: str,
-                         bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one quantized linear, keyed `<prefix>.qweight` etc.; the bias keeps its
-    dtype, which should be the model's (fp16 for fp16 models)."""
+def quantized_to_tensors(
+    prefix: str, qw: QuantizedWeight, checkpoint_format: str, bias: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized linear, keyed `<prefix>.qweight` etc.; the bias
+    keeps its dtype, which should be the model's (fp16 for fp16 models)."""
     out = {f"{prefix}.{name}": t for name, t in qw.to_tensors(checkpoint_format).items()}
     if bias is not None:
         out[f"{prefix}.bias"] = bias.detach().contiguous()
     return out
 
 
-def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], model_config: Any,
-                     quant: QuantConfig | Mapping[str, Any], *, max_shard_size: int | str = "5GB",
-                     extra_files: Mapping[str, bytes | Callable[[], bytes]] | None = None,
-                     src_dir: str | Path | None = None,
-                     overwrite: bool = False) -> Path:
+def write_checkpoint(
+    out_dir: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    model_config: Any,
+    quant: QuantConfig | Mapping[str, Any],
+    *,
+    max_shard_size: int | str = "5GB",
+    extra_files: Mapping[str, bytes | Callable[[], bytes]] | None = None,
+    src_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a complete GPTQ checkpoint directory atomically and return its path.
 
     tensors: a LazyTensors (each produced only while it is written) or any mapping of tensors.
     model_config: a transformers PretrainedConfig or its dict; it gets `quantization_config` added.
-    quant: the settings, or a quantization_config dict written as is (conversion keeps the source tool's keys).
-    extra_files: more files to write, by plain file name (e.g. quant_log.json), after the tensors: their bytes,
-        or a function that gives them then.
-    src_dir: the source model directory, whose tokenizer files and generation_config.json are copied.
+    quant: the settings, or a quantization_config dict written as is (conversion keeps the source
+    tool's keys).
+    extra_files: more files to write, by plain file name (e.g. quant_log.json), after the tensors:
+        their bytes, or a function that gives them then.
+    src_dir: the source model directory, whose tokenizer files and generation_config.json are
+    copied.
     overwrite: replace an existing out_dir (only once the new checkpoint is complete).
     """
     out_dir = Path(out_dir)
@@ -100,8 +133,9 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def _copy_source_files(src_dir: Path, dst: Path) -> None:
-    """The tokenizer and generation files, and the model's own code when its config.json names it (auto_map:
-    a model that needs --trust-remote-code is loaded from the checkpoint with the same code)."""
+    """The tokenizer and generation files, and the model's own code when its config.json names it
+    (auto_map: a model that needs --trust-remote-code is loaded from the checkpoint with the same
+    code)."""
     try:
         runs_own_code = bool(json.loads((src_dir / "config.json").read_text()).get("auto_map"))
     except (OSError, ValueError, AttributeError):
@@ -112,9 +146,12 @@ def _copy_source_files(src_dir: Path, dst: Path) -> None:
                 shutil.copyfile(f, dst / f.name)
 
 
-def _write_config_files(dst: Path, model_config: Any, quant: QuantConfig | Mapping[str, Any]) -> None:
+def _write_config_files(
+    dst: Path, model_config: Any, quant: QuantConfig | Mapping[str, Any]
+) -> None:
     config = dict(model_config) if isinstance(model_config, Mapping) else model_config.to_dict()
-    config = with_legacy_keys(config)  # transformers 4.x readers (AutoGPTQ, optimum 1.x) read the same model
+    # transformers 4.x readers (AutoGPTQ, optimum 1.x) read the same model
+    config = with_legacy_keys(config)
     qdict = dict(quant) if isinstance(quant, Mapping) else quant.to_hf_dict()
     config["quantization_config"] = qdict
     (dst / "config.json").write_bytes(_json_bytes(config))
@@ -122,7 +159,8 @@ def _write_config_files(dst: Path, model_config: Any, quant: QuantConfig | Mappi
 
 
 def _shard_plan(tensors: LazyTensors, max_bytes: int) -> list[list[str]]:
-    """Keys per shard, in sorted order; a module's tensors (same prefix) never straddle two shards."""
+    """Keys per shard, in sorted order; a module's tensors (same prefix) never straddle two
+    shards."""
     modules: dict[str, list[str]] = {}
     for key in sorted(tensors):
         modules.setdefault(key.rpartition(".")[0], []).append(key)
@@ -139,7 +177,8 @@ def _shard_plan(tensors: LazyTensors, max_bytes: int) -> list[list[str]]:
 
 
 def _write_safetensors(dst: Path, tensors: LazyTensors, max_bytes: int) -> None:
-    """The weights as model.safetensors, or as numbered shards with their index; one tensor in memory at a time."""
+    """The weights as model.safetensors, or as numbered shards with their index; one tensor in
+    memory at a time."""
     shards = _shard_plan(tensors, max_bytes)
     if len(shards) == 1:
         write_file(dst / SINGLE_FILE, tensors, shards[0], SAFETENSORS_METADATA)
@@ -150,13 +189,16 @@ def _write_safetensors(dst: Path, tensors: LazyTensors, max_bytes: int) -> None:
         write_file(dst / name, tensors, keys, SAFETENSORS_METADATA)
         weight_map.update(dict.fromkeys(keys, name))
     total = sum(nbytes(tensors.spec(k)) for k in tensors)
-    (dst / INDEX_FILE).write_bytes(_json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (dst / INDEX_FILE).write_bytes(
+        _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
 
 
 def _apply_umask(directory: Path) -> None:
-    """Give the directory and its files the modes a plain mkdir / open would: mkdtemp makes the directory 0700
-    and safetensors writes 0600 files, but a checkpoint is for sharing, as the user's umask says."""
-    umask = os.umask(0)   # the only portable way to read it: set, then put back at once
+    """Give the directory and its files the modes a plain mkdir / open would: mkdtemp makes the
+    directory 0700 and safetensors writes 0600 files, but a checkpoint is for sharing, as the
+    user's umask says."""
+    umask = os.umask(0)  # the only portable way to read it: set, then put back at once
     os.umask(umask)
     directory.chmod(0o777 & ~umask)
     for f in directory.iterdir():
@@ -165,7 +207,8 @@ def _apply_umask(directory: Path) -> None:
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished temporary directory to out_dir; an existing out_dir is replaced only now."""
+    """Rename the finished temporary directory to out_dir; an existing out_dir is replaced only
+    now."""
     if not out_dir.exists():
         os.replace(tmp, out_dir)
         return
@@ -192,50 +235,70 @@ def weight_files(ckpt_dir: str | Path) -> dict[str, Path]:
     else:
         names = sorted(f.name for f in ckpt_dir.glob("*.safetensors"))
     if not names:
-        hint = " (only PyTorch .bin weights: convert them to safetensors)" if any(ckpt_dir.glob("*.bin")) else ""
+        hint = (
+            " (only PyTorch .bin weights: convert them to safetensors)"
+            if any(ckpt_dir.glob("*.bin"))
+            else ""
+        )
         raise UsageError(f"{ckpt_dir} has no .safetensors weights{hint}; pass a model directory")
     missing = [n for n in names if not (ckpt_dir / n).is_file()]
     if missing:
-        raise UsageError(f"{ckpt_dir} is incomplete: {missing[0]} listed in {INDEX_FILE} is missing")
+        raise UsageError(
+            f"{ckpt_dir} is incomplete: {missing[0]} listed in {INDEX_FILE} is missing"
+        )
     return {n: ckpt_dir / n for n in names}
 
 
 def _index_shards(ckpt_dir: Path, index: Path) -> list[str]:
-    """The shard names of a model.safetensors.index.json, each a plain file name in `ckpt_dir` that stays there
-    (a symlink may lead into the Hub cache's blobs/ of the same repository, as snapshots are made); a UsageError
-    naming the entry otherwise: an index must not make us read files outside the checkpoint."""
+    """The shard names of a model.safetensors.index.json, each a plain file name in `ckpt_dir`
+    that stays there (a symlink may lead into the Hub cache's blobs/ of the same repository, as
+    snapshots are made); a UsageError naming the entry otherwise: an index must not make us read
+    files outside the checkpoint."""
     try:
         names = list(json.loads(index.read_text())["weight_map"].values())
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"{index} is not a valid index ({type(e).__name__}: {e}); fix or re-download it") from e
+        raise UsageError(
+            f"{index} is not a valid index ({type(e).__name__}: {e}); fix or re-download it"
+        ) from e
     home = ckpt_dir.resolve()
     allowed = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
     for name in names:
-        plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+        plain = (
+            isinstance(name, str)
+            and name not in ("", ".", "..")
+            and not any(c in name for c in "/\\\0")
+        )
         if plain and (ckpt_dir / name).is_symlink():
             target = (ckpt_dir / name).resolve()
             plain = any(target.is_relative_to(a) for a in allowed)
         if not plain:
-            raise UsageError(f"{index} names the shard {name!r}, which is not a file inside {ckpt_dir}; shards "
-                             f"must be plain file names in the checkpoint directory: fix or re-download it")
+            raise UsageError(
+                f"{index} names the shard {name!r}, which is not a file inside {ckpt_dir}; shards "
+                "must be plain file names in the checkpoint directory: fix or "
+                "re-download it"
+            )
     return names
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """The path as a Path if it is a model directory; a one-line UsageError saying what is wrong if not."""
+    """The path as a Path if it is a model directory; a one-line UsageError saying what is wrong
+    if not."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} does not exist; pass the directory of a GPTQ checkpoint")
     if not path.is_dir():
         raise UsageError(f"{path} is not a directory; pass the directory of a GPTQ checkpoint")
     if not (path / "config.json").is_file():
-        raise UsageError(f"{path} is not a model directory (no config.json); pass the directory of a GPTQ checkpoint")
+        raise UsageError(
+            f"{path} is not a model directory (no config.json); pass the directory of "
+            "a GPTQ checkpoint"
+        )
     return path
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
-    """True when `path` is a directory with a GPTQ quantization config (quantize_config.json or config.json's
-    quantization_config with quant_method gptq)."""
+    """True when `path` is a directory with a GPTQ quantization config (quantize_config.json or
+    config.json's quantization_config with quant_method gptq)."""
     path = Path(path)
     if not path.is_dir():
         return False
@@ -247,20 +310,26 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
 
 
 def quantized_module_names(keys: Iterable[str]) -> list[str]:
-    """Names of the quantized modules in a checkpoint: every `<name>` with a `<name>.qweight` tensor."""
+    """Names of the quantized modules in a checkpoint: every `<name>` with a `<name>.qweight`
+    tensor."""
     return sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
 
 
 def read_tensors(ckpt_dir: str | Path) -> FileTensors:
-    """All tensors of a checkpoint directory as a lazy mapping (headers read and checked; data on access)."""
+    """All tensors of a checkpoint directory as a lazy mapping (headers read and checked; data on
+    access)."""
     return FileTensors(weight_files(ckpt_dir))
 
 
 def read_quantization_dict(ckpt_dir: str | Path) -> dict[str, Any] | None:
-    """The raw quantization config dict: quantize_config.json (GPTQModel, AutoGPTQ) or else config.json's
-    quantization_config (transformers/optimum); None when the directory has neither."""
+    """The raw quantization config dict: quantize_config.json (GPTQModel, AutoGPTQ) or else
+    config.json's quantization_config (transformers/optimum); None when the directory has
+    neither."""
     ckpt_dir = Path(ckpt_dir)
-    for path, key in ((ckpt_dir / QUANTIZE_CONFIG_FILE, None), (ckpt_dir / "config.json", "quantization_config")):
+    for path, key in (
+        (ckpt_dir / QUANTIZE_CONFIG_FILE, None),
+        (ckpt_dir / "config.json", "quantization_config"),
+    ):
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
@@ -273,17 +342,25 @@ def read_quantization_dict(ckpt_dir: str | Path) -> dict[str, Any] | None:
 
 
 def read_quant_config(ckpt_dir: str | Path) -> QuantConfig:
-    """The QuantConfig of a GPTQ checkpoint (ours, GPTQModel's or AutoGPTQ's); UsageError when the directory
-    is not a GPTQ checkpoint or uses settings this tool does not support."""
+    """The QuantConfig of a GPTQ checkpoint (ours, GPTQModel's or AutoGPTQ's); UsageError when
+    the directory is not a GPTQ checkpoint or uses settings this tool does not support."""
     d = read_quantization_dict(ckpt_dir)
     if d is None:
-        raise UsageError(f"{ckpt_dir} is not a quantized checkpoint (no quantize_config.json and no "
-                         f"quantization_config in config.json); quantize it first with `gptq quantize`")
+        raise UsageError(
+            f"{ckpt_dir} is not a quantized checkpoint (no quantize_config.json and no "
+            "quantization_config in config.json); quantize it first with `gptq "
+            "quantize`"
+        )
     method = str(d.get("quant_method", d.get("method", "gptq"))).lower()
     if method != "gptq":
-        raise UsageError(f"{ckpt_dir} is quantized with {method!r}, not GPTQ; this tool reads GPTQ checkpoints only")
+        raise UsageError(
+            f"{ckpt_dir} is quantized with {method!r}, not GPTQ; this tool reads GPTQ "
+            "checkpoints only"
+        )
     if d.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
-        raise UsageError(f"{ckpt_dir} packs into {d['pack_dtype']}; only int32 packing is supported")
+        raise UsageError(
+            f"{ckpt_dir} packs into {d['pack_dtype']}; only int32 packing is supported"
+        )
     try:
         return QuantConfig.from_hf_dict(d)
     except (TypeError, ValueError) as e:

@@ -1,12 +1,15 @@
 """Bit packing for the GPTQ checkpoint format (SPEC §2).
 
-Values of b bits are laid out as one little-endian bit stream cut into int32 words: value j of a chunk
-starts at bit b*j. For 2/4/8 bits a word holds 32/b whole values; for 3 bits 32 values fill 3 words and
-two values straddle word boundaries -- exactly the 10|1|10|1|10 split AutoGPTQ and GPTQModel write.
+Values of b bits are laid out as one little-endian bit stream cut into int32 words: value j of a
+chunk starts at bit b*j. For 2/4/8 bits a word holds 32/b whole values; for 3 bits 32 values fill 3
+words and two values straddle word boundaries -- exactly the 10|1|10|1|10 split AutoGPTQ and
+GPTQModel write.
 
 qweight packs codes along K (the input dimension, rows of the [K, N] code matrix); qzeros packs zero
-points along N. Lengths that do not fill a whole chunk are zero-padded; unpack takes the true length.
+points along N. Lengths that do not fill a whole chunk are zero-padded; unpack takes the true
+length.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +20,8 @@ from gptq_cli.format.config import BITS
 
 
 def _chunk(bits: int) -> tuple[int, int]:
-    """(values per chunk, int32 words per chunk): the smallest run of values that fills whole words."""
+    """(values per chunk, int32 words per chunk): the smallest run of values that fills whole
+    words."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     values = 32 // math.gcd(bits, 32)
@@ -33,9 +37,11 @@ def packed_len(length: int, bits: int) -> int:
 def pack_last(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2^bits) along the last dimension into int32 words."""
     per_chunk, words_per_chunk = _chunk(bits)
-    v = values.to(torch.int64)   # exact integer ops on any device: the engine packs where it solved
-    if v.numel() and bool(((v < 0) | (v >= 1 << bits)).any()):   # one device sync, not two
-        raise ValueError(f"codes out of range for {bits}-bit packing: [{int(v.min())}, {int(v.max())}]")
+    v = values.to(torch.int64)  # exact integer ops on any device: the engine packs where it solved
+    if v.numel() and bool(((v < 0) | (v >= 1 << bits)).any()):  # one device sync, not two
+        raise ValueError(
+            f"codes out of range for {bits}-bit packing: [{int(v.min())}, {int(v.max())}]"
+        )
     length = v.shape[-1]
     pad = (-length) % per_chunk
     if pad:
@@ -88,17 +94,21 @@ def pack_qzeros(zeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq")
     stored = zeros.to(torch.int64)
     if checkpoint_format == "gptq":
         if stored.numel() and int(stored.min()) < 1:
-            raise ValueError("a zero point of 0 cannot be stored in format 'gptq' (v1 stores zero-1); "
-                             "use checkpoint_format 'gptq_v2'")
+            raise ValueError(
+                "a zero point of 0 cannot be stored in format 'gptq' (v1 stores zero-1); "
+                "use checkpoint_format 'gptq_v2'"
+            )
         stored = stored - 1
     elif checkpoint_format != "gptq_v2":
         raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}")
     return pack_last(stored, bits)
 
 
-def unpack_qzeros(qzeros: torch.Tensor, bits: int, out_features: int,
-                  checkpoint_format: str = "gptq") -> torch.Tensor:
-    """qzeros -> true zero points [G, N] (int32). v1 adds 1 back per value, as every v1 loader does."""
+def unpack_qzeros(
+    qzeros: torch.Tensor, bits: int, out_features: int, checkpoint_format: str = "gptq"
+) -> torch.Tensor:
+    """qzeros -> true zero points [G, N] (int32). v1 adds 1 back per value, as every v1 loader
+    does."""
     zeros = unpack_last(qzeros, bits, out_features)
     if checkpoint_format == "gptq":
         return zeros + 1

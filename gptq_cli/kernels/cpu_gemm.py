@@ -1,18 +1,22 @@
-"""XᵀX on a CPU through the MKL inside torch: 16-bit activations by its mixed-precision GEMM, float32 ones by SYRK.
+"""XᵀX on a CPU through the MKL inside torch: 16-bit activations by its mixed-precision GEMM,
+float32 ones by SYRK.
 
-A product of two bf16 (or two fp16) numbers is exact in float32, so a GEMM that reads 16-bit inputs and
-accumulates and returns float32 computes the Hessian's panels with only float32 summation rounding, as the
-float32 route does, without widening the activations first and at the 16-bit rate (AMX / AVX512-BF16).
-torch 2.13's CPU `mm` offers no float32 output for bf16 inputs (`aten::mm.dtype` is CUDA-only), but the MKL
-linked into libtorch_cpu exports `cblas_gemm_bf16bf16f32` and `cblas_gemm_f16f16f32`; they are called here by
-ctypes (the GIL is released during the call; MKL's threads are torch's: torch.set_num_threads sets them).
-Where the library or the symbol is missing, `available(dtype)` is False and callers use torch's float32 route.
+A product of two bf16 (or two fp16) numbers is exact in float32, so a GEMM that reads 16-bit inputs
+and accumulates and returns float32 computes the Hessian's panels with only float32 summation
+rounding, as the float32 route does, without widening the activations first and at the 16-bit rate
+(AMX / AVX512-BF16). torch 2.13's CPU `mm` offers no float32 output for bf16 inputs
+(`aten::mm.dtype` is CUDA-only), but the MKL linked into libtorch_cpu exports
+`cblas_gemm_bf16bf16f32` and `cblas_gemm_f16f16f32`; they are called here by ctypes (the GIL is
+released during the call; MKL's threads are torch's: torch.set_num_threads sets them). Where the
+library or the symbol is missing, `available(dtype)` is False and callers use torch's float32 route.
 
-float32 activations: torch has no SYRK (XᵀX computing one triangle), and its GEMM on panels of the triangle runs
-at ~70% of MKL's SYRK rate here (198 vs 270 GFLOP/s at K = 576, 228 vs 300 at 1536, 4096 rows, 2 cores).
-libtorch_cpu exports MKL's `mkl_blas_ssyrk` (the Fortran-convention SSYRK: every argument by reference), which
-`xtx_lower` calls. Its products and sums are float32, as the route it replaces; only the summation order differs.
+float32 activations: torch has no SYRK (XᵀX computing one triangle), and its GEMM on panels of the
+triangle runs at ~70% of MKL's SYRK rate here (198 vs 270 GFLOP/s at K = 576, 228 vs 300 at 1536,
+4096 rows, 2 cores). libtorch_cpu exports MKL's `mkl_blas_ssyrk` (the Fortran-convention SSYRK:
+every argument by reference), which `xtx_lower` calls. Its products and sums are float32, as the
+route it replaces; only the summation order differs.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -23,7 +27,7 @@ from torch import Tensor
 
 __all__ = ["available", "xtx_lower", "xtx_panel", "xty"]
 
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # CBLAS enums
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 _SYMBOLS = {torch.bfloat16: "cblas_gemm_bf16bf16f32", torch.float16: "cblas_gemm_f16f16f32"}
 
 
@@ -38,7 +42,8 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
         fn = getattr(lib, symbol, None)
         if fn is None:
             continue
-        i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float   # MKL_INT is 32-bit in torch's LP64 MKL
+        # MKL_INT is 32-bit in torch's LP64 MKL
+        i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
         fn.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
         fn.restype = None
         found[dtype] = fn
@@ -46,24 +51,43 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
 
 
 def _checked(found: dict[torch.dtype, ctypes._CFuncPtr]) -> dict[torch.dtype, ctypes._CFuncPtr]:
-    """Only the functions that compute a known small product exactly: a library built with other integer or
-    enum conventions than the signature above assumes must fall back, not give wrong Hessians."""
+    """Only the functions that compute a known small product exactly: a library built with other
+    integer or enum conventions than the signature above assumes must fall back, not give wrong
+    Hessians."""
     X = torch.tensor([[1.0, 2.0, -3.0], [4.0, 0.5, 6.0], [-7.0, 8.0, 9.0], [0.25, 1.0, 2.0]])
     expected = X.t() @ X
     good = {}
     for dtype, fn in found.items():
         Xd = X.to(dtype).contiguous()
         H = torch.full((3, 3), 7.0)
-        fn(_ROW_MAJOR, _TRANS, _NO_TRANS, 3, 3, 4, 1.0, Xd.data_ptr(), 3, Xd.data_ptr(), 3, 0.0, H.data_ptr(), 3)
+        fn(
+            _ROW_MAJOR,
+            _TRANS,
+            _NO_TRANS,
+            3,
+            3,
+            4,
+            1.0,
+            Xd.data_ptr(),
+            3,
+            Xd.data_ptr(),
+            3,
+            0.0,
+            H.data_ptr(),
+            3,
+        )
         if torch.equal(H, expected):
             good[dtype] = fn
     return good
 
 
 def _load_syrk() -> ctypes._CFuncPtr | None:
-    """MKL's SSYRK if it computes a known small XᵀX exactly (else None: the caller's fallback is used)."""
+    """MKL's SSYRK if it computes a known small XᵀX exactly (else None: the caller's fallback is
+    used)."""
     try:
-        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).mkl_blas_ssyrk
+        fn = ctypes.CDLL(
+            os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+        ).mkl_blas_ssyrk
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_void_p] * 8
@@ -71,19 +95,30 @@ def _load_syrk() -> ctypes._CFuncPtr | None:
     X = torch.tensor([[1.0, 2.0, -3.0], [4.0, 0.5, 6.0], [-7.0, 8.0, 9.0], [0.25, 1.0, 2.0]])
     H = torch.full((3, 3), 7.0)
     _syrk(fn, X, H, 1.0, 0.0)
-    expected = (X.t() @ X).tril() + torch.full((3, 3), 7.0).triu(1)   # lower triangle written, upper untouched
+    # lower triangle written, upper untouched
+    expected = (X.t() @ X).tril() + torch.full((3, 3), 7.0).triu(1)
     return fn if torch.equal(H, expected) else None
 
 
 def _syrk(fn: ctypes._CFuncPtr, X: Tensor, H: Tensor, alpha: float, beta: float) -> None:
-    # X [m, K] row-major is Xᵀ [K, m] column-major, so Xᵀ X = A Aᵀ with A = Xᵀ ("N"); H's lower triangle in
-    # row-major order is the upper one in column-major ("U").
+    # X [m, K] row-major is Xᵀ [K, m] column-major, so Xᵀ X = A Aᵀ with A = Xᵀ ("N"); H's lower
+    # triangle in row-major order is the upper one in column-major ("U").
     m, K = X.shape
     n, k, ld = ctypes.c_int(K), ctypes.c_int(m), ctypes.c_int(K)
     a, b = ctypes.c_float(alpha), ctypes.c_float(beta)
     ref = ctypes.byref
-    fn(b"U", b"N", ref(n), ref(k), ref(a), ctypes.c_void_p(X.data_ptr()), ref(ld), ref(b),
-       ctypes.c_void_p(H.data_ptr()), ref(ld))
+    fn(
+        b"U",
+        b"N",
+        ref(n),
+        ref(k),
+        ref(a),
+        ctypes.c_void_p(X.data_ptr()),
+        ref(ld),
+        ref(b),
+        ctypes.c_void_p(H.data_ptr()),
+        ref(ld),
+    )
 
 
 _GEMM = _checked(_load()) if os.name == "posix" else {}
@@ -91,51 +126,109 @@ _SSYRK = _load_syrk() if os.name == "posix" else None
 
 
 def available(dtype: torch.dtype) -> bool:
-    """Whether this module takes activations of this dtype here: xtx_panel for bf16/fp16, xtx_lower for
-    float32."""
+    """Whether this module takes activations of this dtype here: xtx_panel for bf16/fp16,
+    xtx_lower for float32."""
     return dtype in _GEMM or (dtype == torch.float32 and _SSYRK is not None)
 
 
 def xtx_lower(X: Tensor, H: Tensor, alpha: float, beta: float) -> None:
-    """H's lower triangle (diagonal included) = beta · H + alpha · XᵀX, in place; the upper triangle is not
-    touched. X [m, K] contiguous float32 on the CPU (available(torch.float32)); H [K, K] likewise."""
+    """H's lower triangle (diagonal included) = beta · H + alpha · XᵀX, in place; the upper
+    triangle is not touched. X [m, K] contiguous float32 on the CPU (available(torch.float32)); H
+    [K, K] likewise."""
     m, K = X.shape
-    if not (X.is_contiguous() and H.is_contiguous() and X.dtype == H.dtype == torch.float32
-            and H.shape == (K, K) and X.device.type == H.device.type == "cpu" and _SSYRK is not None):
-        raise ValueError(f"xtx_lower: X {tuple(X.shape)} {X.dtype}, H {tuple(H.shape)} {H.dtype} not supported")
-    if max(m, K) >= 2 ** 31:
+    if not (
+        X.is_contiguous()
+        and H.is_contiguous()
+        and X.dtype == H.dtype == torch.float32
+        and H.shape == (K, K)
+        and X.device.type == H.device.type == "cpu"
+        and _SSYRK is not None
+    ):
+        raise ValueError(
+            f"xtx_lower: X {tuple(X.shape)} {X.dtype}, H {tuple(H.shape)} {H.dtype} not supported"
+        )
+    if max(m, K) >= 2**31:
         raise ValueError("xtx_lower: dimensions too large for 32-bit BLAS indices")
     _syrk(_SSYRK, X, H, alpha, beta)
 
 
 def xtx_panel(X: Tensor, H: Tensor, start: int, end: int, alpha: float, beta: float) -> None:
-    """H[start:, start:end] = beta · H[start:, start:end] + alpha · X[:, start:]ᵀ X[:, start:end], in place.
+    """H[start:, start:end] = beta · H[start:, start:end] + alpha · X[:, start:]ᵀ X[:, start:end],
+    in place.
 
-    X [m, K] contiguous bf16/fp16 on the CPU (available(X.dtype)); H [K, K] contiguous float32 on the CPU."""
+    X [m, K] contiguous bf16/fp16 on the CPU (available(X.dtype)); H [K, K] contiguous float32 on
+    the CPU."""
     m, K = X.shape
-    if not (X.is_contiguous() and H.is_contiguous() and H.dtype == torch.float32 and H.shape == (K, K)
-            and X.device.type == H.device.type == "cpu" and available(X.dtype) and 0 <= start < end <= K):
-        raise ValueError(f"xtx_panel: X {tuple(X.shape)} {X.dtype}, H {tuple(H.shape)} {H.dtype}, "
-                         f"panel [{start}, {end}) not supported")
-    if max(m, K) >= 2 ** 31:
+    if not (
+        X.is_contiguous()
+        and H.is_contiguous()
+        and H.dtype == torch.float32
+        and H.shape == (K, K)
+        and X.device.type == H.device.type == "cpu"
+        and available(X.dtype)
+        and 0 <= start < end <= K
+    ):
+        raise ValueError(
+            f"xtx_panel: X {tuple(X.shape)} {X.dtype}, H {tuple(H.shape)} {H.dtype}, "
+            f"panel [{start}, {end}) not supported"
+        )
+    if max(m, K) >= 2**31:
         raise ValueError("xtx_panel: dimensions too large for 32-bit BLAS indices")
     item = X.element_size()
     # row-major C [K - start, end - start] at H[start, start] with leading dimension K
-    _GEMM[X.dtype](_ROW_MAJOR, _TRANS, _NO_TRANS, K - start, end - start, m, alpha,
-                   X.data_ptr() + start * item, K, X.data_ptr() + start * item, K, beta,
-                   H.data_ptr() + (start * K + start) * 4, K)
+    _GEMM[X.dtype](
+        _ROW_MAJOR,
+        _TRANS,
+        _NO_TRANS,
+        K - start,
+        end - start,
+        m,
+        alpha,
+        X.data_ptr() + start * item,
+        K,
+        X.data_ptr() + start * item,
+        K,
+        beta,
+        H.data_ptr() + (start * K + start) * 4,
+        K,
+    )
 
 
 def xty(X: Tensor, Y: Tensor, C: Tensor, alpha: float, beta: float) -> None:
-    """C = beta · C + alpha · XᵀY, in place: X, Y [m, K] contiguous, both bf16 or both fp16, on the CPU
-    (available(X.dtype)); C [K, K] contiguous float32 on the CPU. Products exact, sums float32."""
+    """C = beta · C + alpha · XᵀY, in place: X, Y [m, K] contiguous, both bf16 or both fp16, on
+    the CPU (available(X.dtype)); C [K, K] contiguous float32 on the CPU. Products exact, sums
+    float32."""
     m, K = X.shape
-    if not (X.is_contiguous() and Y.is_contiguous() and C.is_contiguous() and X.shape == Y.shape
-            and X.dtype == Y.dtype and X.dtype in _GEMM and C.dtype == torch.float32 and C.shape == (K, K)
-            and X.device.type == Y.device.type == C.device.type == "cpu"):
-        raise ValueError(f"xty: X {tuple(X.shape)} {X.dtype}, Y {tuple(Y.shape)} {Y.dtype}, C {tuple(C.shape)} "
-                         f"{C.dtype} not supported")
-    if max(m, K) >= 2 ** 31:
+    if not (
+        X.is_contiguous()
+        and Y.is_contiguous()
+        and C.is_contiguous()
+        and X.shape == Y.shape
+        and X.dtype == Y.dtype
+        and X.dtype in _GEMM
+        and C.dtype == torch.float32
+        and C.shape == (K, K)
+        and X.device.type == Y.device.type == C.device.type == "cpu"
+    ):
+        raise ValueError(
+            f"xty: X {tuple(X.shape)} {X.dtype}, Y {tuple(Y.shape)} {Y.dtype}, C {tuple(C.shape)} "
+            f"{C.dtype} not supported"
+        )
+    if max(m, K) >= 2**31:
         raise ValueError("xty: dimensions too large for 32-bit BLAS indices")
-    _GEMM[X.dtype](_ROW_MAJOR, _TRANS, _NO_TRANS, K, K, m, alpha, X.data_ptr(), K, Y.data_ptr(), K, beta,
-                   C.data_ptr(), K)
+    _GEMM[X.dtype](
+        _ROW_MAJOR,
+        _TRANS,
+        _NO_TRANS,
+        K,
+        K,
+        m,
+        alpha,
+        X.data_ptr(),
+        K,
+        Y.data_ptr(),
+        K,
+        beta,
+        C.data_ptr(),
+        K,
+    )
