@@ -10,15 +10,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from gptq_cli import __version__, distributed, kernels, phases
+from gptq_cli import __version__, distributed, kernels, mixed, phases
 from gptq_cli.activation_pool import BufferPool
+from gptq_cli.allocate import Candidate, check_target, parse_candidates
 from gptq_cli.arch import Arch, quantized_shapes, resolve_arch
 from gptq_cli.calibration import Calibration
 from gptq_cli.engine import ModuleResult, capture_inputs, quantize_decoder_block, replay_block
@@ -26,6 +27,7 @@ from gptq_cli.errors import Interrupted, UsageError, noting_interrupts
 from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is quantize + evaluate)
 from gptq_cli.export import claim_output, pack_workdir, write_kept_blocks  # noqa: F401  (pack_workdir: `gptq pack`'s API)
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.gptaq import GPTAQ_ALPHA
 from gptq_cli.modelio import (
     ModelRef,
     StreamingModel,
@@ -37,15 +39,12 @@ from gptq_cli.modelio import (
     resolve_model,
     storage_dtype,
 )
-from gptq_cli import mixed
-from gptq_cli.allocate import Candidate, check_target, parse_candidates
 from gptq_cli.preflight import (
     act_order_notes,
     calibration_notes,
     calibration_seqlen,
     group_size_notes,
 )
-from gptq_cli.gptaq import GPTAQ_ALPHA
 from gptq_cli.solver import DAMP_STEP
 from gptq_cli.workdir import (
     WorkDir,

@@ -31,17 +31,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from gptq_cli.activation_pool import BufferPool
 from gptq_cli.arch import StopForward, linear_weight
+from gptq_cli.gptaq import accumulate_cross, cross_term
 from gptq_cli.modelio import activations_in_heap
 from gptq_cli.phases import phase
-from gptq_cli.gptaq import accumulate_cross, cross_term
 from gptq_cli.solver import accumulate_hessian, complete_hessian
 
 if TYPE_CHECKING:
@@ -446,7 +447,7 @@ class BlockPasses:
         self.replay: tuple[nn.Module, list[Call]] | None = None  # for the next group's passes
         self.recording: Tail | None = None  # the tail the last group's passes recorded
 
-    def __enter__(self) -> "BlockPasses":
+    def __enter__(self) -> BlockPasses:
         return self
 
     def __exit__(self, *_exc) -> None:

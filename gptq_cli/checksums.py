@@ -92,7 +92,7 @@ def read_checked_json(path: Path) -> dict[str, Any]:
     return verified_json(doc)
 
 
-def _header_digest(header: dict[str, Any]) -> "hashlib._Hash":
+def _header_digest(header: dict[str, Any]) -> hashlib._Hash:
     """sha256 started with the header's canonical form, its checksum entry left out."""
     header = dict(header)
     meta = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != CHECKSUM_KEY}

@@ -12,8 +12,8 @@ activations.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -33,10 +33,10 @@ from gptq_cli.distributed import Ranks
 from gptq_cli.errors import GptqError
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
-from gptq_cli.modelio import StreamingModel, activations_in_heap
-from gptq_cli.phases import phase
 from gptq_cli.fp_stream import FullPrecisionPasses
 from gptq_cli.gptaq import GPTAQ_ALPHA, least_squares_target
+from gptq_cli.modelio import StreamingModel, activations_in_heap
+from gptq_cli.phases import phase
 from gptq_cli.solver import (
     BlockFn,
     IndefiniteHessian,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 
 class GptqError(Exception):

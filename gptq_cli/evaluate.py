@@ -17,16 +17,17 @@ import inspect
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gptq_cli import __version__, kernels
-from gptq_cli.errors import UsageError
 from gptq_cli.documents import BUILTIN_TEXT
+from gptq_cli.errors import UsageError
 from gptq_cli.textdata import eval_windows, tokenize
 
 # progress(label, windows_done, windows_total): label names the model being evaluated.

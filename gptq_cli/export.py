@@ -14,20 +14,20 @@ import json
 import platform
 import shutil
 import tempfile
-from glob import escape as glob_escape
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
 from gptq_cli import __version__, mixed
+from gptq_cli.checksums import Damaged, checked_json_bytes, read_checked_json
 from gptq_cli.errors import GptqError, UsageError, describe_os_error
 from gptq_cli.format import checkpoint
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.safetensors_file import LazyTensors
 from gptq_cli.modelio import ModelRef, StreamingModel, load_streaming, load_tokenizer
-from gptq_cli.checksums import Damaged, checked_json_bytes, read_checked_json
 from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir, model_fingerprint, plan_identity
 
 
@@ -270,7 +270,10 @@ def _add_unquantized(
             for name, key in sm.key_of.items()
         ]
     else:  # loaded whole (GGUF, renamed weights): already in memory, converted as each is written
-        half = lambda t: (torch.float16 if t.is_floating_point() else t.dtype, tuple(t.shape))
+
+        def half(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
+            return torch.float16 if t.is_floating_point() else t.dtype, tuple(t.shape)
+
         items = [
             (name, half(t), lambda t=t: t.to(torch.float16) if t.is_floating_point() else t)
             for name, t in sm.model.state_dict().items()

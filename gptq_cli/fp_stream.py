@@ -19,9 +19,9 @@ Same ops on the same values as the passes they replace, hence the same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -48,12 +48,6 @@ from gptq_cli.allocate import (
 )
 from gptq_cli.arch import block_linears, linear_weight
 from gptq_cli.calibration import Calibration, advance, collect_hessians
-from gptq_cli.engine import capture_inputs, solve_weight
-from gptq_cli.errors import UsageError
-from gptq_cli.format.config import QuantConfig
-from gptq_cli.format.dynamic import encode
-from gptq_cli.modelio import StreamingModel
-from gptq_cli.sensitivity import fisher_batches, output_fisher
 from gptq_cli.checksums import (
     CHECKSUM_KEY,
     Damaged,
@@ -62,6 +56,12 @@ from gptq_cli.checksums import (
     verified_json,
     write_atomic,
 )
+from gptq_cli.engine import capture_inputs, solve_weight
+from gptq_cli.errors import UsageError
+from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.dynamic import encode
+from gptq_cli.modelio import StreamingModel
+from gptq_cli.sensitivity import fisher_batches, output_fisher
 from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir
 
 # Which loss measure a measurement file holds: files of another measure are refused, not mixed up.
@@ -175,7 +175,7 @@ def read_measurements(path: str | Path, ident: dict | None, candidates: list[Can
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(
             f"--measurements {path}: not a measurement file that quantize --target-bits wrote ({e})"
-        )
+        ) from None
     if CHECKSUM_KEY in doc:  # files of versions before checksums have none
         try:
             verified_json(doc)

@@ -10,8 +10,8 @@ phases add up to the wall time measured. What runs outside every marked phase is
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 __all__ = ["PHASES", "phase", "restart", "report"]
 

@@ -16,10 +16,11 @@ is never modified.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from gptq_cli import __version__
 from gptq_cli.errors import GptqError, UsageError

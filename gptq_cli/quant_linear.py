@@ -69,7 +69,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_quantized(
         cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, checkpoint_format: str = "gptq"
-    ) -> "QuantLinear":
+    ) -> QuantLinear:
         """A QuantLinear holding exactly the tensors a checkpoint of `qw` in `checkpoint_format`
         stores."""
         out_features, in_features = qw.codes.shape

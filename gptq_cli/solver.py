@@ -11,25 +11,48 @@ they mean for a user is the engine's to say.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from gptq_cli.format.config import check_setting
-from gptq_cli.gptaq import GPTAQ_ALPHA, gptaq_correction
-from gptq_cli.kernels import cpu_columns, cpu_gemm, matmul_tf32  # noqa: F401 (matmul_tf32: the solver's)
 from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.gptaq import GPTAQ_ALPHA, gptaq_correction
 from gptq_cli.hessian_inverse import (
     DAMP_STEP,
     IndefiniteHessian,
-    NonFiniteHessian,  # noqa: F401 (the solver's)
+    NonFiniteHessian,
     inverse_hessian_factor,
 )
+from gptq_cli.kernels import cpu_columns, cpu_gemm, matmul_tf32
 from gptq_cli.quantizer import dequantize, find_params, quantize
+
+# the solver's API; the damping step, the Hessian errors and matmul_tf32 are re-exported: the
+# solver's callers meet them here
+__all__ = [
+    "DAMP_STEP",
+    "Block",
+    "BlockFn",
+    "GroupPlan",
+    "HESSIAN_PANEL",
+    "IndefiniteHessian",
+    "NonFiniteHessian",
+    "accumulate_hessian",
+    "block_ranges",
+    "complete_hessian",
+    "group_aware_order",
+    "hessian_panels",
+    "matmul_tf32",
+    "plan_groups",
+    "quantization_loss",
+    "quantize_block",
+    "quantize_weight",
+    "single_thread_on_cpu",
+]
 
 BlockFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
 

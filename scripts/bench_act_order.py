@@ -47,8 +47,8 @@ def main() -> None:
     ap.add_argument("--ppl-cache", type=Path, default=Path("/tmp/bench_quality/ppl_cache.json"))
     args = ap.parse_args()
 
-    from gptq_cli.format.compat import VLLM
     from gptq_cli.evaluate import perplexity
+    from gptq_cli.format.compat import VLLM
     from gptq_cli.inspect import inspect_checkpoint
     from gptq_cli.loader import load_quantized_model
     from gptq_cli.modelio import load_tokenizer, resolve_model

@@ -111,7 +111,7 @@ def table(results: dict) -> str:
         "Hessian, solve, pack, write (s) |",
         "|---|---|---|---|---|---|",
     ]
-    for key, r in results.items():
+    for r in results.values():
         g, o = r["gptqmodel"], r["ours"]
         p = o["phases_s"]
         phases = ", ".join(

@@ -32,10 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import bench_kernels  # noqa: E402
+
 from gptq_cli import api, calibration, engine, export  # noqa: E402
+from gptq_cli.documents import BUILTIN_TEXT  # noqa: E402
 from gptq_cli.evaluate import evaluate  # noqa: E402
 from gptq_cli.format.config import QuantConfig  # noqa: E402
-from gptq_cli.documents import BUILTIN_TEXT  # noqa: E402
 
 SEVEN_B = dict(
     hidden_size=4096,
@@ -124,7 +125,7 @@ class PhaseTimers:
         self.seconds: dict[str, float] = defaultdict(float)
         self.saved = []
 
-    def __enter__(self) -> "PhaseTimers":
+    def __enter__(self) -> PhaseTimers:
         for module, name, phase in self.PHASES:
             fn = getattr(module, name)
             self.saved.append((module, name, fn))

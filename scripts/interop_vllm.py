@@ -45,9 +45,9 @@ def facts(ckpt: str) -> dict:
 
 def ours(ckpt: str) -> dict:
     import torch
+    from transformers import AutoTokenizer
 
     from gptq_cli.loader import load_quantized_model
-    from transformers import AutoTokenizer
 
     torch.manual_seed(0)
     model = load_quantized_model(ckpt, dtype=torch.float16)

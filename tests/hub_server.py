@@ -98,7 +98,7 @@ class HubServer:
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._thread.start()
         return self
 
@@ -155,7 +155,7 @@ class HubServer:
             try:
                 yaml.safe_load(text[3:].split("\n---", 1)[0])
             except yaml.YAMLError as e:
-                raise HttpError(400, f"invalid YAML metadata: {e}")
+                raise HttpError(400, f"invalid YAML metadata: {e}") from None
         return {"errors": [], "warnings": []}
 
     def _handle_preupload(self, body: dict, headers: dict, repo: str, revision: str) -> dict:

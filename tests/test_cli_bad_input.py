@@ -91,8 +91,8 @@ def test_names_print_as_typed_not_as_markup(tmp_path, monkeypatch, args, shown):
 def test_a_hint_with_brackets_keeps_them(tmp_path, monkeypatch):
     """The matplotlib hint names the `[plot]` extra; rendered as markup it lost it."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    from gptq_cli.losses import plot_losses
     from gptq_cli.commands.common import run
+    from gptq_cli.losses import plot_losses
 
     result = CliRunner().invoke(
         typer_app_of(lambda: run(lambda: plot_losses([], tmp_path / "x.png"))), []

@@ -23,7 +23,6 @@ from gptq_cli.format.compat import (
     RULES,
     TF4,
     TF5,
-    VLLM,
     VLLM_CPU,
     VLLM_CUDA,
     Facts,

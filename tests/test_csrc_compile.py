@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ NVCC = _find_nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 
 
-@lru_cache(maxsize=None)
+@cache
 def compile_source(source: Path, arch: str | None, out_dir: Path) -> tuple[Path, str]:
     """nvcc -c `source` (for `arch`, or host code when None) -> (object file, compiler output)."""
     out = out_dir / f"{source.stem}_{arch or 'host'}.o"

@@ -12,10 +12,10 @@ import fnmatch
 import gzip
 import json
 import random
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from gptq_cli import documents, textdata

@@ -136,8 +136,8 @@ def test_compare_uses_identical_windows_and_reports_ratios(tiny_llama_dir, tiny_
 
 
 def test_compare_refuses_models_with_different_tokenizers(tmp_path, tiny_llama_dir):
-    from tokenizers import Tokenizer, models, pre_tokenizers
     import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     other = save_tiny_model(tmp_path / "other", "llama")
     vocab = {f"v{i}": i for i in range(512)}

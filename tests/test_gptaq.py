@@ -149,8 +149,8 @@ def test_engine_gptaq_matches_a_naive_two_model_reference(tmp_path, method):
     from gptq_cli.calibration import Calibration
     from gptq_cli.engine import capture_inputs, quantize_decoder_block, solve_weight
     from gptq_cli.format.config import QuantConfig
-    from gptq_cli.modelio import load_streaming, resolve_model
     from gptq_cli.gptaq import accumulate_cross, cross_term
+    from gptq_cli.modelio import load_streaming, resolve_model
     from gptq_cli.solver import accumulate_hessian, complete_hessian
     from tests.tiny_models import random_input_ids, save_tiny_model
 
@@ -253,7 +253,9 @@ def test_quantize_gptaq_end_to_end(tmp_path):
             **kw,
         )
 
-    gptaq, again, gptq = run("a", method="gptaq"), run("b", method="gptaq"), run("c")
+    gptaq = run("a", method="gptaq")
+    run("b", method="gptaq")
+    run("c")
     meta = json.loads((gptaq.output / "config.json").read_text())["quantization_config"]["meta"]
     assert meta["method"] == "gptaq" and meta["gptaq_alpha"] == 0.25
     data = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in "abc"}

@@ -223,7 +223,8 @@ def test_cpu_math_is_initialized_before_any_module_runs(
     in its lazy start; kernels.initialize_cpu_math): quantize and evaluate make that first call
     themselves, in one thread, before a model's forward (in which the rotary cos would otherwise
     be it)."""
-    from gptq_cli import evaluate as evaluate_mod, kernels
+    from gptq_cli import evaluate as evaluate_mod
+    from gptq_cli import kernels
 
     events: list[str] = []
     monkeypatch.setattr(kernels, "initialize_cpu_math", lambda: events.append("initialize"))

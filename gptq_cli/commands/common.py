@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -81,27 +82,27 @@ def run(work: Callable[[], Any], *, debug: bool = False) -> Any:
             if debug:
                 raise
             say("error", str(e))
-            raise typer.Exit(e.exit_code)
+            raise typer.Exit(e.exit_code) from None
         except Interrupted as e:  # what was kept and how to continue
             say("error", str(e))
-            raise typer.Exit(e.exit_code)
+            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             console.print(Text("interrupted", style="bold red"))
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except Exception as e:
             # Ctrl-C that landed in a C extension and came out as that extension's error
             if interrupted():
                 console.print(Text("interrupted", style="bold red"))
-                raise typer.Exit(130)
+                raise typer.Exit(130) from None
             if debug:
                 raise
             # disk full, no permission...: said plainly
             if isinstance(e, OSError) and e.errno is not None:
                 say("error", describe_os_error(e))
-                raise typer.Exit(1)
+                raise typer.Exit(1) from None
             # an unexpected failure of the work: one line unless --debug
             say("error", f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
 
 def quiet_libraries(debug: bool = False) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -36,7 +35,7 @@ Examples:
 
 
 def eval_command(
-    models: List[str] = typer.Argument(
+    models: list[str] = typer.Argument(
         ...,
         metavar="MODEL",
         help="Hub id, local HF directory, GPTQ checkpoint, .gguf "
@@ -50,14 +49,14 @@ def eval_command(
         "validation windows), a .txt/.jsonl/.json/.parquet file, or a Hub "
         "dataset id.",
     ),
-    dataset_path: Optional[str] = typer.Option(
+    dataset_path: str | None = typer.Option(
         None,
         "--dataset-path",
         help="Offline copy of wikitext2 or c4: a file or a directory laid out as on the Hub.",
     ),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N windows."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda if present, else cpu."),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N windows."),
+    device: str | None = typer.Option(None, "--device", help="cuda if present, else cpu."),
     dtype: str = typer.Option(
         "auto",
         "--dtype",

@@ -4,7 +4,7 @@ problems)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -42,7 +42,7 @@ def inspect(
         metavar="CHECKPOINT",
         help="Directory of a GPTQ checkpoint (ours, GPTQModel's, AutoGPTQ's).",
     ),
-    plot: Optional[Path] = typer.Option(
+    plot: Path | None = typer.Option(
         None,
         "--plot",
         help="Draw the per-module quantization loss from "

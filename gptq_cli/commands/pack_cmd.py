@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.text import Text
@@ -50,7 +49,7 @@ def pack(
     output: Path = typer.Option(
         ..., "--output", "-o", help="The new checkpoint directory (must not exist)."
     ),
-    fmt: Optional[str] = typer.Option(
+    fmt: str | None = typer.Option(
         None,
         "--format",
         help="gptq (v1, stores zero-1: what every loader reads) "

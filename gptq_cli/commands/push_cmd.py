@@ -4,7 +4,7 @@ Hub."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import (
@@ -53,10 +53,10 @@ def push(
     private: bool = typer.Option(
         False, "--private", help="Create the repo private (an existing repo keeps its visibility)."
     ),
-    revision: Optional[str] = typer.Option(
+    revision: str | None = typer.Option(
         None, "--revision", help="Branch to commit to (created from main if needed; default main)."
     ),
-    commit_message: Optional[str] = typer.Option(
+    commit_message: str | None = typer.Option(
         None,
         "--commit-message",
         help='Commit summary (default: "Upload N-bit GPTQ checkpoint with gptq_cli VERSION").',
@@ -140,7 +140,7 @@ def push(
     run(work, debug=debug)
 
 
-def _print_plan(plan: "PushPlan") -> None:
+def _print_plan(plan: PushPlan) -> None:
     table = Table(title=f"dry run: would push {plan.checkpoint} to {plan.repo_id}")
     table.add_column("file", overflow="fold")
     table.add_column("bytes", justify="right")

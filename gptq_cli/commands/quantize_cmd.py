@@ -7,7 +7,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -92,19 +92,19 @@ def quantize(
         metavar="MODEL",
         help="Hub id, local HF directory, .gguf file, or a built-in name (smollm2-135m).",
     ),
-    bits: Optional[int] = typer.Option(None, "--bits", help="2, 3, 4 or 8 (default 4)."),
-    group_size: Optional[int] = typer.Option(
+    bits: int | None = typer.Option(None, "--bits", help="2, 3, 4 or 8 (default 4)."),
+    group_size: int | None = typer.Option(
         None, "--group-size", help="Columns per group, -1 = per channel (default 128)."
     ),
-    desc_act: Optional[bool] = typer.Option(
+    desc_act: bool | None = typer.Option(
         None,
         "--desc-act/--no-desc-act",
         help="Act-order: quantize columns by decreasing Hessian diagonal (default off).",
     ),
-    sym: Optional[bool] = typer.Option(
+    sym: bool | None = typer.Option(
         None, "--sym/--asym", help="Symmetric (default) or asymmetric; asym is written as gptq_v2."
     ),
-    static_groups: Optional[bool] = typer.Option(
+    static_groups: bool | None = typer.Option(
         None,
         "--static-groups/--no-static-groups",
         help="Find every group's scale and zero on the "
@@ -113,7 +113,7 @@ def quantize(
         "with "
         "act-order, groups of original columns.",
     ),
-    act_group_aware: Optional[bool] = typer.Option(
+    act_group_aware: bool | None = typer.Option(
         None,
         "--act-group-aware/--no-act-group-aware",
         help="Without --desc-act: solve groups (and "
@@ -123,22 +123,22 @@ def quantize(
         "(per channel: act-order at no cost; "
         "default on).",
     ),
-    true_sequential: Optional[bool] = typer.Option(
+    true_sequential: bool | None = typer.Option(
         None,
         "--true-sequential/--no-true-sequential",
         help="Quantize q/k/v → o → gate/up → down in turn (default on).",
     ),
-    damp_percent: Optional[float] = typer.Option(
+    damp_percent: float | None = typer.Option(
         None,
         "--damp-percent",
         help="Relative damping (default 0.01), "
         "raised automatically when the Hessian is not "
         "positive definite.",
     ),
-    mse: Optional[bool] = typer.Option(
+    mse: bool | None = typer.Option(
         None, "--mse/--no-mse", help="Search clipping ranges that minimise error."
     ),
-    dataset: Optional[str] = typer.Option(
+    dataset: str | None = typer.Option(
         None,
         "--dataset",
         help="builtin (default, offline), c4, wikitext2, a "
@@ -146,32 +146,30 @@ def quantize(
         ".jsonl of "
         "input_ids rows is used as-is.",
     ),
-    dataset_path: Optional[str] = typer.Option(
+    dataset_path: str | None = typer.Option(
         None, "--dataset-path", help="Offline copy of a named dataset."
     ),
-    nsamples: Optional[int] = typer.Option(
+    nsamples: int | None = typer.Option(
         None, "--nsamples", help="Calibration samples (default 128)."
     ),
-    seqlen: Optional[int] = typer.Option(
+    seqlen: int | None = typer.Option(
         None, "--seqlen", help="Tokens per calibration sample (default 2048)."
     ),
-    batch_size: Optional[int] = typer.Option(
+    batch_size: int | None = typer.Option(
         None, "--batch-size", help="Samples per forward pass (default 8)."
     ),
-    seed: Optional[int] = typer.Option(
-        None, "--seed", help="Calibration sampling seed (default 0)."
-    ),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda if present, else cpu."),
+    seed: int | None = typer.Option(None, "--seed", help="Calibration sampling seed (default 0)."),
+    device: str | None = typer.Option(None, "--device", help="cuda if present, else cpu."),
     dtype: str = typer.Option(
         "auto", "--dtype", help="Activation dtype: auto, float16, bfloat16, float32."
     ),
-    fmt: Optional[str] = typer.Option(
+    fmt: str | None = typer.Option(
         None, "--format", help="gptq (v1, default) or gptq_v2 (forced for asym)."
     ),
-    output: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(
         None, "--output", "-o", help="Output directory (default <model>-gptq-<bits>bit-g<group>)."
     ),
-    work_dir: Optional[Path] = typer.Option(
+    work_dir: Path | None = typer.Option(
         None,
         "--work-dir",
         help="Where finished blocks are kept until the "
@@ -186,7 +184,7 @@ def quantize(
         "work dir to continue (a plain rerun continues too, or starts "
         "afresh).",
     ),
-    config: Optional[str] = typer.Option(
+    config: str | None = typer.Option(
         None, "--config", help="A preset from configs/ (name or path); flags override it."
     ),
     dry_run: bool = typer.Option(
@@ -198,7 +196,7 @@ def quantize(
         help="Also print every module's loss, damp and seconds (always in "
         "the output's quant_log.json).",
     ),
-    target_bits: Optional[float] = typer.Option(
+    target_bits: float | None = typer.Option(
         None,
         "--target-bits",
         help="Mixed precision: choose each linear's "
@@ -208,7 +206,7 @@ def quantize(
         "g_idx counted), "
         "least loss first. Replaces --bits/--group-size.",
     ),
-    candidates: Optional[str] = typer.Option(
+    candidates: str | None = typer.Option(
         None,
         "--candidates",
         help="With --target-bits: the settings to "
@@ -217,7 +215,7 @@ def quantize(
         'group=64,128" (default bits 2,3,4,8 x group '
         "32,64,128).",
     ),
-    measurements: Optional[Path] = typer.Option(
+    measurements: Path | None = typer.Option(
         None,
         "--measurements",
         help="With --target-bits: the "
@@ -228,7 +226,7 @@ def quantize(
         "measurement; with --dry-run, prints the "
         "allocation.",
     ),
-    method: Optional[str] = typer.Option(
+    method: str | None = typer.Option(
         None,
         "--method",
         help="gptaq-ls (default): "
@@ -243,7 +241,7 @@ def quantize(
         "own output on the quantized model's inputs. Same file "
         "format.",
     ),
-    gptaq_alpha: Optional[float] = typer.Option(
+    gptaq_alpha: float | None = typer.Option(
         None,
         "--gptaq-alpha",
         help="With --method gptaq or gptaq-ls: "
@@ -449,7 +447,7 @@ def _print_plan(plan: dict, json_out: bool, quiet: bool) -> None:
     console.print(table)
 
 
-def run_summary(model: str, result: "QuantizeResult", quant: QuantConfig) -> dict:
+def run_summary(model: str, result: QuantizeResult, quant: QuantConfig) -> dict:
     """What the end of a run reports (--json prints it whole): where the checkpoint is, its size
     against fp16, the time, the modules with the largest loss, the validity check, and the
     commands to run next."""
@@ -547,7 +545,7 @@ def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.1f} MB"
 
 
-def _print_module_table(result: "QuantizeResult") -> None:
+def _print_module_table(result: QuantizeResult) -> None:
     table = Table(title=f"quantized → {result.output}  ({result.seconds:.1f} s)")
     for col in ("module", "loss", "damp", "seconds"):
         table.add_column(col, justify="left" if col == "module" else "right")

@@ -95,7 +95,7 @@ class QuantConfig:
         return module_setting(self.dynamic, name, (self.bits, self.group_size))
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> QuantConfig:
         """Read a quantization_config written by us, GPTQModel or AutoGPTQ (extra keys ignored).
 
         GPTQModel 7 moved damp_percent, static_groups, true_sequential and mse into `meta`: a

@@ -27,7 +27,7 @@ class QuantizedWeight:
     damp: float = 0.0  # damping fraction finally used (after any automatic increase)
     row_loss: torch.Tensor | None = None  # float32 [N]: each output row's share of `loss`
 
-    def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
+    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
         """Cut into consecutive row ranges: linears that share one Hessian (q/k/v, gate/up) are
         solved as one stacked matrix, since rows are independent given the inverse Hessian."""
         parts, start = [], 0
@@ -50,7 +50,7 @@ class QuantizedWeight:
             start += size
         return parts
 
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
+    def to(self, device: torch.device | str) -> QuantizedWeight:
         """The same result with its tensors on `device` (a new object; this one is unchanged)."""
         moved = {f: getattr(self, f).to(device) for f in ("codes", "scales", "zeros", "g_idx")}
         row_loss = self.row_loss.to(device) if self.row_loss is not None else None

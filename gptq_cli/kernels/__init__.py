@@ -24,8 +24,8 @@ limits) goes to the twin, which computes the same thing, so callers never need t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor

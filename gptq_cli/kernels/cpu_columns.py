@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ __all__ = ["available", "run_columns"]
 MIN_ROWS_PER_THREAD = 64  # below this a thread's start costs more than its share of the rows
 
 
-@lru_cache(maxsize=None)
+@cache
 def _function() -> ctypes._CFuncPtr | None:
     spec = importlib.util.find_spec("gptq_cli._cpu_columns")
     if spec is None or spec.origin is None:
@@ -81,7 +81,7 @@ def available() -> bool:
     return _function() is not None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="gptq-columns")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -72,7 +72,7 @@ def _jit_build() -> None:
         ) from e
 
 
-@lru_cache(maxsize=None)
+@cache
 def extension_loaded() -> bool:
     """True when the CUDA kernels are registered in torch.ops.gptq_cli (loading or JIT-building
     them once)."""
