@@ -1,7 +1,11 @@
 """gptq: a CLI-first GPTQ toolchain for Hugging Face causal language models.
 
-import gptq_cli gptq_cli.quantize("smollm2-135m", gptq_cli.QuantConfig(bits=4), nsamples=128,
-seqlen=512, output="out")
+From Python:
+
+    import gptq_cli
+
+    quant = gptq_cli.QuantConfig(bits=4)
+    gptq_cli.quantize("smollm2-135m", quant, nsamples=128, seqlen=512, output="out")
 """
 
 __version__ = "0.1.0"
