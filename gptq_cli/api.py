@@ -17,18 +17,13 @@ from pathlib import Path
 
 import torch
 
-from gptq_cli import __version__, distributed, kernels, mixed, phases
-from gptq_cli.activation_pool import BufferPool
-from gptq_cli.allocate import Candidate, check_target, parse_candidates
-from gptq_cli.arch import Arch, quantized_shapes, resolve_arch
-from gptq_cli.calibration import Calibration
-from gptq_cli.engine import ModuleResult, capture_inputs, quantize_decoder_block, replay_block
+from gptq_cli import __version__, kernels
 from gptq_cli.errors import Interrupted, UsageError, noting_interrupts
 from gptq_cli.evaluate import evaluate  # noqa: F401  (re-exported: the API is quantize + evaluate)
 from gptq_cli.export import claim_output, pack_workdir, write_kept_blocks  # noqa: F401  (pack_workdir: `gptq pack`'s API)
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.gptaq import GPTAQ_ALPHA
-from gptq_cli.modelio import (
+from gptq_cli.model.arch import Arch, quantized_shapes, resolve_arch
+from gptq_cli.model.modelio import (
     ModelRef,
     StreamingModel,
     bound_allocator,
@@ -45,8 +40,19 @@ from gptq_cli.preflight import (
     calibration_seqlen,
     group_size_notes,
 )
-from gptq_cli.solver import DAMP_STEP
-from gptq_cli.workdir import (
+from gptq_cli.quantization import distributed, mixed, phases
+from gptq_cli.quantization.activation_pool import BufferPool
+from gptq_cli.quantization.allocate import Candidate, check_target, parse_candidates
+from gptq_cli.quantization.calibration import Calibration
+from gptq_cli.quantization.engine import (
+    ModuleResult,
+    capture_inputs,
+    quantize_decoder_block,
+    replay_block,
+)
+from gptq_cli.quantization.gptaq import GPTAQ_ALPHA
+from gptq_cli.quantization.solver import DAMP_STEP
+from gptq_cli.quantization.workdir import (
     WorkDir,
     calibration_fingerprint,
     check_new_directory,
@@ -180,7 +186,7 @@ def quantize(
     by GPTQ run on the least-squares fit of that output, gptaq.least_squares_target). None:
     DEFAULT_METHOD (resolve_method: its alpha differs with target_bits). Recorded in
     quantization_config's meta (GPTAQ's; plain GPTQ adds nothing)."""
-    from gptq_cli.textdata import calibration_samples
+    from gptq_cli.data.textdata import calibration_samples
 
     quant = quant or QuantConfig()
     method, gptaq_alpha = resolve_method(method, gptaq_alpha, target_bits)

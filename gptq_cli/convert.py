@@ -30,7 +30,7 @@ from gptq_cli.format.checkpoint import (
 from gptq_cli.format.config import FORMATS, QuantConfig
 from gptq_cli.format.pack import pack_qzeros, unpack_qzeros
 from gptq_cli.format.safetensors_file import LazyTensors
-from gptq_cli.inspect import inspect_checkpoint
+from gptq_cli.inspection import inspect_checkpoint
 
 # Files the conversion writes itself; everything else at the top level of the source is copied.
 _WRITTEN_FILES = {"config.json", QUANTIZE_CONFIG_FILE, INDEX_FILE}

@@ -7,7 +7,7 @@
     compare(["meta-llama/Llama-2-7b-hf", "llama2-7b-gptq"], limit=40)
 
 Full-precision models load with transformers (Hub id, local directory, .gguf file or built-in name);
-GPTQ checkpoints load through gptq_cli.loader, so their linears run in our QuantLinear.
+GPTQ checkpoints load through gptq_cli.model.loader, so their linears run in our QuantLinear.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from gptq_cli import __version__, kernels
-from gptq_cli.documents import BUILTIN_TEXT
+from gptq_cli.data.documents import BUILTIN_TEXT
+from gptq_cli.data.textdata import eval_windows, tokenize
 from gptq_cli.errors import UsageError
-from gptq_cli.textdata import eval_windows, tokenize
 
 # progress(label, windows_done, windows_total): label names the model being evaluated.
 ProgressFn = Callable[[str, int, int], None]
@@ -42,7 +42,7 @@ SPEED_PROMPT_LEN, SPEED_NEW_TOKENS = 256, 64
 @dataclass
 class ModelSource:
     name: str  # as the user gave it
-    ref: Any  # gptq_cli.modelio.ModelRef: where the files are
+    ref: Any  # gptq_cli.model.modelio.ModelRef: where the files are
     tokenizer: Any
     config: Any
     quantized: bool
@@ -205,7 +205,7 @@ def open_model(model_path: str, trust_remote_code: bool = False) -> ModelSource:
     from transformers import AutoConfig
 
     from gptq_cli.format.checkpoint import is_quantized_checkpoint
-    from gptq_cli.modelio import load_tokenizer, resolve_model
+    from gptq_cli.model.modelio import load_tokenizer, resolve_model
 
     ref = resolve_model(model_path, trust_remote_code)
     quantized = ref.gguf_file is None and is_quantized_checkpoint(ref.path)
@@ -222,12 +222,12 @@ def load_model(
     source: ModelSource, *, device: str | None = None, dtype: str = "auto"
 ) -> LoadedModel:
     """The model's weights, ready for evaluation on `device`: GPTQ checkpoints through
-    gptq_cli.loader (their linears become QuantLinear), anything else through transformers. dtype
-    "auto": float32 on CPU (half-precision matmuls there are slow and less exact), the
+    gptq_cli.model.loader (their linears become QuantLinear), anything else through transformers.
+    dtype "auto": float32 on CPU (half-precision matmuls there are slow and less exact), the
     checkpoint's own dtype on GPU."""
     from transformers import AutoModelForCausalLM
 
-    from gptq_cli.modelio import resolve_device, resolve_dtype, storage_dtype
+    from gptq_cli.model.modelio import resolve_device, resolve_dtype, storage_dtype
 
     dev = resolve_device(device)
     kernels.initialize_cpu_math()
@@ -236,7 +236,7 @@ def load_model(
     else:
         cdtype = resolve_dtype(dtype, dev)
     if source.quantized:
-        from gptq_cli.loader import load_quantized_model
+        from gptq_cli.model.loader import load_quantized_model
 
         model = load_quantized_model(
             source.ref.path,

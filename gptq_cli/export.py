@@ -21,14 +21,20 @@ from pathlib import Path
 
 import torch
 
-from gptq_cli import __version__, mixed
-from gptq_cli.checksums import Damaged, checked_json_bytes, read_checked_json
+from gptq_cli import __version__
 from gptq_cli.errors import GptqError, UsageError, describe_os_error
 from gptq_cli.format import checkpoint
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.safetensors_file import LazyTensors
-from gptq_cli.modelio import ModelRef, StreamingModel, load_streaming, load_tokenizer
-from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir, model_fingerprint, plan_identity
+from gptq_cli.model.modelio import ModelRef, StreamingModel, load_streaming, load_tokenizer
+from gptq_cli.quantization import mixed
+from gptq_cli.quantization.checksums import Damaged, checked_json_bytes, read_checked_json
+from gptq_cli.quantization.workdir import (
+    MEASUREMENTS_FILE,
+    WorkDir,
+    model_fingerprint,
+    plan_identity,
+)
 
 
 @contextmanager

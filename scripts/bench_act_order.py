@@ -47,12 +47,12 @@ def main() -> None:
     ap.add_argument("--ppl-cache", type=Path, default=Path("/tmp/bench_quality/ppl_cache.json"))
     args = ap.parse_args()
 
+    from gptq_cli.data.textdata import eval_windows
     from gptq_cli.evaluate import perplexity
     from gptq_cli.format.compat import VLLM
-    from gptq_cli.inspect import inspect_checkpoint
-    from gptq_cli.loader import load_quantized_model
-    from gptq_cli.modelio import load_tokenizer, resolve_model
-    from gptq_cli.textdata import eval_windows
+    from gptq_cli.inspection import inspect_checkpoint
+    from gptq_cli.model.loader import load_quantized_model
+    from gptq_cli.model.modelio import load_tokenizer, resolve_model
 
     args.work.mkdir(parents=True, exist_ok=True)
     args.ppl_cache.parent.mkdir(parents=True, exist_ok=True)

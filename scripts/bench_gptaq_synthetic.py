@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gptq_cli.gptaq import least_squares_target  # noqa: E402
-from gptq_cli.solver import quantize_weight  # noqa: E402
+from gptq_cli.quantization.gptaq import least_squares_target  # noqa: E402
+from gptq_cli.quantization.solver import quantize_weight  # noqa: E402
 from tests.test_gptaq import asymmetric_problem  # noqa: E402
 
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gptq_cli.kernels import cpu_gemm  # noqa: E402
-from gptq_cli.solver import accumulate_hessian, complete_hessian, hessian_panels  # noqa: E402
+from gptq_cli.quantization.solver import accumulate_hessian, complete_hessian, hessian_panels  # noqa: E402
 from scripts.bench_quality import cpu_info, cpu_slug  # noqa: E402
 
 TOKENS = 4096

@@ -30,9 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gptq_cli import kernels, solver  # noqa: E402
+from gptq_cli import kernels  # noqa: E402
 from gptq_cli.format.pack import pack_qweight, pack_qzeros  # noqa: E402
 from gptq_cli.kernels.gemv_torch import dequantize_packed, layout_4bit  # noqa: E402
+from gptq_cli.quantization import solver  # noqa: E402
 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K) = (out, in) features of a 7B
 BATCHES = (1, 4, 8)

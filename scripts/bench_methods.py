@@ -63,7 +63,7 @@ def setting_flags(setting: str, model: Path, measurements: Path | None) -> list[
     stored size."""
     if not setting.startswith("mixed@"):
         return UNIFORM[setting]
-    from gptq_cli.allocate import average_bits, parse_candidates
+    from gptq_cli.quantization.allocate import average_bits, parse_candidates
 
     shapes = _linear_shapes(model)
     bits = average_bits(shapes, [parse_candidates(setting.removeprefix("mixed@"))[0]] * len(shapes))
@@ -109,11 +109,11 @@ def main() -> None:
         if not (s in UNIFORM or s.startswith("mixed@") and s.removeprefix("mixed@") in UNIFORM):
             raise SystemExit(f"--settings {s}: use {', '.join(UNIFORM)} or mixed@<one of them>")
 
+    from gptq_cli.data.textdata import eval_windows
     from gptq_cli.evaluate import perplexity
-    from gptq_cli.inspect import inspect_checkpoint
-    from gptq_cli.loader import load_quantized_model
-    from gptq_cli.modelio import load_tokenizer, resolve_model
-    from gptq_cli.textdata import eval_windows
+    from gptq_cli.inspection import inspect_checkpoint
+    from gptq_cli.model.loader import load_quantized_model
+    from gptq_cli.model.modelio import load_tokenizer, resolve_model
 
     args.work.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.eval_dtype)

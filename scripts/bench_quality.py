@@ -110,7 +110,7 @@ def cpu_slug() -> str:
 def fast_cpu_dtype() -> str:
     """What `--dtype auto` picks for us on this CPU (bf16 with AVX512-BF16/AMX, else fp32): also
     GPTQModel's fastest dtype on it (fp16 has no CPU arithmetic and is many times slower)."""
-    from gptq_cli.modelio import resolve_dtype
+    from gptq_cli.model.modelio import resolve_dtype
 
     return str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 
@@ -149,7 +149,7 @@ def calibration_file(seed: int, tokenizer, work: Path) -> Path:
     file)."""
     if seed == 0:
         return DATA / "calib_smollm2_c4_128x512.jsonl"
-    from gptq_cli.textdata import calibration_samples
+    from gptq_cli.data.textdata import calibration_samples
 
     path = work / f"calib_c4_128x512_seed{seed}.jsonl"
     if not path.is_file():
@@ -165,8 +165,8 @@ def rtn_model(model_dir: Path, bits: int, group_size: int, dtype: torch.dtype):
     dequantization."""
     from transformers import AutoModelForCausalLM
 
-    from gptq_cli.arch import block_linears, linear_weight, resolve_arch, set_linear_weight
-    from gptq_cli.quantizer import quantize_rtn
+    from gptq_cli.model.arch import block_linears, linear_weight, resolve_arch, set_linear_weight
+    from gptq_cli.quantization.quantizer import quantize_rtn
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     layers_path, _ = resolve_arch(model)
@@ -272,9 +272,9 @@ UNIFORM_ORDER = [
 def mixed_report(args, report: dict, calib: Path, checkpoint_ppl) -> None:
     """--mixed: uniform candidates and mixed models at target sizes, side by side (see the module
     docstring)."""
-    from gptq_cli.allocate import Candidate, average_bits, parse_candidates
-    from gptq_cli.inspect import inspect_checkpoint
-    from gptq_cli.mixed import MEASUREMENTS_FILE
+    from gptq_cli.inspection import inspect_checkpoint
+    from gptq_cli.quantization.allocate import Candidate, average_bits, parse_candidates
+    from gptq_cli.quantization.mixed import MEASUREMENTS_FILE
 
     out_file = args.out or ROOT / "bench" / f"mixed_smollm2_{cpu_slug()}_{args.eval_dtype}.json"
     earlier = json.loads(out_file.read_text()) if out_file.is_file() else {}
@@ -367,7 +367,7 @@ def _linear_shapes(model_dir: Path) -> list[tuple[int, int]]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from gptq_cli.arch import block_linears, linear_weight, resolve_arch
+    from gptq_cli.model.arch import block_linears, linear_weight, resolve_arch
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
@@ -471,10 +471,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
+    from gptq_cli.data.textdata import eval_windows
     from gptq_cli.evaluate import perplexity
-    from gptq_cli.loader import load_quantized_model
-    from gptq_cli.modelio import load_tokenizer, resolve_model
-    from gptq_cli.textdata import eval_windows
+    from gptq_cli.model.loader import load_quantized_model
+    from gptq_cli.model.modelio import load_tokenizer, resolve_model
 
     if not args.model.is_dir():
         subprocess.run(

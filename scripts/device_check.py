@@ -33,10 +33,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import bench_kernels  # noqa: E402
 
-from gptq_cli import api, calibration, engine, export  # noqa: E402
-from gptq_cli.documents import BUILTIN_TEXT  # noqa: E402
+from gptq_cli import api, export  # noqa: E402
+from gptq_cli.data.documents import BUILTIN_TEXT  # noqa: E402
 from gptq_cli.evaluate import evaluate  # noqa: E402
 from gptq_cli.format.config import QuantConfig  # noqa: E402
+from gptq_cli.quantization import calibration, engine  # noqa: E402
 
 SEVEN_B = dict(
     hidden_size=4096,

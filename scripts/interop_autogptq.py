@@ -36,8 +36,8 @@ def token_ids(vocab_size: int) -> torch.Tensor:
 
 
 def ours(ckpt: str, out: str) -> dict:
-    from gptq_cli.inspect import inspect_checkpoint
-    from gptq_cli.loader import load_quantized_model
+    from gptq_cli.inspection import inspect_checkpoint
+    from gptq_cli.model.loader import load_quantized_model
 
     model = load_quantized_model(ckpt, dtype=torch.float16)
     ids = token_ids(model.config.vocab_size)

@@ -30,7 +30,7 @@ MAX_TOKENS = 32
 def facts(ckpt: str) -> dict:
     from gptq_cli.format.checkpoint import read_tensors
     from gptq_cli.format.compat import VLLM
-    from gptq_cli.inspect import inspect_checkpoint
+    from gptq_cli.inspection import inspect_checkpoint
 
     report = inspect_checkpoint(ckpt)
     config = json.loads((Path(ckpt) / "config.json").read_text())
@@ -47,7 +47,7 @@ def ours(ckpt: str) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from gptq_cli.loader import load_quantized_model
+    from gptq_cli.model.loader import load_quantized_model
 
     torch.manual_seed(0)
     model = load_quantized_model(ckpt, dtype=torch.float16)

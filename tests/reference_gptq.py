@@ -1,11 +1,11 @@
 """An independent, deliberately plain GPTQ for the tests: the paper's Algorithm 1 without lazy
 batching.
 
-Written from SPEC §3 and the paper, not from gptq_cli.solver: one column at a time, and after each
-column the error is propagated to *all* remaining columns at once. Group parameters are found when a
-group starts, from the then fully updated weights. The quantizer follows the reference quant.py plus
-the project's choices (scales rounded to float16 before use, symmetric ranges mirrored, all-zero
-rows on the grid [-1, 1]).
+Written from SPEC §3 and the paper, not from gptq_cli.quantization.solver: one column at a time, and
+after each column the error is propagated to *all* remaining columns at once. Group parameters are
+found when a group starts, from the then fully updated weights. The quantizer follows the reference
+quant.py plus the project's choices (scales rounded to float16 before use, symmetric ranges
+mirrored, all-zero rows on the grid [-1, 1]).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from gptq_cli.format.quantized import QuantizedWeight
-from gptq_cli.solver import (
+from gptq_cli.quantization.solver import (
     DAMP_STEP,
     block_ranges,
     find_params,

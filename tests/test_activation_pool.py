@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gptq_cli.activation_pool import BufferPool
+from gptq_cli.quantization.activation_pool import BufferPool
 
 
 def test_keep_copies_exactly_and_reuses_a_given_back_buffer() -> None:

@@ -9,7 +9,10 @@ import re
 import pytest
 import torch
 
-from gptq_cli.allocate import (
+from gptq_cli.errors import UsageError
+from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.dynamic import encode, module_key, resolve
+from gptq_cli.quantization.allocate import (
     Candidate,
     allocate,
     average_bits,
@@ -18,10 +21,7 @@ from gptq_cli.allocate import (
     parse_candidates,
     stored_bits,
 )
-from gptq_cli.errors import UsageError
-from gptq_cli.format.config import QuantConfig
-from gptq_cli.format.dynamic import encode, module_key, resolve
-from gptq_cli.quantizer import quantize_rtn
+from gptq_cli.quantization.quantizer import quantize_rtn
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gptq_cli.calibration import BlockPasses, Calibration, Tail, fingerprint, same_arguments
+from gptq_cli.quantization.calibration import (
+    BlockPasses,
+    Calibration,
+    Tail,
+    fingerprint,
+    same_arguments,
+)
 
 
 class Scope(nn.Module):

@@ -40,7 +40,7 @@ from gptq_cli import api
 from gptq_cli.cli import app
 from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.workdir import WorkDir
+from gptq_cli.quantization.workdir import WorkDir
 from tests.tiny_models import random_input_ids, save_tiny_model
 
 # the tiny llama with one decoder block: a run takes a second or two
@@ -305,7 +305,7 @@ def closed_port() -> int:
 def test_an_unreachable_hub_fails_at_once_without_datasets_retries(monkeypatch):
     import datasets
 
-    from gptq_cli.textdata import load_text
+    from gptq_cli.data.textdata import load_text
 
     def must_not_be_called(*args, **kwargs):
         raise AssertionError(

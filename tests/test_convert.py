@@ -21,7 +21,7 @@ from gptq_cli.convert import convert_checkpoint
 from gptq_cli.format.checkpoint import INDEX_FILE, read_quantization_dict, read_tensors
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_last
-from gptq_cli.loader import load_quantized_model
+from gptq_cli.model.loader import load_quantized_model
 from tests.tiny_models import random_input_ids, write_random_gptq_checkpoint
 
 V1_SYM4_WORD = 0x77777777  # zero 8 stored as 7 in every nibble

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from gptq_cli import solver
 from gptq_cli.kernels import cpu_columns
+from gptq_cli.quantization import solver
 from tests.test_solver import correlated_problem
 
 SETTINGS = [

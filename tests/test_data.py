@@ -1,4 +1,4 @@
-"""Text datasets (gptq_cli.textdata): documents of every source kind, evaluation windows,
+"""Text datasets (gptq_cli.data.textdata): documents of every source kind, evaluation windows,
 calibration samples.
 
 The tiny tokenizer is word-level ("w17" -> one id, whitespace dropped, no special tokens), so the
@@ -18,9 +18,9 @@ import pytest
 import tomllib
 import torch
 
-from gptq_cli import documents, textdata
+from gptq_cli.data import documents, textdata
+from gptq_cli.data.textdata import calibration_samples, eval_windows, load_text
 from gptq_cli.errors import UsageError
-from gptq_cli.textdata import calibration_samples, eval_windows, load_text
 from tests.tiny_models import make_tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -163,7 +163,8 @@ def test_builtin_calibration_text_is_shipped_as_package_data():
     assert len(docs) > 100 and all(d.strip() for d in docs)
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["gptq_cli"]
-    relative = documents.BUILTIN_TEXT.relative_to(Path(documents.__file__).parent).as_posix()
+    package_root = Path(documents.__file__).parents[1]  # gptq_cli/, where package-data is rooted
+    relative = documents.BUILTIN_TEXT.relative_to(package_root).as_posix()
     assert any(fnmatch.fnmatch(relative, p) for p in patterns)
 
 

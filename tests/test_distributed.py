@@ -107,8 +107,8 @@ def test_combined_hessians_equal_one_running_mean_up_to_float32_rounding() -> No
     """What N ranks change: the Hessian comes from N partial means instead of one running mean
     over all batches. The two differ by float32 rounding only (measured ~1e-7 relative; bound
     1e-5); different bytes downstream come from that alone."""
-    from gptq_cli.distributed import combine_means
-    from gptq_cli.solver import accumulate_hessian
+    from gptq_cli.quantization.distributed import combine_means
+    from gptq_cli.quantization.solver import accumulate_hessian
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, 64, 256, generator=gen) * (1 + i) for i in range(8)]
@@ -265,7 +265,7 @@ def _reduce_on_rank(rank: int, world: int, port: int, results) -> None:
     X̃ᵀ of its own tokens (running means over n_r = 8·(r + 1) tokens) and reduces them."""
     import torch.distributed as dist
 
-    from gptq_cli.distributed import Ranks, reduce_hessians
+    from gptq_cli.quantization.distributed import Ranks, reduce_hessians
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -284,7 +284,7 @@ def test_ranks_combine_gptaq_crosses_with_their_hessians() -> None:
     of ΔX X̃ᵀ would aim at another target than one process)."""
     import torch.multiprocessing as mp
 
-    from gptq_cli.distributed import combine_means
+    from gptq_cli.quantization.distributed import combine_means
 
     world, port = 2, free_port()
     results = mp.Manager().dict()

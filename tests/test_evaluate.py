@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from gptq_cli.cli import app
+from gptq_cli.data.textdata import eval_windows
 from gptq_cli.errors import UsageError
 from gptq_cli.evaluate import (
     check_context,
@@ -27,7 +28,6 @@ from gptq_cli.evaluate import (
     save_eval_results,
     speed,
 )
-from gptq_cli.textdata import eval_windows
 from tests.tiny_models import (
     make_tiny_model,
     make_tiny_tokenizer,

@@ -103,8 +103,8 @@ def damage_missing(work):  # blocks 0 and 2 stay: 1 is solved, 2 replayed
 
 
 def damage_other_settings(work):  # a block a run of other settings stored, checksum intact
-    from gptq_cli.checksums import verify_safetensors
-    from gptq_cli.workdir import WorkDir
+    from gptq_cli.quantization.checksums import verify_safetensors
+    from gptq_cli.quantization.workdir import WorkDir
 
     wd = WorkDir(work)
     tensors, rows, seconds = wd.read_block(1, verify_safetensors(block(work, 1))["plan"])
@@ -375,7 +375,7 @@ def test_a_shard_named_outside_the_checkpoint_is_refused_by_every_command(
 def test_the_loader_refuses_a_shard_outside_and_accepts_hub_cache_links(tmp_path, sharded):
     from gptq_cli.errors import UsageError
     from gptq_cli.format.checkpoint import weight_files
-    from gptq_cli.loader import load_quantized_model
+    from gptq_cli.model.loader import load_quantized_model
 
     with pytest.raises(UsageError, match="names the shard '../x.safetensors'"):
         load_quantized_model(with_shard_name(sharded, tmp_path / "ckpt", "../x.safetensors"))

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from gptq_cli.gptaq import least_squares_target
-from gptq_cli.solver import quantize_weight
+from gptq_cli.quantization.gptaq import least_squares_target
+from gptq_cli.quantization.solver import quantize_weight
 from tests.test_solver import assert_matches_reference, one_thread  # noqa: F401 (an autouse fixture: one thread)
 
 
@@ -115,8 +115,8 @@ def test_accumulated_cross_term_is_the_float64_one_up_to_float32_rounding(dtype)
     summation rounding of the two sums C and H it is the difference of: bounded by 1e-6 of H's
     largest entry (measured 1.3-3.8e-7; H's entries are ~130x D's here, so relative to D that is
     ~5e-5). The same inputs in both streams give exactly 0."""
-    from gptq_cli.gptaq import accumulate_cross, cross_term
-    from gptq_cli.solver import accumulate_hessian, complete_hessian
+    from gptq_cli.quantization.gptaq import accumulate_cross, cross_term
+    from gptq_cli.quantization.solver import accumulate_hessian, complete_hessian
 
     _, _, _, X, X_q = asymmetric_problem(N=8, K=96, seed=9, tokens=1500, drift=0.1)
     X, X_q = X.to(dtype), X_q.to(dtype)
@@ -144,14 +144,14 @@ def test_engine_gptaq_matches_a_naive_two_model_reference(tmp_path, method):
     same packed tensors."""
     from transformers import AutoModelForCausalLM
 
-    from gptq_cli.activation_pool import BufferPool
-    from gptq_cli.arch import block_linears, linear_weight, resolve_arch, set_linear_weight
-    from gptq_cli.calibration import Calibration
-    from gptq_cli.engine import capture_inputs, quantize_decoder_block, solve_weight
     from gptq_cli.format.config import QuantConfig
-    from gptq_cli.gptaq import accumulate_cross, cross_term
-    from gptq_cli.modelio import load_streaming, resolve_model
-    from gptq_cli.solver import accumulate_hessian, complete_hessian
+    from gptq_cli.model.arch import block_linears, linear_weight, resolve_arch, set_linear_weight
+    from gptq_cli.model.modelio import load_streaming, resolve_model
+    from gptq_cli.quantization.activation_pool import BufferPool
+    from gptq_cli.quantization.calibration import Calibration
+    from gptq_cli.quantization.engine import capture_inputs, quantize_decoder_block, solve_weight
+    from gptq_cli.quantization.gptaq import accumulate_cross, cross_term
+    from gptq_cli.quantization.solver import accumulate_hessian, complete_hessian
     from tests.tiny_models import random_input_ids, save_tiny_model
 
     torch.set_num_threads(1)
@@ -328,7 +328,7 @@ def test_target_bits_with_gptaq_solves_the_same_allocation_with_gptaq(tmp_path):
 
     from gptq_cli import api
     from gptq_cli.format.config import QuantConfig
-    from gptq_cli.inspect import inspect_checkpoint
+    from gptq_cli.inspection import inspect_checkpoint
     from tests.tiny_models import random_input_ids, save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float16)
@@ -382,12 +382,12 @@ def test_full_precision_stream_runs_attention_and_mlp_twice_per_batch(tmp_path, 
     calls beyond GPTQ's (without the shortcuts: 5 and 3)."""
     from transformers.models.llama import modeling_llama
 
-    from gptq_cli.activation_pool import BufferPool
-    from gptq_cli.arch import resolve_arch
-    from gptq_cli.calibration import Calibration
-    from gptq_cli.engine import capture_inputs, quantize_decoder_block
     from gptq_cli.format.config import QuantConfig
-    from gptq_cli.modelio import load_streaming, resolve_model
+    from gptq_cli.model.arch import resolve_arch
+    from gptq_cli.model.modelio import load_streaming, resolve_model
+    from gptq_cli.quantization.activation_pool import BufferPool
+    from gptq_cli.quantization.calibration import Calibration
+    from gptq_cli.quantization.engine import capture_inputs, quantize_decoder_block
     from tests.tiny_models import random_input_ids, save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float32)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptq_cli import calibration, modelio, solver
 from gptq_cli.format.pack import pack_qweight, pack_qzeros
 from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.model import modelio
+from gptq_cli.quantization import calibration, solver
 
 
 def tf32_round(x: torch.Tensor) -> torch.Tensor:
@@ -94,8 +95,8 @@ def test_cuda_tensor_core_hessian_is_as_accurate_as_the_fp32_path(dtype) -> None
 
 
 def test_engine_packs_where_it_solved_and_the_pack_equals_the_host_pack() -> None:
-    from gptq_cli.engine import _solve
     from gptq_cli.format.config import QuantConfig
+    from gptq_cli.quantization.engine import _solve
 
     gen = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(64, 40, bias=False).requires_grad_(False)

@@ -9,9 +9,9 @@ import platform
 import pytest
 import torch
 
-from gptq_cli import solver
 from gptq_cli.kernels import cpu_gemm
-from gptq_cli.solver import accumulate_hessian, complete_hessian, hessian_panels
+from gptq_cli.quantization import solver
+from gptq_cli.quantization.solver import accumulate_hessian, complete_hessian, hessian_panels
 
 FP32_EPS = torch.finfo(torch.float32).eps
 

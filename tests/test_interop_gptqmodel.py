@@ -212,8 +212,8 @@ def _quantize_with_us(
     """`quantize` (the API under the CLI) on a tiny random fp16 model of `arch`: its checkpoint
     directory."""
     from gptq_cli import api
-    from gptq_cli.allocate import parse_candidates
     from gptq_cli.format.config import QuantConfig
+    from gptq_cli.quantization.allocate import parse_candidates
     from tests.tiny_models import random_input_ids, save_tiny_model
 
     model_dir = save_tiny_model(root / "model", arch, dtype=torch.float16)
@@ -243,8 +243,8 @@ def _quantize_with_us(
 def test_our_loader_matches_gptqmodel_forward_on_its_checkpoint(
     gptqmodel_side, tiny_llama_dir, desc_act
 ):
-    from gptq_cli.loader import load_quantized_model
-    from gptq_cli.quant_linear import QuantLinear
+    from gptq_cli.model.loader import load_quantized_model
+    from gptq_cli.model.quant_linear import QuantLinear
 
     results, theirs, _, _, _ = gptqmodel_side
     path = theirs[desc_act]
@@ -273,7 +273,7 @@ def test_our_loader_matches_gptqmodel_forward_on_its_checkpoint(
 @pytest.mark.parametrize("desc_act", DESC_ACT)
 def test_gptqmodel_checkpoint_reads_and_inspects_cleanly(gptqmodel_side, desc_act, tmp_path):
     from gptq_cli.format.checkpoint import read_quant_config
-    from gptq_cli.inspect import inspect_checkpoint
+    from gptq_cli.inspection import inspect_checkpoint
     from gptq_cli.losses import plot_losses, read_quant_log
 
     _, theirs, _, _, _ = gptqmodel_side
@@ -297,7 +297,7 @@ def test_gptqmodel_checkpoint_reads_and_inspects_cleanly(gptqmodel_side, desc_ac
 
 @pytest.mark.parametrize("desc_act", DESC_ACT)
 def test_transformers_with_gptqmodel_loads_our_checkpoint(gptqmodel_side, desc_act):
-    from gptq_cli.loader import load_quantized_model
+    from gptq_cli.model.loader import load_quantized_model
 
     results, _, ours, _, _ = gptqmodel_side
     theirs = results[f"transformers{int(desc_act)}"]
@@ -313,7 +313,7 @@ def test_transformers_with_gptqmodel_loads_our_checkpoint(gptqmodel_side, desc_a
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_transformers_with_gptqmodel_loads_what_quantize_writes(gptqmodel_side, arch):
-    from gptq_cli.loader import load_quantized_model
+    from gptq_cli.model.loader import load_quantized_model
 
     results, _, _, _, quantized = gptqmodel_side
     theirs = results[f"loaded_{arch}"]
@@ -328,8 +328,8 @@ def test_transformers_with_gptqmodel_loads_what_quantize_writes(gptqmodel_side, 
 def test_gptqmodel_loads_a_mixed_checkpoint_with_each_modules_setting_and_our_logits(
     gptqmodel_side,
 ):
-    from gptq_cli.inspect import inspect_checkpoint
-    from gptq_cli.loader import load_quantized_model
+    from gptq_cli.inspection import inspect_checkpoint
+    from gptq_cli.model.loader import load_quantized_model
 
     results, _, _, _, quantized = gptqmodel_side
     theirs = results["loaded_mixed"]
@@ -372,8 +372,8 @@ def test_gptaq_reaches_gptqmodels_gptaq_error(gptqmodel_side, alpha):
     with the fp16-rounded scales the file stores, and across solver blocks GPTQModel subtracts
     the quantized values' share of the asymmetry where the column update has the values the
     columns were quantized from), and both are well below GPTQ's."""
-    from gptq_cli.gptaq import accumulate_cross, cross_term
-    from gptq_cli.solver import accumulate_hessian, complete_hessian, quantize_weight
+    from gptq_cli.quantization.gptaq import accumulate_cross, cross_term
+    from gptq_cli.quantization.solver import accumulate_hessian, complete_hessian, quantize_weight
 
     results = gptqmodel_side[0]["gptaq"]
     for i, p in enumerate(gptaq_problems()):

@@ -30,10 +30,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from gptq_cli import engine, kernels, solver
+from gptq_cli import kernels
 from gptq_cli.format.pack import pack_qweight, pack_qzeros
 from gptq_cli.kernels.extension import extension_loaded
 from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_packed, gemv_4bit_torch, layout_4bit
+from gptq_cli.quantization import engine, solver
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 ACT = {torch.float16: 0, torch.bfloat16: 1}  # csrc/kernels.h Act
@@ -690,7 +691,7 @@ def test_jit_opt_in_never_builds_without_cuda(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_quant_linear_with_rows_permuted_for_the_kernels_keeps_checkpoint_state() -> None:
-    from gptq_cli.quant_linear import QuantLinear
+    from gptq_cli.model.quant_linear import QuantLinear
     from tests.tiny_models import random_quantized_weight
 
     qw = random_quantized_weight(48, 256, bits=4, group_size=64, act_order=True, seed=4)

@@ -13,17 +13,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptq_cli import api, export, mixed
-from gptq_cli.allocate import parse_candidates
-from gptq_cli.arch import linear_weight, set_linear_weight
+from gptq_cli import api, export
 from gptq_cli.cli import app
 from gptq_cli.convert import convert_checkpoint
 from gptq_cli.errors import Interrupted, UsageError
 from gptq_cli.format.checkpoint import read_quant_config, read_tensors
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
-from gptq_cli.inspect import inspect_checkpoint
-from gptq_cli.loader import load_quantized_model
+from gptq_cli.inspection import inspect_checkpoint
+from gptq_cli.model.arch import linear_weight, set_linear_weight
+from gptq_cli.model.loader import load_quantized_model
+from gptq_cli.quantization import mixed
+from gptq_cli.quantization.allocate import parse_candidates
 from tests.tiny_models import random_input_ids
 
 CANDIDATES = "2g64,3g128,4g64,8g128"

@@ -1,8 +1,8 @@
 """Mixture of experts (SPEC §3): a tiny random Mixtral, whose experts transformers 5 keeps fused, is
 quantized expert by expert, streamed from its files, and loaded back with every expert quantized.
 
-The reference is independent of gptq_cli.moe: transformers' own fused Mixtral with each expert's
-gate_up_proj / down_proj slices set from the dequantized checkpoint tensors."""
+The reference is independent of gptq_cli.model.moe: transformers' own fused Mixtral with each
+expert's gate_up_proj / down_proj slices set from the dequantized checkpoint tensors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from gptq_cli import api
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
-from gptq_cli.loader import load_quantized_model
-from gptq_cli.modelio import load_streaming, resolve_model
-from gptq_cli.moe import ExpertMLPs, defuse_experts
+from gptq_cli.model.loader import load_quantized_model
+from gptq_cli.model.modelio import load_streaming, resolve_model
+from gptq_cli.model.moe import ExpertMLPs, defuse_experts
 from tests.tiny_models import make_tiny_model, random_input_ids, save_tiny_model
 
 NSAMPLES, SEQLEN, EXPERTS = 8, 32, 4

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptq_cli.quant_linear import QuantLinear
+from gptq_cli.model.quant_linear import QuantLinear
 from tests.tiny_models import random_quantized_weight
 
 CASES = [

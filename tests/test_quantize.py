@@ -14,15 +14,26 @@ import pytest
 import torch
 
 from gptq_cli import api, export
-from gptq_cli.arch import QUANTIZABLE, block_linears, linear_weight, resolve_arch, set_linear_weight
-from gptq_cli.calibration import collect_hessians
-from gptq_cli.engine import capture_inputs
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
-from gptq_cli.loader import load_quantized_model
-from gptq_cli.modelio import load_streaming, resolve_model
-from gptq_cli.quantizer import quantize_rtn
-from gptq_cli.solver import accumulate_hessian, complete_hessian, quantization_loss, quantize_weight
+from gptq_cli.model.arch import (
+    QUANTIZABLE,
+    block_linears,
+    linear_weight,
+    resolve_arch,
+    set_linear_weight,
+)
+from gptq_cli.model.loader import load_quantized_model
+from gptq_cli.model.modelio import load_streaming, resolve_model
+from gptq_cli.quantization.calibration import collect_hessians
+from gptq_cli.quantization.engine import capture_inputs
+from gptq_cli.quantization.quantizer import quantize_rtn
+from gptq_cli.quantization.solver import (
+    accumulate_hessian,
+    complete_hessian,
+    quantization_loss,
+    quantize_weight,
+)
 from tests.tiny_models import make_tiny_model, random_input_ids, save_tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]
@@ -323,7 +334,7 @@ def test_package_level_python_api(tmp_path, calib_file):
 def test_a_gguf_sources_tokenizer_files_are_staged_in_a_directory_that_is_removed(tmp_path):
     """A GGUF file carries its tokenizer inside: its files are saved to a temporary directory for
     the checkpoint writer to copy, and that directory is gone afterwards."""
-    from gptq_cli.modelio import ModelRef
+    from gptq_cli.model.modelio import ModelRef
     from tests.tiny_models import make_tiny_tokenizer
 
     with export.tokenizer_dir(
@@ -342,7 +353,7 @@ def test_tail_shortcuts_skip_recomputation_and_change_no_byte(
     """Once an attention or MLP submodule's last linear is quantized, later passes compute that
     submodule as one matmul on its recorded inputs (calibration.py): fewer linear calls,
     byte-identical checkpoint."""
-    from gptq_cli import calibration
+    from gptq_cli.quantization import calibration
 
     model_dir = save_tiny_model(tmp_path / "model", arch)
     calls = []
@@ -374,8 +385,8 @@ def test_tail_shortcuts_skip_recomputation_and_change_no_byte(
 def test_solver_errors_reach_the_user_in_the_clis_words():
     """The solver raises plain ValueErrors; the engine says what they mean for a quantize run
     (exit 1)."""
-    from gptq_cli.engine import solve_weight
     from gptq_cli.errors import GptqError
+    from gptq_cli.quantization.engine import solve_weight
 
     W, quant = torch.randn(4, 8), QuantConfig(group_size=-1)
     H = torch.eye(8)

@@ -315,7 +315,7 @@ def test_a_work_dir_in_use_by_another_run_is_refused(tmp_path, model_dir, calib_
     usable again."""
     import fcntl
 
-    from gptq_cli.workdir import WorkDir
+    from gptq_cli.quantization.workdir import WorkDir
 
     work = tmp_path / "out.work"
     work.mkdir()

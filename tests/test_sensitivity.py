@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptq_cli.arch import block_linears, resolve_arch
-from gptq_cli.calibration import advance
-from gptq_cli.engine import capture_inputs
-from gptq_cli.modelio import load_streaming, resolve_model
-from gptq_cli.sensitivity import output_fisher
+from gptq_cli.model.arch import block_linears, resolve_arch
+from gptq_cli.model.modelio import load_streaming, resolve_model
+from gptq_cli.quantization.calibration import advance
+from gptq_cli.quantization.engine import capture_inputs
+from gptq_cli.quantization.sensitivity import output_fisher
 from tests.tiny_models import random_input_ids, save_tiny_model
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from gptq_cli.quantizer import quantize_rtn
-from gptq_cli.solver import (
+from gptq_cli.quantization.quantizer import quantize_rtn
+from gptq_cli.quantization.solver import (
     IndefiniteHessian,
     NonFiniteHessian,
     accumulate_hessian,
@@ -444,7 +444,7 @@ def test_single_buffer_solver_is_bit_identical_to_the_previous_one(
     order) against the previous implementation, kept verbatim in solver_before_scale.py, both
     given Hinv by the paper's route (the new factorisation is checked against that route on its
     own, below)."""
-    from gptq_cli import solver
+    from gptq_cli.quantization import solver
     from tests.solver_before_scale import old_inverse_hessian_factor, old_quantize_weight
 
     def paper_route(H, damp_percent, perm=None, dead=None):
@@ -484,7 +484,7 @@ def test_inverse_hessian_factor_is_the_papers_to_float32_rounding(K: int, order:
     """One Cholesky of the reversed H and a triangular inverse give the paper's factor of three
     factorisations (float64 here) to float32 rounding, permuted and with dead columns as the
     solver asks, column-major."""
-    from gptq_cli.hessian_inverse import inverse_hessian_factor
+    from gptq_cli.quantization.hessian_inverse import inverse_hessian_factor
 
     _, H = correlated_problem(1, K, seed=K)
     perm = (
@@ -519,7 +519,7 @@ def test_inverse_hessian_factor_is_the_papers_to_float32_rounding(K: int, order:
 def test_blocked_lower_inverse_crosses_block_and_panel_edges(
     K: int, block: int, panel: int
 ) -> None:
-    from gptq_cli.hessian_inverse import _invert_lower
+    from gptq_cli.quantization.hessian_inverse import _invert_lower
 
     _, H = correlated_problem(1, K, seed=1)
     L = torch.linalg.cholesky(H.double() + torch.eye(K, dtype=torch.float64))

@@ -23,7 +23,7 @@ from gptq_cli.errors import GptqError
 
 # imported in the command: `gptq --help` loads no torch (whose import loads tqdm, too early)
 if TYPE_CHECKING:
-    from gptq_cli.inspect import InspectReport
+    from gptq_cli.inspection import InspectReport
 
 EXAMPLES = """
 Examples:
@@ -57,7 +57,7 @@ def inspect(
     and why not."""
 
     def work() -> None:
-        from gptq_cli.inspect import inspect_checkpoint
+        from gptq_cli.inspection import inspect_checkpoint
         from gptq_cli.losses import plot_losses, read_quant_log
 
         report = inspect_checkpoint(checkpoint)

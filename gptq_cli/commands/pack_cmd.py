@@ -74,7 +74,7 @@ def pack(
 
     def work() -> None:
         from gptq_cli.export import claim_output
-        from gptq_cli.workdir import check_new_directory
+        from gptq_cli.quantization.workdir import check_new_directory
 
         if fmt is not None and fmt not in FORMATS:
             raise UsageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -100,7 +100,7 @@ def pack(
             read_quant_config,
             weight_files,
         )
-        from gptq_cli.workdir import WorkDir, is_work_dir
+        from gptq_cli.quantization.workdir import WorkDir, is_work_dir
 
         if is_work_dir(path):
             from gptq_cli.export import pack_workdir

@@ -27,10 +27,10 @@ from gptq_cli.commands.common import (
     say,
     show_progress,
 )
-from gptq_cli.push import HUB_TIMEOUT
+from gptq_cli.hub.push import HUB_TIMEOUT
 
 if TYPE_CHECKING:
-    from gptq_cli.push import PushPlan
+    from gptq_cli.hub.push import PushPlan
 
 EXAMPLES = """
 Examples:
@@ -85,7 +85,7 @@ def push(
     Token: HF_TOKEN or `hf auth login`. Server: HF_ENDPOINT (default the Hugging Face Hub)."""
 
     def work() -> None:
-        from gptq_cli.push import (
+        from gptq_cli.hub.push import (
             CheckpointRefused,
             check_repo_id,
             hub_token,

@@ -312,7 +312,7 @@ def quantize(
             from gptq_cli.api import resolve_method
 
             plan_method = resolve_method(method, gptaq_alpha, target_bits)[0]
-            from gptq_cli.plan import make_plan
+            from gptq_cli.quantization.plan import make_plan
 
             plan = make_plan(
                 model,
@@ -425,7 +425,7 @@ def _mixed_options(
             "a --target-bits "
             f"run left beside its checkpoint"
         )
-    from gptq_cli.allocate import parse_candidates
+    from gptq_cli.quantization.allocate import parse_candidates
 
     return parse_candidates(candidates)
 
@@ -451,7 +451,7 @@ def run_summary(model: str, result: QuantizeResult, quant: QuantConfig) -> dict:
     """What the end of a run reports (--json prints it whole): where the checkpoint is, its size
     against fp16, the time, the modules with the largest loss, the validity check, and the
     commands to run next."""
-    from gptq_cli.inspect import inspect_checkpoint
+    from gptq_cli.inspection import inspect_checkpoint
 
     report = inspect_checkpoint(result.output)
     rows = result.modules

@@ -1,5 +1,8 @@
 """The GPTQ checkpoint format (SPEC §2): bit packing, one quantized linear, the quantization
-config, and checkpoint directories on disk."""
+config, and checkpoint directories on disk.
+
+May import: errors (and the package's version).
+"""
 
 _EXPORTS = {
     "quantized_to_tensors": "checkpoint",

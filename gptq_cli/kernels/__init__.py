@@ -20,6 +20,8 @@ the torch twins.
 
 A GEMV or dequantize call the kernels cannot take (a shape, dtype or batch size outside their
 limits) goes to the twin, which computes the same thing, so callers never need to check.
+
+May import: format, errors.
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gptq_cli import distributed, kernels
-from gptq_cli.activation_pool import BufferPool
-from gptq_cli.arch import (
+from gptq_cli import kernels
+from gptq_cli.errors import GptqError
+from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.model.arch import (
     Arch,
     StopForward,
     block_groups,
@@ -28,16 +30,15 @@ from gptq_cli.arch import (
     linear_weight,
     set_linear_weight,
 )
-from gptq_cli.calibration import BlockPasses, Calibration, Hessians, advance
-from gptq_cli.distributed import Ranks
-from gptq_cli.errors import GptqError
-from gptq_cli.format.config import QuantConfig
-from gptq_cli.format.quantized import QuantizedWeight
-from gptq_cli.fp_stream import FullPrecisionPasses
-from gptq_cli.gptaq import GPTAQ_ALPHA, least_squares_target
-from gptq_cli.modelio import StreamingModel, activations_in_heap
-from gptq_cli.phases import phase
-from gptq_cli.solver import (
+from gptq_cli.model.modelio import StreamingModel, activations_in_heap
+from gptq_cli.quantization import distributed
+from gptq_cli.quantization.activation_pool import BufferPool
+from gptq_cli.quantization.calibration import BlockPasses, Calibration, Hessians, advance
+from gptq_cli.quantization.distributed import Ranks
+from gptq_cli.quantization.fp_stream import FullPrecisionPasses
+from gptq_cli.quantization.gptaq import GPTAQ_ALPHA, least_squares_target
+from gptq_cli.quantization.phases import phase
+from gptq_cli.quantization.solver import (
     BlockFn,
     IndefiniteHessian,
     NonFiniteHessian,

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gptq_cli.arch import QUANTIZABLE, linear_weight
 from gptq_cli.errors import GptqError, UsageError
 from gptq_cli.format.checkpoint import (
     PACKED_NAMES,
@@ -26,8 +25,9 @@ from gptq_cli.format.checkpoint import (
 )
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.safetensors_file import FileTensors
-from gptq_cli.modelio import check_config_json, empty_model
-from gptq_cli.quant_linear import QuantLinear
+from gptq_cli.model.arch import QUANTIZABLE, linear_weight
+from gptq_cli.model.modelio import check_config_json, empty_model
+from gptq_cli.model.quant_linear import QuantLinear
 
 # Tensors old checkpoints carry that current transformers models compute instead of loading.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)

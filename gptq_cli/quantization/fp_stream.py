@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gptq_cli.arch import StopForward, linear_weight
-from gptq_cli.calibration import (
+from gptq_cli.model.arch import StopForward, linear_weight
+from gptq_cli.model.modelio import activations_in_heap
+from gptq_cli.quantization.calibration import (
     Calibration,
     Tail,
     advance,
@@ -35,7 +36,6 @@ from gptq_cli.calibration import (
     recorded_forward,
     records_fit,
 )
-from gptq_cli.modelio import activations_in_heap
 
 __all__ = ["FullPrecisionPasses"]
 

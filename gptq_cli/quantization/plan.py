@@ -20,17 +20,23 @@ from pathlib import Path
 
 import torch
 
-from gptq_cli.allocate import Candidate, stored_bits
-from gptq_cli.arch import block_groups, block_linears, linear_weight, quantized_shapes, resolve_arch
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.quantized import QuantizedWeight
-from gptq_cli.modelio import (
+from gptq_cli.model.arch import (
+    block_groups,
+    block_linears,
+    linear_weight,
+    quantized_shapes,
+    resolve_arch,
+)
+from gptq_cli.model.modelio import (
     empty_model,
     resolve_device,
     resolve_dtype,
     resolve_model,
     storage_dtype,
 )
+from gptq_cli.quantization.allocate import Candidate, stored_bits
 
 # calibration passes through a block's weights per block (early stops and shortcuts)
 FORWARD_PASSES = 2.5
@@ -158,7 +164,7 @@ def make_plan(
         },
     }
     if target_bits is not None:
-        from gptq_cli.mixed import dry_run as mixed_dry_run
+        from gptq_cli.quantization.mixed import dry_run as mixed_dry_run
 
         plan["target_bits"] = mixed_dry_run(
             quantized_shapes(skeleton, layers_path), candidates, target_bits, measurements
@@ -198,8 +204,12 @@ def probe(
     of the solver's column loop on N rows, timed on one block of each row count the run solves
     (its cost per row grows once a block's N×128 floats leave the cache, so a smaller probe would
     not tell)."""
-    from gptq_cli.engine import block_function
-    from gptq_cli.solver import accumulate_hessian, inverse_hessian_factor, single_thread_on_cpu
+    from gptq_cli.quantization.engine import block_function
+    from gptq_cli.quantization.solver import (
+        accumulate_hessian,
+        inverse_hessian_factor,
+        single_thread_on_cpu,
+    )
 
     gptq_block = block_function(device)  # the block step the engine solves with on this device
 
@@ -294,7 +304,7 @@ def _seconds_since_start() -> float:
 def _hessian_products(k: int) -> int:
     """Products per token that accumulate_hessian computes for width k: its lower panels, about
     k²/2."""
-    from gptq_cli.solver import hessian_panels
+    from gptq_cli.quantization.solver import hessian_panels
 
     return sum((k - start) * (end - start) for start, end in hessian_panels(k))
 

@@ -9,8 +9,8 @@ endpoint: HF_ENDPOINT, read when the push runs, else the library's default; noth
 host.
 
 Model card rule: a README.md already in the checkpoint directory is the user's card and is sent
-unchanged; otherwise gptq_cli.modelcard builds one and it is sent as README.md. The directory itself
-is never modified.
+unchanged; otherwise gptq_cli.hub.modelcard builds one and it is sent as README.md. The directory
+itself is never modified.
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def plan_push(checkpoint: str | Path, repo_id: str) -> PushPlan:
     """Check the repo id and the checkpoint (CheckpointRefused when inspect finds problems) and
     list what a push would send: every non-hidden file under the checkpoint, plus the generated
     card when it has none."""
-    from gptq_cli.inspect import inspect_checkpoint
-    from gptq_cli.modelcard import build_model_card
+    from gptq_cli.hub.modelcard import build_model_card
+    from gptq_cli.inspection import inspect_checkpoint
 
     check_repo_id(repo_id)
     report = inspect_checkpoint(checkpoint)

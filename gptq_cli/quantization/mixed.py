@@ -36,7 +36,12 @@ from pathlib import Path
 
 import torch
 
-from gptq_cli.allocate import (
+from gptq_cli.errors import UsageError
+from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.dynamic import encode
+from gptq_cli.model.arch import block_linears, linear_weight
+from gptq_cli.model.modelio import StreamingModel
+from gptq_cli.quantization.allocate import (
     Candidate,
     allocate,
     average_bits,
@@ -46,9 +51,8 @@ from gptq_cli.allocate import (
     parse_candidates,
     stored_bits,
 )
-from gptq_cli.arch import block_linears, linear_weight
-from gptq_cli.calibration import Calibration, advance, collect_hessians
-from gptq_cli.checksums import (
+from gptq_cli.quantization.calibration import Calibration, advance, collect_hessians
+from gptq_cli.quantization.checksums import (
     CHECKSUM_KEY,
     Damaged,
     checked_json_bytes,
@@ -56,13 +60,9 @@ from gptq_cli.checksums import (
     verified_json,
     write_atomic,
 )
-from gptq_cli.engine import capture_inputs, solve_weight
-from gptq_cli.errors import UsageError
-from gptq_cli.format.config import QuantConfig
-from gptq_cli.format.dynamic import encode
-from gptq_cli.modelio import StreamingModel
-from gptq_cli.sensitivity import fisher_batches, output_fisher
-from gptq_cli.workdir import MEASUREMENTS_FILE, WorkDir
+from gptq_cli.quantization.engine import capture_inputs, solve_weight
+from gptq_cli.quantization.sensitivity import fisher_batches, output_fisher
+from gptq_cli.quantization.workdir import MEASUREMENTS_FILE, WorkDir
 
 # Which loss measure a measurement file holds: files of another measure are refused, not mixed up.
 MEASURE = "fisher-weighted GPTQ row loss"

@@ -25,7 +25,7 @@ from torch import nn
 from gptq_cli.errors import UsageError
 from gptq_cli.format.checkpoint import read_tensors, weight_files
 from gptq_cli.format.safetensors_file import FileTensors
-from gptq_cli.moe import checkpoint_names, defuse_experts
+from gptq_cli.model.moe import checkpoint_names, defuse_experts
 
 # Built-in names that resolve without the network: the README's quick-start model.
 BUILTIN_MODELS = {

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gptq_cli.documents import json_rows, load_text
+from gptq_cli.data.documents import json_rows, load_text
 from gptq_cli.errors import UsageError
 
 C4_EVAL_WINDOWS = 256

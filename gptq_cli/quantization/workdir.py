@@ -38,7 +38,13 @@ from typing import Any
 
 import torch
 
-from gptq_cli.checksums import (
+from gptq_cli.errors import UsageError
+from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
+from gptq_cli.format.quantized import QuantizedWeight
+from gptq_cli.format.safetensors_file import FileTensors
+from gptq_cli.model.modelio import ModelRef
+from gptq_cli.quantization.checksums import (
     Damaged,
     checked_json_bytes,
     checked_safetensors_bytes,
@@ -47,12 +53,6 @@ from gptq_cli.checksums import (
     verify_safetensors,
     write_atomic,
 )
-from gptq_cli.errors import UsageError
-from gptq_cli.format.config import QuantConfig
-from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
-from gptq_cli.format.quantized import QuantizedWeight
-from gptq_cli.format.safetensors_file import FileTensors
-from gptq_cli.modelio import ModelRef
 
 PLAN_FILE = "plan.json"
 # quantize --target-bits: every candidate's loss per linear (mixed.py)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from gptq_cli.inspect import InspectReport
+from gptq_cli.inspection import InspectReport
 
 QUANT_LOG_FILE = "quant_log.json"
 EVAL_RESULTS_FILE = "eval_results.json"

@@ -21,15 +21,15 @@ from torch import Tensor
 
 from gptq_cli.format.config import check_setting
 from gptq_cli.format.quantized import QuantizedWeight
-from gptq_cli.gptaq import GPTAQ_ALPHA, gptaq_correction
-from gptq_cli.hessian_inverse import (
+from gptq_cli.kernels import cpu_columns, cpu_gemm, matmul_tf32
+from gptq_cli.quantization.gptaq import GPTAQ_ALPHA, gptaq_correction
+from gptq_cli.quantization.hessian_inverse import (
     DAMP_STEP,
     IndefiniteHessian,
     NonFiniteHessian,
     inverse_hessian_factor,
 )
-from gptq_cli.kernels import cpu_columns, cpu_gemm, matmul_tf32
-from gptq_cli.quantizer import dequantize, find_params, quantize
+from gptq_cli.quantization.quantizer import dequantize, find_params, quantize
 
 # the solver's API; the damping step, the Hessian errors and matmul_tf32 are re-exported: the
 # solver's callers meet them here

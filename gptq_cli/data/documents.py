@@ -16,7 +16,7 @@ from gptq_cli.errors import UsageError
 
 PURPOSES = ("calibration", "eval")
 NAMED = ("wikitext2", "c4", "builtin")
-BUILTIN_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+BUILTIN_TEXT = Path(__file__).parent / "calibration.txt"
 WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 WIKITEXT_SPLITS = {"calibration": "train", "eval": "test"}
 C4_HUB = "allenai/c4"

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gptq_cli.arch import block_linears, linear_weight
-from gptq_cli.modelio import StreamingModel
+from gptq_cli.model.arch import block_linears, linear_weight
+from gptq_cli.model.modelio import StreamingModel
 
 # Bytes of block inputs kept for the backward pass (all blocks together): the batches beyond it are
 # not used.

@@ -38,15 +38,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from gptq_cli.activation_pool import BufferPool
-from gptq_cli.arch import StopForward, linear_weight
-from gptq_cli.gptaq import accumulate_cross, cross_term
-from gptq_cli.modelio import activations_in_heap
-from gptq_cli.phases import phase
-from gptq_cli.solver import accumulate_hessian, complete_hessian
+from gptq_cli.model.arch import StopForward, linear_weight
+from gptq_cli.model.modelio import activations_in_heap
+from gptq_cli.quantization.activation_pool import BufferPool
+from gptq_cli.quantization.gptaq import accumulate_cross, cross_term
+from gptq_cli.quantization.phases import phase
+from gptq_cli.quantization.solver import accumulate_hessian, complete_hessian
 
 if TYPE_CHECKING:
-    from gptq_cli.fp_stream import FullPrecisionPasses
+    from gptq_cli.quantization.fp_stream import FullPrecisionPasses
 
 # recorded tail inputs take at most this share of their device's free memory, else no tail
 MEMORY_SHARE = 0.25
