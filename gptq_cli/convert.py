@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from gptq_cli.errors import GptqError, UsageError
+from gptq_cli.format.bitpack import pack_qzeros, unpack_qzeros
 from gptq_cli.format.checkpoint import (
     INDEX_FILE,
     QUANTIZE_CONFIG_FILE,
@@ -28,7 +29,6 @@ from gptq_cli.format.checkpoint import (
     write_checkpoint,
 )
 from gptq_cli.format.config import FORMATS, QuantConfig
-from gptq_cli.format.pack import pack_qzeros, unpack_qzeros
 from gptq_cli.format.safetensors_file import LazyTensors
 from gptq_cli.inspection import inspect_checkpoint
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gptq_cli import kernels  # noqa: E402
-from gptq_cli.format.pack import pack_qweight, pack_qzeros  # noqa: E402
+from gptq_cli.format.bitpack import pack_qweight, pack_qzeros  # noqa: E402
 from gptq_cli.kernels.gemv_torch import dequantize_packed, layout_4bit  # noqa: E402
 from gptq_cli.quantization import solver  # noqa: E402
 

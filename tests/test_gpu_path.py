@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptq_cli.format.pack import pack_qweight, pack_qzeros
+from gptq_cli.format.bitpack import pack_qweight, pack_qzeros
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.model import modelio
 from gptq_cli.quantization import calibration, solver

@@ -2,7 +2,7 @@
 
 Three layers of evidence:
 - CPU: the torch GEMV twin against a plain dequantize-then-matmul reference (packed here,
-  independently of format/pack.py), and the dispatch (CPU tensors -> "torch", identical to the
+  independently of format/bitpack.py), and the dispatch (CPU tensors -> "torch", identical to the
   twin).
 - CPU, emulated: the kernels' exact source compiled with g++ against csrc/emu/cuda_emu.h (CUDA
   threads as fibers, real warp shuffles, shared memory filled with NaN) and run against the twins.
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from gptq_cli import kernels
-from gptq_cli.format.pack import pack_qweight, pack_qzeros
+from gptq_cli.format.bitpack import pack_qweight, pack_qzeros
 from gptq_cli.kernels.extension import extension_loaded
 from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_packed, gemv_4bit_torch, layout_4bit
 from gptq_cli.quantization import engine, solver

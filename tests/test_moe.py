@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from gptq_cli import api
+from gptq_cli.format.bitpack import unpack_qweight, unpack_qzeros
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
 from gptq_cli.model.loader import load_quantized_model
 from gptq_cli.model.modelio import load_streaming, resolve_model
 from gptq_cli.model.moe import ExpertMLPs, defuse_experts

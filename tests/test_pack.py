@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptq_cli.format.pack import (
+from gptq_cli.format.bitpack import (
     pack_last,
     pack_qweight,
     pack_qzeros,

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from gptq_cli import api, export
+from gptq_cli.format.bitpack import unpack_qweight, unpack_qzeros
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
 from gptq_cli.model.arch import (
     QUANTIZABLE,
     block_linears,

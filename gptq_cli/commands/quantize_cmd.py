@@ -312,7 +312,7 @@ def quantize(
             from gptq_cli.api import resolve_method
 
             plan_method = resolve_method(method, gptaq_alpha, target_bits)[0]
-            from gptq_cli.quantization.plan import make_plan
+            from gptq_cli.quantization.dry_run import make_plan
 
             plan = make_plan(
                 model,

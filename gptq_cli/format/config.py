@@ -9,7 +9,7 @@ from typing import Any
 from gptq_cli import __version__
 from gptq_cli.format.dynamic import check_dynamic, module_setting
 
-BITS = (2, 3, 4, 8)  # the widths GPTQ checkpoints pack (format/pack.py) and their loaders read
+BITS = (2, 3, 4, 8)  # the widths GPTQ checkpoints pack (format/bitpack.py) and their loaders read
 FORMATS = ("gptq", "gptq_v2")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptq_cli.format.pack import pack_qweight, pack_qzeros
+from gptq_cli.format.bitpack import pack_qweight, pack_qzeros
 
 
 @dataclass

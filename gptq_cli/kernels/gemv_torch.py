@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gptq_cli.format.pack import pack_qweight, packed_len, unpack_qweight, unpack_qzeros
+from gptq_cli.format.bitpack import pack_qweight, packed_len, unpack_qweight, unpack_qzeros
 
 CHUNK_ROWS = 1024  # rows of K dequantized at a time: 1024 × N floats of scratch
 # values of K per step of the GEMV (csrc/gemv_4bit.cu kUnroll · 8): groups must align to it

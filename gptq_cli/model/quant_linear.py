@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptq_cli.format.bitpack import pack_qweight, packed_len, unpack_qweight
 from gptq_cli.format.config import BITS, FORMATS
-from gptq_cli.format.pack import pack_qweight, packed_len, unpack_qweight
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.kernels import backend_name, gemv_4bit
 from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_packed, layout_4bit

@@ -27,8 +27,8 @@ from functools import reduce
 import numpy as np
 
 from gptq_cli.errors import UsageError
+from gptq_cli.format.bitpack import packed_len
 from gptq_cli.format.config import BITS, check_setting
-from gptq_cli.format.pack import packed_len
 
 DEFAULT_BITS = BITS  # every width the format supports
 DEFAULT_GROUPS = (32, 64, 128)

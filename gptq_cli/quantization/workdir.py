@@ -39,8 +39,8 @@ from typing import Any
 import torch
 
 from gptq_cli.errors import UsageError
+from gptq_cli.format.bitpack import unpack_qweight, unpack_qzeros
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.format.pack import unpack_qweight, unpack_qzeros
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.format.safetensors_file import FileTensors
 from gptq_cli.model.modelio import ModelRef
