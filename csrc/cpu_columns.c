@@ -1,4 +1,4 @@
-/* GPTQ's column loop on a CPU: solver.quantize_block's inner loop for a run of columns, in plain C.
+/* GPTQ's column loop on a CPU: solver.quantize_column_block's inner loop for a run of columns, in plain C.
  *
  * The torch loop in gptq_cli/solver.py costs ~40 us of dispatch per column whatever the block's size; this does
  * the same arithmetic, a row at a time (rows are independent: a row's later columns depend only on its own

@@ -34,7 +34,7 @@ void check_launch(cudaError_t status, const char* kernel) {
   TORCH_CHECK(status == cudaSuccess, kernel, " launch failed: ", cudaGetErrorString(status));
 }
 
-// solver.quantize_block on the GPU; W, scales and zeros are updated in place (see docs/DESIGN.md).
+// solver.quantize_column_block on the GPU; W, scales and zeros are updated in place (see docs/DESIGN.md).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gptq_block(at::Tensor W, const at::Tensor& Hinv, at::Tensor scales,
                                                            at::Tensor zeros, const at::Tensor& group_of_col,
                                                            const at::Tensor& new_group, int64_t bits, bool sym,

@@ -1,4 +1,4 @@
-// The fused GPTQ block step: solver.quantize_block in one launch instead of ~10 small kernels per column.
+// The fused GPTQ block step: solver.quantize_column_block in one launch instead of ~10 small kernels per column.
 //
 // Rows of W are independent given Hinv, so one warp owns one row: lane l keeps columns l, l+32, l+64, l+96
 // of it in registers, and the block's Hinv (upper triangle only) sits in shared memory. For each column c the

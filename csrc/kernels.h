@@ -8,7 +8,7 @@
 
 namespace gptq {
 
-// solver.quantize_block's contract (docs/DESIGN.md, "The solver's block step"), all pointers on one device.
+// solver.quantize_column_block's contract (docs/DESIGN.md, "The solver's block step"), all pointers on one device.
 struct GptqBlockArgs {
   float* W;                     // [N, B] row-major: the block's weights, updated in place
   const float* Hinv;            // [B, B] with any strides: the block's upper Cholesky factor of H^-1

@@ -189,12 +189,17 @@ def bench_block(device: torch.device, shapes=((4096, 4096),), repeats: int = 3) 
         H = 2 * X.t() @ X / X.shape[0]
         settings = dict(bits=4, group_size=GROUP_SIZE, desc_act=True)
         results, seconds = {}, {}
-        for name, block_fn in (("torch", solver.quantize_block), ("kernel", kernels.gptq_block)):
+        for name, column_block_fn in (
+            ("torch", solver.quantize_column_block),
+            ("kernel", kernels.gptq_block),
+        ):
             times = []
             for _ in range(repeats):
                 torch.cuda.synchronize() if device.type == "cuda" else None
                 t0 = time.perf_counter()
-                results[name] = solver.quantize_weight(W, H, **settings, block_fn=block_fn)
+                results[name] = solver.quantize_weight(
+                    W, H, **settings, column_block_fn=column_block_fn
+                )
                 torch.cuda.synchronize() if device.type == "cuda" else None
                 times.append(time.perf_counter() - t0)
             seconds[name] = statistics.median(times)

@@ -14,11 +14,11 @@ from torch import Tensor
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.quantization.solver import (
     DAMP_STEP,
-    block_ranges,
+    column_block_ranges,
     find_params,
     group_aware_order,
     matmul_tf32,
-    quantize_block,
+    quantize_column_block,
     single_thread_on_cpu,
 )
 
@@ -81,7 +81,7 @@ def old_quantize_weight(
         Hinv, damp = old_inverse_hessian_factor(H, damp_percent)
         codes = torch.zeros(N, K, dtype=torch.int32, device=W.device)
         row_loss = torch.zeros(N, dtype=torch.float32, device=W.device)
-        for start, end in block_ranges(K, g, block_size, align_groups=not static_groups):
+        for start, end in column_block_ranges(K, g, block_size, align_groups=not static_groups):
             new_group = torch.zeros(end - start, dtype=torch.bool, device=W.device)
             if not static_groups:
                 cols = torch.arange(start, end, device=W.device)
@@ -91,7 +91,7 @@ def old_quantize_weight(
                     scales[:, j], zeros[:, j] = find_params(W[:, start : start + g], bits, sym, mse)
             block = W[:, start:end].contiguous()
             with single_thread_on_cpu(W.device):
-                block_codes, Err, losses = quantize_block(
+                block_codes, Err, losses = quantize_column_block(
                     block,
                     Hinv[start:end, start:end],
                     scales,

@@ -82,8 +82,8 @@ def test_c_loop_gives_the_torch_loops_bits_with_gptaq(built, monkeypatch, settin
 
 
 def test_the_c_loop_is_what_runs(built, monkeypatch):
-    """quantize_block on a CPU goes through run_columns (else the comparison above would compare
-    torch with itself), once per run of columns between group starts."""
+    """quantize_column_block on a CPU goes through run_columns (else the comparison above would
+    compare torch with itself), once per run of columns between group starts."""
     calls = []
     original = cpu_columns.run_columns
     monkeypatch.setattr(

@@ -534,7 +534,7 @@ def test_block_kernel_reproduces_the_solver_bit_for_bit(
         mse=mse,
     )
     twin = solver.quantize_weight(W, H, **settings)
-    fused = solver.quantize_weight(W, H, **settings, block_fn=backend.gptq_block)
+    fused = solver.quantize_weight(W, H, **settings, column_block_fn=backend.gptq_block)
     for name in ("codes", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(fused, name), getattr(twin, name)), name
     assert fused.damp == twin.damp
@@ -549,7 +549,7 @@ def test_block_kernel_with_mse_clip_search(backend: Backend) -> None:
     H = correlated_hessian(K, seed=1).to(backend.device)
     settings = dict(bits=4, group_size=32, sym=False, desc_act=True, mse=True)
     twin = solver.quantize_weight(W, H, **settings)
-    fused = solver.quantize_weight(W, H, **settings, block_fn=backend.gptq_block)
+    fused = solver.quantize_weight(W, H, **settings, column_block_fn=backend.gptq_block)
     # Near-ties between shrink factors may go either way (see the module docstring): a rare row
     # differs. Rows are independent: a row whose group parameters agree must agree everywhere.
     same_rows = (fused.scales == twin.scales).all(dim=0) & (fused.zeros == twin.zeros).all(dim=0)
@@ -599,7 +599,7 @@ def test_block_kernel_on_adversarial_rows_matches_quantize_block(
     args = [t.to(backend.device) for t in (W, Hinv, scales, zeros, group_of_col, new_group)]
     expected_args = [t.clone() for t in args]
     result = backend.gptq_block(*args, bits=bits, sym=sym, mse=False, group_size=group_size)
-    expected = solver.quantize_block(
+    expected = solver.quantize_column_block(
         *expected_args, bits=bits, sym=sym, mse=False, group_size=group_size
     )
     assert torch.equal(result[0], expected[0]), "codes"
@@ -619,7 +619,7 @@ def test_cuda_block_kernel_at_layer_shapes(N, K) -> None:
     H = 2 * X.t() @ X / X.shape[0]
     settings = dict(bits=4, group_size=128, sym=True, desc_act=True)
     twin = solver.quantize_weight(W, H, **settings)
-    fused = solver.quantize_weight(W, H, **settings, block_fn=kernels.gptq_block)
+    fused = solver.quantize_weight(W, H, **settings, column_block_fn=kernels.gptq_block)
     for name in ("codes", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(fused, name), getattr(twin, name)), name
 
@@ -646,10 +646,10 @@ def test_dispatch_on_cpu_is_the_twin_exactly() -> None:
     )
     # the solver's block step: the engine picks the torch loop for CPU tensors; the kernel refuses
     # them
-    assert engine.block_function(torch.device("cpu")) is solver.quantize_block
+    assert engine.column_block_function(torch.device("cpu")) is solver.quantize_column_block
     W, Hinv = torch.randn(4, 8), torch.eye(8)
     scales, zeros = torch.ones(4, 1), torch.zeros(4, 1)
-    with pytest.raises(ValueError, match="solver.quantize_block"):
+    with pytest.raises(ValueError, match="solver.quantize_column_block"):
         kernels.gptq_block(
             W,
             Hinv,

@@ -14,11 +14,11 @@ from gptq_cli.quantization.solver import (
     IndefiniteHessian,
     NonFiniteHessian,
     accumulate_hessian,
-    block_ranges,
+    column_block_ranges,
     complete_hessian,
     group_aware_order,
     quantization_loss,
-    quantize_block,
+    quantize_column_block,
     quantize_weight,
 )
 from tests.reference_gptq import reference_gptq, reference_params
@@ -169,7 +169,7 @@ def test_group_aware_order_keeps_groups_whole() -> None:
 
 def test_block_ranges_keep_groups_whole() -> None:
     for K, g, b in [(500, 200, 128), (300, 96, 128), (1000, 32, 128), (130, 130, 128), (77, 5, 16)]:
-        ranges = block_ranges(K, g, b, align_groups=True)
+        ranges = column_block_ranges(K, g, b, align_groups=True)
         assert ranges[0][0] == 0 and ranges[-1][1] == K
         assert all(e0 == s1 for (_, e0), (s1, _) in zip(ranges, ranges[1:]))
         assert all(0 < e - s <= b for s, e in ranges)
@@ -188,7 +188,7 @@ def test_quantize_block_with_identity_hinv_is_round_to_nearest() -> None:
     scales, zeros = torch.zeros(16, 3), torch.zeros(16, 3)
     group_of_col = torch.arange(40) // 16
     block = W.clone()
-    codes, Err, losses = quantize_block(
+    codes, Err, losses = quantize_column_block(
         block,
         torch.eye(40),
         scales,
@@ -219,7 +219,7 @@ def test_quantize_block_leaves_each_column_as_quantized() -> None:
     Hinv = torch.linalg.cholesky(Hinv, upper=True)
     scales, zeros = torch.zeros(8, 1), torch.zeros(8, 1)
     block = W.clone()
-    codes, Err, _ = quantize_block(
+    codes, Err, _ = quantize_column_block(
         block,
         Hinv,
         scales,

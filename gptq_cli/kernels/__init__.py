@@ -1,10 +1,10 @@
 """Kernel dispatch: the CUDA extension (csrc/) when it is loaded and the tensors are on CUDA, else
 the torch twins.
 
-- `gptq_block(...)`: one block of GPTQ's column loop in one CUDA launch, solver.quantize_block's
-  contract (docs/DESIGN.md) for CUDA float32 blocks; the engine passes it to the solver as block_fn
-  where the extension runs (engine.block_function), the solver's own loop elsewhere. Nothing here
-  imports the solver.
+- `gptq_block(...)`: one block of GPTQ's column loop in one CUDA launch,
+  solver.quantize_column_block's contract (docs/DESIGN.md) for CUDA float32 blocks; the engine
+  passes it to the solver as column_block_fn where the extension runs
+  (engine.column_block_function), the solver's own loop elsewhere. Nothing here imports the solver.
 - `gemv_4bit(x, qweight, scales, qzeros, g_idx, checkpoint_format, layout=None)`: x @ Wᵀ for a 4-bit
   GPTQ linear, any batch: the GEMV kernel for 1..8 rows of fp16/bf16 activations, else the
   dequantize kernel and one matmul; `layout` (from `layout_4bit`, computed once per layer by
@@ -85,7 +85,7 @@ def gptq_block(
     mse: bool,
     group_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """solver.quantize_block fused into one CUDA launch (same arguments, same results);
+    """solver.quantize_column_block fused into one CUDA launch (same arguments, same results);
     ValueError for tensors the kernel does not take."""
     fits = (
         W.dim() == 2
@@ -99,7 +99,7 @@ def gptq_block(
             f"{MAX_BLOCK_COLUMNS} columns on a "
             f"GPU with the CUDA extension (got {tuple(W.shape)} {W.dtype} on "
             f"{W.device}); elsewhere "
-            "use solver.quantize_block"
+            "use solver.quantize_column_block"
         )
     return torch.ops.gptq_cli.gptq_block(
         W,

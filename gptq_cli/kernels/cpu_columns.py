@@ -1,5 +1,5 @@
 """GPTQ's column loop on a CPU in C (csrc/cpu_columns.c), the twin of the torch loop in
-solver.quantize_block.
+solver.quantize_column_block.
 
 setup.py compiles csrc/cpu_columns.c into gptq_cli/_cpu_columns (a plain shared library, no Python
 module: it needs only a C compiler at install time, not torch); it is called here through ctypes.
@@ -106,7 +106,8 @@ def run_columns(
     fn = _function()
     if fn is None:
         raise RuntimeError(
-            "the C column loop is not built (gptq_cli._cpu_columns); use solver.quantize_block"
+            "the C column loop is not built (gptq_cli._cpu_columns); use "
+            "solver.quantize_column_block"
         )
     N, B = W.shape
     tensors = (W, Hinv, scales, zeros, group_of, codes, errs) + (() if P is None else (P,))

@@ -204,14 +204,16 @@ def probe(
     of the solver's column loop on N rows, timed on one block of each row count the run solves
     (its cost per row grows once a block's N×128 floats leave the cache, so a smaller probe would
     not tell)."""
-    from gptq_cli.quantization.engine import block_function
+    from gptq_cli.quantization.engine import column_block_function
     from gptq_cli.quantization.solver import (
         accumulate_hessian,
         inverse_hessian_factor,
         single_thread_on_cpu,
     )
 
-    gptq_block = block_function(device)  # the block step the engine solves with on this device
+    gptq_block = column_block_function(
+        device
+    )  # the block step the engine solves with on this device
 
     def timed(fn, repeat: int = 3) -> float:
         fn()

@@ -39,10 +39,10 @@ from gptq_cli.quantization.fp_stream import FullPrecisionPasses
 from gptq_cli.quantization.gptaq import GPTAQ_ALPHA, least_squares_target
 from gptq_cli.quantization.phases import phase
 from gptq_cli.quantization.solver import (
-    BlockFn,
+    ColumnBlockFn,
     IndefiniteHessian,
     NonFiniteHessian,
-    quantize_block,
+    quantize_column_block,
     quantize_weight,
 )
 
@@ -263,10 +263,12 @@ def _by_setting(names: list[str], quant: QuantConfig, prefix: str) -> list[list[
     return list(runs.values())
 
 
-def block_function(device: torch.device) -> BlockFn:
+def column_block_function(device: torch.device) -> ColumnBlockFn:
     """The solver's block step for tensors on `device`: the fused CUDA kernel where it runs, else
     the torch loop (same contract, same results)."""
-    return kernels.gptq_block if kernels.backend_name(device) == "cuda-ext" else quantize_block
+    return (
+        kernels.gptq_block if kernels.backend_name(device) == "cuda-ext" else quantize_column_block
+    )
 
 
 def solve_weight(
@@ -278,10 +280,10 @@ def solve_weight(
     dXXT: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ of W [N, K] on H with `quant`'s settings that every module shares and this module's bits
-    and group size, each block through block_function; a Hessian the solver cannot use becomes a
-    GptqError saying why.
-    dXXT: GPTAQ's asymmetry term (with quant.meta's gptaq_alpha), solved by quantize_block (the
-    CUDA kernel has no GPTAQ term)."""
+    and group size, each block through column_block_function; a Hessian the solver cannot use
+    becomes a GptqError saying why.
+    dXXT: GPTAQ's asymmetry term (with quant.meta's gptaq_alpha), solved by quantize_column_block
+    (the CUDA kernel has no GPTAQ term)."""
     gptaq, alpha = {}, quant.meta.get("gptaq_alpha", GPTAQ_ALPHA)
     # GPTQ aimed at the least-squares target
     if dXXT is not None and quant.meta.get("method") == "gptaq-ls":
@@ -300,7 +302,9 @@ def solve_weight(
             act_group_aware=quant.act_group_aware,
             damp_percent=quant.damp_percent,
             mse=quant.mse,
-            block_fn=block_function(W.device) if dXXT is None else quantize_block,
+            column_block_fn=column_block_function(W.device)
+            if dXXT is None
+            else quantize_column_block,
             **gptaq,
         )
     except NonFiniteHessian as e:

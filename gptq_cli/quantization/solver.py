@@ -35,26 +35,26 @@ from gptq_cli.quantization.quantizer import dequantize, find_params, quantize
 # solver's callers meet them here
 __all__ = [
     "DAMP_STEP",
-    "Block",
-    "BlockFn",
+    "ColumnBlock",
+    "ColumnBlockFn",
     "GroupPlan",
     "HESSIAN_PANEL",
     "IndefiniteHessian",
     "NonFiniteHessian",
     "accumulate_hessian",
-    "block_ranges",
+    "column_block_ranges",
     "complete_hessian",
     "group_aware_order",
     "hessian_panels",
     "matmul_tf32",
     "plan_groups",
     "quantization_loss",
-    "quantize_block",
+    "quantize_column_block",
     "quantize_weight",
     "single_thread_on_cpu",
 ]
 
-BlockFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
+ColumnBlockFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
 @contextmanager
@@ -137,7 +137,7 @@ def complete_hessian(H: Tensor) -> Tensor:
     return H
 
 
-def quantize_block(
+def quantize_column_block(
     W: Tensor,
     Hinv: Tensor,
     scales: Tensor,
@@ -248,7 +248,7 @@ class _ColumnsInTorch:
             W[:, c + 1 :] -= update
 
 
-def block_ranges(
+def column_block_ranges(
     columns: int, group_size: int, block_size: int, align_groups: bool
 ) -> list[tuple[int, int]]:
     """[start, end) of each lazy-update block. With align_groups, a block ends early at the start
@@ -290,10 +290,10 @@ def group_aware_order(diag: Tensor, group_size: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class Block:
+class ColumnBlock:
     """One lazy-update block, positions [start, end): new_group [end - start] bool marks the
-    groups whose parameters quantize_block finds; params_first lists (group, its positions) found
-    at the block start."""
+    groups whose parameters quantize_column_block finds; params_first lists (group, its
+    positions) found at the block start."""
 
     start: int
     end: int
@@ -307,14 +307,14 @@ class GroupPlan:
     makes groups of consecutive positions; static groups and group-aware order keep each column
     in its original group) and of each original column (g_idx), and where each group's parameters
     are found: a static group's from its original columns before any update (at the first block);
-    any other's from its updated columns where it starts (in quantize_block when it lies in one
-    block, at its block's start when it is wider)."""
+    any other's from its updated columns where it starts (in quantize_column_block when it lies
+    in one block, at its block's start when it is wider)."""
 
     size: int  # columns per group (K when per channel)
     count: int
     of_position: Tensor  # int64 [K]
     g_idx: Tensor  # int64 [K]
-    blocks: list[Block]
+    blocks: list[ColumnBlock]
 
 
 def plan_groups(
@@ -334,7 +334,7 @@ def plan_groups(
     )
     count = math.ceil(K / g)
     blocks = []
-    for start, end in block_ranges(K, g, block_size, align_groups=not static):
+    for start, end in column_block_ranges(K, g, block_size, align_groups=not static):
         if static:  # groups of consecutive original columns
             new_group = torch.zeros(end - start, dtype=torch.bool, device=device)
             first = (
@@ -356,7 +356,7 @@ def plan_groups(
             # at its block's start all its columns are final
             wide = start % g == 0 and min(start + g, K) > end
             first = [(int(of_position[start]), slice(start, start + g))] if wide else []
-        blocks.append(Block(start, end, new_group, first))
+        blocks.append(ColumnBlock(start, end, new_group, first))
     g_idx = of_position if invperm is None else of_position[invperm]
     return GroupPlan(g, count, of_position, g_idx, blocks)
 
@@ -374,17 +374,17 @@ def quantize_weight(
     damp_percent: float = 0.01,
     mse: bool = False,
     block_size: int = 128,
-    block_fn: BlockFn = quantize_block,
+    column_block_fn: ColumnBlockFn = quantize_column_block,
     dXXT: Tensor | None = None,
     alpha: float = GPTAQ_ALPHA,
 ) -> QuantizedWeight:
     """GPTQ-quantize W [N, K] with the Hessian H [K, K] of its inputs (SPEC §3): H -> solving
     order -> Hinv -> blocks. Inputs are not modified. Working set besides them: one K×K float32
     buffer (inverse_hessian_factor) and W's float32 copy, codes and one lazy-update product, each
-    N×K. block_fn runs each block; it must honour quantize_block's contract (the fused CUDA
-    kernel does). dXXT [K, K]: GPTAQ (gptaq_correction): the inputs' asymmetry ΔX X̃ᵀ, scaled as
-    H; block_fn then gets P (quantize_block takes it; the CUDA kernel does not). One more K×K
-    float32 buffer."""
+    N×K. column_block_fn runs each block; it must honour quantize_column_block's contract (the
+    fused CUDA kernel does). dXXT [K, K]: GPTAQ (gptaq_correction): the inputs' asymmetry ΔX X̃ᵀ,
+    scaled as H; column_block_fn then gets P (quantize_column_block takes it; the CUDA kernel
+    does not). One more K×K float32 buffer."""
     check_setting(bits, group_size, damp_percent)
     if block_size < 1:
         raise ValueError(f"block size must be at least 1, got {block_size}")
@@ -431,9 +431,9 @@ def quantize_weight(
             # row runs ~5x slower on a CPU than with a contiguous one (the K×K buffer itself is
             # column-major)
             hinv_block = Hinv[start:end, start:end].contiguous()
-            # CUDA's block_fn: none
+            # CUDA's column_block_fn: none
             gptaq = {} if P is None else {"P": P[start:end, start:end].contiguous()}
-            block_codes, Err, losses = block_fn(
+            block_codes, Err, losses = column_block_fn(
                 columns,
                 hinv_block,
                 scales,
