@@ -115,9 +115,8 @@ def resolve_method(
         return method, default
     if not 0 < gptaq_alpha <= 1:
         raise UsageError(
-            f"--gptaq-alpha {gptaq_alpha}: use a number in (0, 1] (default for --method {method}"
-            f"{' with --target-bits' if target_bits is not None else ''}: "
-            f"{default:g})"
+            f"--gptaq-alpha {gptaq_alpha}: use a number in (0, 1] (default for --method "
+            f"{method}{' with --target-bits' if target_bits is not None else ''}: {default:g})"
         )
     return method, gptaq_alpha
 

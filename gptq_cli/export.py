@@ -93,8 +93,7 @@ def write_kept_blocks(
     except (UsageError, OSError) as e:
         keep = (
             f"; the {plan['blocks']} quantized blocks are kept in {wd.path}: `gptq pack "
-            f"{wd.path} -o DIR` "
-            f"writes the checkpoint without quantizing again"
+            f"{wd.path} -o DIR` writes the checkpoint without quantizing again"
         )
         if isinstance(e, UsageError):
             raise UsageError(f"{e}{keep}") from e
@@ -230,9 +229,8 @@ def write_output(
             measured = read_checked_json(wd.path / MEASUREMENTS_FILE)
         except Damaged as e:
             raise UsageError(
-                f"{wd.path / MEASUREMENTS_FILE} {e}; rerun the quantize command that "
-                f"made {wd.path} "
-                f"(it measures again)"
+                f"{wd.path / MEASUREMENTS_FILE} {e}; rerun the quantize command that made "
+                f"{wd.path} (it measures again)"
             ) from e
         # timings go in the log, the rest is deterministic
         log["measure_seconds"] = measured.pop("seconds", None)

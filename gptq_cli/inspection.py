@@ -292,8 +292,7 @@ def _check_module(
         elif shape != want_shape:
             problems.append(
                 f"{name}.{p}: shape {list(shape)}, expected {list(want_shape)} for "
-                f"in_features={k}, "
-                f"out_features={n}, bits={bits}, group_size={gs}"
+                f"in_features={k}, out_features={n}, bits={bits}, group_size={gs}"
             )
         else:
             good.add(p)
@@ -353,9 +352,8 @@ def _check_zeros(
     if not quant.sym:
         if declared == "gptq" and bool((stored == maxq).any()):
             problems.append(
-                f"{name}.qzeros: {int((stored == maxq).sum())} zero point(s) stored as "
-                f"{maxq}, i.e. "
-                f"zero {maxq + 1} in format 'gptq' (zero - 1): out of range (an "
+                f"{name}.qzeros: {int((stored == maxq).sum())} zero point(s) stored as {maxq}, "
+                f"i.e. zero {maxq + 1} in format 'gptq' (zero - 1): out of range (an "
                 "asymmetric zero of 0 "
                 f"underflowed?); asymmetric checkpoints must be written as gptq_v2"
             )
@@ -373,16 +371,14 @@ def _check_zeros(
     if style == "unknown":
         values = sorted(set(stored.flatten().tolist()))[:6]
         problems.append(
-            f"{name}.qzeros: symmetric {bits}-bit zero points must all be stored as "
-            f"{want} in format "
-            f"{declared!r}; found values {values}"
+            f"{name}.qzeros: symmetric {bits}-bit zero points must all be stored as {want} in "
+            f"format {declared!r}; found values {values}"
         )
     else:
         problems.append(
-            f"{name}.qzeros: labelled checkpoint_format {declared!r} but zero points are stored as "
-            f"{v2_value if style == 'gptq_v2' else v1_value} ({style} convention; "
-            f"{declared} stores "
-            f"{want}); loaders will dequantize with wrong zeros (vLLM outputs "
+            f"{name}.qzeros: labelled checkpoint_format {declared!r} but zero points are stored "
+            f"as {v2_value if style == 'gptq_v2' else v1_value} ({style} convention; {declared} "
+            f"stores {want}); loaders will dequantize with wrong zeros (vLLM outputs "
             "garbage): relabel or "
             f"repack the checkpoint as {style}"
         )

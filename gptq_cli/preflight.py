@@ -33,8 +33,8 @@ def calibration_notes(samples: list[torch.Tensor], nsamples: int, seqlen: int) -
     )
     return [
         f"the calibration data holds {shape} tokens, not --nsamples {nsamples} x --seqlen "
-        f"{seqlen}: "
-        f"quantizing with those ({sum(lengths)} tokens, recorded in quant_log.json); more text "
+        f"{seqlen}: quantizing with those ({sum(lengths)} tokens, recorded in quant_log.json); "
+        f"more text "
         "gives what was "
         f"asked"
     ]
@@ -60,10 +60,9 @@ def group_size_notes(shapes: dict[str, tuple[int, int]], group_size: int) -> lis
     count = sum(1 for k in widths if k % group_size)
     return [
         f"--group-size {group_size} does not divide the input width "
-        f"({', '.join(map(str, uneven))}) of "
-        f"{count} of {len(widths)} linears: their last group is shorter, which GPTQ handles "
-        "but vLLM "
-        "and GPTQModel's fast kernels do not (they need in_features % group_size == 0); "
+        f"({', '.join(map(str, uneven))}) of {count} of {len(widths)} linears: their last group "
+        f"is shorter, which GPTQ handles "
+        "but vLLM and GPTQModel's fast kernels do not (they need in_features % group_size == 0); "
         f"{advice}"
     ]
 
@@ -74,9 +73,8 @@ def act_order_notes(quant: QuantConfig) -> list[str]:
     if quant.trivial_g_idx:
         return []
     return [
-        "--desc-act without --static-groups writes desc_act true (groups follow the "
-        "act-order), which vLLM 0.32 "
-        "refuses to serve; add --static-groups for a file it serves (the same act-order solve, "
-        "groups of "
-        "original columns; on SmolLM2 4g128 as good or better: bench/act_order_smollm2_*.json)"
+        "--desc-act without --static-groups writes desc_act true (groups follow the act-order), "
+        "which vLLM 0.32 refuses to serve; add --static-groups for a file it serves (the same "
+        "act-order solve, groups of original columns; on SmolLM2 4g128 as good or better: "
+        "bench/act_order_smollm2_*.json)"
     ]

@@ -76,8 +76,7 @@ def main() -> None:
             "dtype": args.eval_dtype,
         },
         "command": f"python scripts/bench_act_order.py --bits {args.bits} --group-size "
-        f"{args.group_size} "
-        f"--seeds {' '.join(map(str, args.seeds))}",
+        f"{args.group_size} --seeds {' '.join(map(str, args.seeds))}",
         "variants": {},
     }
     for variant, flags in VARIANTS.items():

@@ -30,11 +30,10 @@ def run(cmd: list[str], threads: int) -> dict:
     code."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     wrapper = (
-        "import json, resource, subprocess, sys, time; t = time.perf_counter(); "
-        "rc = subprocess.run(sys.argv[1:]).returncode; "
-        "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t, "
-        "'peak_rss_gb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / "
-        "1e9}))"
+        "import json, resource, subprocess, sys, time; t = time.perf_counter(); rc = "
+        "subprocess.run(sys.argv[1:]).returncode; print(json.dumps({'rc': rc, 'seconds': "
+        "time.perf_counter() - t, 'peak_rss_gb': "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", wrapper, *cmd], env=env, capture_output=True, text=True

@@ -93,8 +93,7 @@ def main() -> None:
     qcfg = json.loads((args.checkpoint / "config.json").read_text())["quantization_config"]
     report = {
         "what": "WikiText-2 raw test perplexity of a GPTQModel checkpoint, first "
-        f"{ours['windows']} windows of "
-        f"{args.seqlen} tokens, float32 CPU",
+        f"{ours['windows']} windows of {args.seqlen} tokens, float32 CPU",
         "checkpoint": str(args.checkpoint),
         "made_by": qcfg.get("meta", {}).get("quantizer"),
         "config": {

@@ -72,9 +72,8 @@ def main() -> None:
         json.dumps(
             {
                 "what": "error against the full-precision target, relative to GPTQ's (lower is "
-                "better); "
-                "synthetic layers "
-                "N=256, K=512, 4096 tokens, drift 0.15, group-aware order",
+                "better); synthetic layers N=256, K=512, 4096 tokens, drift 0.15, group-aware "
+                "order",
                 "machine": {"platform": platform.platform(), "torch": torch.__version__},
                 "mean": means,
                 "rows": rows,

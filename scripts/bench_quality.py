@@ -459,8 +459,7 @@ def main() -> None:
         "--ppl-cache",
         type=Path,
         default=Path("/tmp/bench_quality/ppl_cache.json"),
-        help="perplexities already measured, keyed by the weights' sha256 (our output "
-        "is "
+        help="perplexities already measured, keyed by the weights' sha256 (our output is "
         "deterministic, so a rerun for timing need not evaluate again)",
     )
     args = ap.parse_args()

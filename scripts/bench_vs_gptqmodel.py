@@ -106,9 +106,8 @@ def run_gptqmodel(model: Path, out: Path, flags: list[str], dtype: str, calib: P
 
 def table(results: dict) -> str:
     lines = [
-        "| dtype | setting | GPTQModel wall / peak RSS | ours wall / peak RSS | speedup | "
-        "ours: load, forward, "
-        "Hessian, solve, pack, write (s) |",
+        "| dtype | setting | GPTQModel wall / peak RSS | ours wall / peak RSS | speedup | ours: "
+        "load, forward, Hessian, solve, pack, write (s) |",
         "|---|---|---|---|---|---|",
     ]
     for r in results.values():

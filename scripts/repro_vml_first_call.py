@@ -64,8 +64,7 @@ def main() -> None:
 
     report = {
         "what": "fresh processes whose first parallel VML call (float32 cos of 4096 values, 2 "
-        "threads) differs "
-        "from the second",
+        "threads) differs from the second",
         "cpu": cpu_info(),
         "torch": torch.__version__,
         "load": args.load,

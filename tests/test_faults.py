@@ -396,15 +396,12 @@ def custom_code_model(src: Path, dst: Path, *, auto_map: bool = True) -> Path:
     its files."""
     model = shutil.copytree(src, dst)
     (model / "configuration_x.py").write_text(
-        "from transformers import LlamaConfig\n\n\n"
-        "class XConfig(LlamaConfig):\n    model_type = "
+        "from transformers import LlamaConfig\n\n\nclass XConfig(LlamaConfig):\n    model_type = "
         "'xmodel'\n"
     )
     (model / "modeling_x.py").write_text(
-        "from transformers import LlamaForCausalLM\n\n"
-        "from .configuration_x import XConfig\n\n\n"
-        "class XForCausalLM(LlamaForCausalLM):\n    config_class "
-        "= XConfig\n"
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_x import "
+        "XConfig\n\n\nclass XForCausalLM(LlamaForCausalLM):\n    config_class = XConfig\n"
     )
     config = json.loads((model / "config.json").read_text())
     config.update(model_type="xmodel", architectures=["XForCausalLM"])

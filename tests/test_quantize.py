@@ -399,8 +399,7 @@ def test_solver_errors_reach_the_user_in_the_clis_words():
         solve_weight(W, H, quant, 4, -1)
     with pytest.raises(
         GptqError,
-        match=r"^the Hessian is not positive definite even with damp_percent 0\.99; the "
-        r"layer's calibration inputs are degenerate: use more or "
-        r"different",
+        match=r"^the Hessian is not positive definite even with damp_percent 0\.99; the layer's "
+        r"calibration inputs are degenerate: use more or different",
     ):
         solve_weight(W, -torch.eye(8), quant, 4, -1)

@@ -37,9 +37,8 @@ JSON_OPTION = typer.Option(
 TRUST_REMOTE_CODE_OPTION = typer.Option(
     False,
     "--trust-remote-code",
-    help="Allow a model whose config.json names "
-    "its own code (auto_map) to run that code; only for code "
-    "you trust.",
+    help="Allow a model whose config.json names its own code (auto_map) to run that code; only "
+    "for code you trust.",
 )
 QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
 DEBUG_OPTION = typer.Option(

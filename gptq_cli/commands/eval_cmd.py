@@ -38,16 +38,14 @@ def eval_command(
     models: list[str] = typer.Argument(
         ...,
         metavar="MODEL",
-        help="Hub id, local HF directory, GPTQ checkpoint, .gguf "
-        "file or built-in "
-        "name. Several only with --compare.",
+        help="Hub id, local HF directory, GPTQ checkpoint, .gguf file or built-in name. Several "
+        "only with --compare.",
     ),
     dataset: str = typer.Option(
         "wikitext2",
         "--dataset",
-        help="wikitext2 (test split), c4 (the GPTQ paper's 256 "
-        "validation windows), a .txt/.jsonl/.json/.parquet file, or a Hub "
-        "dataset id.",
+        help="wikitext2 (test split), c4 (the GPTQ paper's 256 validation windows), a "
+        ".txt/.jsonl/.json/.parquet file, or a Hub dataset id.",
     ),
     dataset_path: str | None = typer.Option(
         None,
@@ -69,9 +67,8 @@ def eval_command(
     compare: bool = typer.Option(
         False,
         "--compare",
-        help="Evaluate the first MODEL and every MODEL after it on "
-        "identical windows; one table with each ppl ratio to the first "
-        "(gptq eval BASE --compare A B).",
+        help="Evaluate the first MODEL and every MODEL after it on identical windows; one table "
+        "with each ppl ratio to the first (gptq eval BASE --compare A B).",
     ),
     save: bool = typer.Option(
         False,

@@ -96,8 +96,7 @@ def _print_report(report: InspectReport) -> None:
     summary.add_row(
         "config",
         f"bits={q.bits} group_size={q.group_size} desc_act={declared}{order} sym={q.sym} "
-        f"static_groups={q.static_groups} "
-        f"true_sequential={q.true_sequential} "
+        f"static_groups={q.static_groups} true_sequential={q.true_sequential} "
         f"damp_percent={q.damp_percent}",
     )
     summary.add_row(

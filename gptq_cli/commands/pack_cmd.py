@@ -41,10 +41,8 @@ def pack(
     path: Path = typer.Argument(
         ...,
         metavar="WORKDIR|CHECKPOINT",
-        help="The work directory of a quantize run "
-        "whose blocks are all finished, or a GPTQ checkpoint directory "
-        "(ours, GPTQModel's, "
-        "AutoGPTQ's) to convert.",
+        help="The work directory of a quantize run whose blocks are all finished, or a GPTQ "
+        "checkpoint directory (ours, GPTQModel's, AutoGPTQ's) to convert.",
     ),
     output: Path = typer.Option(
         ..., "--output", "-o", help="The new checkpoint directory (must not exist)."
@@ -52,17 +50,14 @@ def pack(
     fmt: str | None = typer.Option(
         None,
         "--format",
-        help="gptq (v1, stores zero-1: what every loader reads) "
-        "or gptq_v2 (stores zero; needed for asymmetric zeros of 0). "
-        "Default: keep "
-        "the source's.",
+        help="gptq (v1, stores zero-1: what every loader reads) or gptq_v2 (stores zero; needed "
+        "for asymmetric zeros of 0). Default: keep the source's.",
     ),
     max_shard_size: str = typer.Option(
         "5GB",
         "--max-shard-size",
-        help="Largest weights file, e.g. 5GB, 500MB, "
-        "2GiB; above it the weights are split into shards with an "
-        "index.",
+        help="Largest weights file, e.g. 5GB, 500MB, 2GiB; above it the weights are split into "
+        "shards with an index.",
     ),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -121,9 +116,8 @@ def pack(
         else:
             raise UsageError(
                 f"{path} is not a GPTQ checkpoint directory (config.json with a "
-                "quantization_config, "
-                "or quantize_config.json) nor a quantize work directory (plan.json + "
-                "blocks/); "
+                "quantization_config, or quantize_config.json) nor a quantize work directory "
+                "(plan.json + blocks/); "
                 f"pass one of those"
             )
         summary = {

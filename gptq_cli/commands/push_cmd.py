@@ -130,9 +130,8 @@ def push(
             emit_json(result)
         elif not quiet:
             console.print(
-                f"pushed {len(result['files'])} files ({result['bytes'] / 1e6:.1f} MB) "
-                f"to {result['url']} "
-                f"@ {result['revision']}: {result['commit_url']}",
+                f"pushed {len(result['files'])} files ({result['bytes'] / 1e6:.1f} MB) to "
+                f"{result['url']} @ {result['revision']}: {result['commit_url']}",
                 highlight=False,
                 soft_wrap=True,
             )

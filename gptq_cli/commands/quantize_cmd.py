@@ -107,21 +107,14 @@ def quantize(
     static_groups: bool | None = typer.Option(
         None,
         "--static-groups/--no-static-groups",
-        help="Find every group's scale and zero on the "
-        "original weights, before "
-        "any error update (as AutoGPTQ/GPTQModel); "
-        "with "
-        "act-order, groups of original columns.",
+        help="Find every group's scale and zero on the original weights, before any error update "
+        "(as AutoGPTQ/GPTQModel); with act-order, groups of original columns.",
     ),
     act_group_aware: bool | None = typer.Option(
         None,
         "--act-group-aware/--no-act-group-aware",
-        help="Without --desc-act: solve groups (and "
-        "columns in them) "
-        "by decreasing Hessian diagonal, keeping "
-        "g_idx = k // g "
-        "(per channel: act-order at no cost; "
-        "default on).",
+        help="Without --desc-act: solve groups (and columns in them) by decreasing Hessian "
+        "diagonal, keeping g_idx = k // g (per channel: act-order at no cost; default on).",
     ),
     true_sequential: bool | None = typer.Option(
         None,
@@ -131,8 +124,7 @@ def quantize(
     damp_percent: float | None = typer.Option(
         None,
         "--damp-percent",
-        help="Relative damping (default 0.01), "
-        "raised automatically when the Hessian is not "
+        help="Relative damping (default 0.01), raised automatically when the Hessian is not "
         "positive definite.",
     ),
     mse: bool | None = typer.Option(
@@ -141,10 +133,8 @@ def quantize(
     dataset: str | None = typer.Option(
         None,
         "--dataset",
-        help="builtin (default, offline), c4, wikitext2, a "
-        ".txt/.jsonl/.json/.parquet path, or a Hub dataset id. A "
-        ".jsonl of "
-        "input_ids rows is used as-is.",
+        help="builtin (default, offline), c4, wikitext2, a .txt/.jsonl/.json/.parquet path, or a "
+        "Hub dataset id. A .jsonl of input_ids rows is used as-is.",
     ),
     dataset_path: str | None = typer.Option(
         None, "--dataset-path", help="Offline copy of a named dataset."
@@ -172,17 +162,14 @@ def quantize(
     work_dir: Path | None = typer.Option(
         None,
         "--work-dir",
-        help="Where finished blocks are kept until the "
-        "checkpoint is written (default <output>.work); a "
-        "rerun with the same "
-        "settings continues from it.",
+        help="Where finished blocks are kept until the checkpoint is written (default "
+        "<output>.work); a rerun with the same settings continues from it.",
     ),
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue an interrupted run; an error when there is no "
-        "work dir to continue (a plain rerun continues too, or starts "
-        "afresh).",
+        help="Continue an interrupted run; an error when there is no work dir to continue (a "
+        "plain rerun continues too, or starts afresh).",
     ),
     config: str | None = typer.Option(
         None, "--config", help="A preset from configs/ (name or path); flags override it."
@@ -199,57 +186,39 @@ def quantize(
     target_bits: float | None = typer.Option(
         None,
         "--target-bits",
-        help="Mixed precision: choose each linear's "
-        "bits and group size so that the quantized linears "
-        "average at most "
-        "this many stored bits per weight (scales, zeros, "
-        "g_idx counted), "
-        "least loss first. Replaces --bits/--group-size.",
+        help="Mixed precision: choose each linear's bits and group size so that the quantized "
+        "linears average at most this many stored bits per weight (scales, zeros, g_idx "
+        "counted), least loss first. Replaces --bits/--group-size.",
     ),
     candidates: str | None = typer.Option(
         None,
         "--candidates",
         help="With --target-bits: the settings to "
-        'choose from, "4g128,3g64" (g-1: per channel) or '
-        '"bits=3,4 '
-        'group=64,128" (default bits 2,3,4,8 x group '
-        "32,64,128).",
+        'choose from, "4g128,3g64" (g-1: per channel) or "bits=3,4 group=64,128" (default '
+        "bits 2,3,4,8 x group 32,64,128).",
     ),
     measurements: Path | None = typer.Option(
         None,
         "--measurements",
-        help="With --target-bits: the "
-        "measurements.json an earlier --target-bits run "
-        "left beside its "
-        "checkpoint (same model, calibration, settings): "
-        "no new "
-        "measurement; with --dry-run, prints the "
-        "allocation.",
+        help="With --target-bits: the measurements.json an earlier --target-bits run left beside "
+        "its checkpoint (same model, calibration, settings): no new measurement; with "
+        "--dry-run, prints the allocation.",
     ),
     method: str | None = typer.Option(
         None,
         "--method",
-        help="gptaq-ls (default): "
-        "each layer aims at the full-precision model's output on "
-        "full-precision "
-        "inputs, by GPTQ run on the least-squares fit of that "
-        "output (one more "
-        "stream of calibration activations, about twice the "
-        "time); gptaq: the "
-        "same aim by GPTAQ's own update (Li et al. 2025); gptq: "
-        "each layer's "
-        "own output on the quantized model's inputs. Same file "
-        "format.",
+        help="gptaq-ls (default): each layer aims at the full-precision model's output on "
+        "full-precision inputs, by GPTQ run on the least-squares fit of that output (one "
+        "more stream of calibration activations, about twice the time); gptaq: the same aim "
+        "by GPTAQ's own update (Li et al. 2025); gptq: each layer's own output on the "
+        "quantized model's inputs. Same file format.",
     ),
     gptaq_alpha: float | None = typer.Option(
         None,
         "--gptaq-alpha",
-        help="With --method gptaq or gptaq-ls: "
-        "the weight of the full-precision aim, in (0, 1] "
-        "(default for "
-        "gptaq-ls 1, the exact fit, or 0.5 with "
-        "--target-bits; 0.25 for "
-        "gptaq, the authors').",
+        help="With --method gptaq or gptaq-ls: the weight of the full-precision aim, in (0, 1] "
+        "(default for gptaq-ls 1, the exact fit, or 0.5 with --target-bits; 0.25 for gptaq, "
+        "the authors').",
     ),
     trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
     json_out: bool = JSON_OPTION,
@@ -281,10 +250,8 @@ def quantize(
         settings.update({k: v for k, v in flags.items() if v is not None})
         if settings.get("format") == "gptq" and settings.get("sym") is False:
             raise UsageError(
-                "--asym needs --format gptq_v2: format gptq (v1) stores zero - 1 and "
-                "cannot hold an "
-                "asymmetric zero of 0; drop --format gptq (asym is then written as "
-                "gptq_v2)"
+                "--asym needs --format gptq_v2: format gptq (v1) stores zero - 1 and cannot hold "
+                "an asymmetric zero of 0; drop --format gptq (asym is then written as gptq_v2)"
             )
         try:
             quant = QuantConfig(
@@ -416,8 +383,7 @@ def _mixed_options(
     if given:
         raise UsageError(
             "--target-bits chooses bits and group size per module: leave out "
-            f"{' and '.join(given)} "
-            f"(use --candidates to restrict the choice)"
+            f"{' and '.join(given)} (use --candidates to restrict the choice)"
         )
     if measurements is not None and not measurements.is_file():
         raise UsageError(

@@ -102,9 +102,8 @@ def _check_hub_reachable(dataset: str, instead: str, timeout: float = 3.0) -> No
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     except OSError as e:
         raise UsageError(
-            f"cannot reach the Hub at {endpoint.hostname}:{port} to load {dataset} "
-            f"({e}); {instead}, "
-            f"or set HF_HUB_OFFLINE=1 to use a copy in the datasets cache"
+            f"cannot reach the Hub at {endpoint.hostname}:{port} to load {dataset} ({e}); "
+            f"{instead}, or set HF_HUB_OFFLINE=1 to use a copy in the datasets cache"
         ) from None
 
 

@@ -52,9 +52,8 @@ def calibration_samples(
         too_big = max(max(row) for row in rows)
         if too_big >= len(tokenizer):
             raise UsageError(
-                f"{dataset} holds token id {too_big}, beyond this tokenizer's "
-                f"{len(tokenizer)} ids: "
-                f"it was tokenized for another model; give text instead"
+                f"{dataset} holds token id {too_big}, beyond this tokenizer's {len(tokenizer)} "
+                f"ids: it was tokenized for another model; give text instead"
             )
         return [torch.tensor(row[:seqlen], dtype=torch.long).unsqueeze(0) for row in rows]
     rng = random.Random(seed)

@@ -348,8 +348,7 @@ def read_quant_config(ckpt_dir: str | Path) -> QuantConfig:
     if d is None:
         raise UsageError(
             f"{ckpt_dir} is not a quantized checkpoint (no quantize_config.json and no "
-            "quantization_config in config.json); quantize it first with `gptq "
-            "quantize`"
+            "quantization_config in config.json); quantize it first with `gptq quantize`"
         )
     method = str(d.get("quant_method", d.get("method", "gptq"))).lower()
     if method != "gptq":

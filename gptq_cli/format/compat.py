@@ -245,9 +245,8 @@ RULES: tuple[Rule, ...] = (
         TRANSFORMERS4 + (EXLLAMA,),
         _missing_legacy_keys,
         "transformers 4.49 configuration_utils.py/configuration_llama.py read torch_dtype, "
-        "rope_theta, "
-        "rope_scaling (format/hf_config.py); exllama model.py ExLlamaConfig reads rope_theta "
-        "(default 10000)",
+        "rope_theta, rope_scaling (format/hf_config.py); exllama model.py ExLlamaConfig reads "
+        "rope_theta (default 10000)",
     ),
     Rule(
         (TF4,),
@@ -314,8 +313,7 @@ RULES: tuple[Rule, ...] = (
         (AUTOGPTQ, TF4),
         lambda f: None if f.desc_act else _k_not_multiple_of_group(f),
         "auto_gptq 0.7.1 qlinear_cuda_old.py forward: weight.reshape(-1, group_size, N) (the "
-        "kernel for "
-        "desc_act=false; measured: shape '[-1, 128, 576]' is invalid)",
+        "kernel for desc_act=false; measured: shape '[-1, 128, 576]' is invalid)",
     ),
     Rule((EXLLAMA,), _k_not_multiple_of_group, "exllama q4_matrix.cu: groupsize = height / groups"),
     Rule(
@@ -323,12 +321,10 @@ RULES: tuple[Rule, ...] = (
         lambda f: (
             _k_not_multiple_of_group(f)
             and "in_features not a multiple of group_size: "
-            "loads with the gptq_torch kernel; faster kernels not "
-            "measured"
+            "loads with the gptq_torch kernel; faster kernels not measured"
         ),
         "measured: SmolLM2-135M g128 (K = 576) through transformers 5.25 + gptqmodel 7.7 "
-        "(gptq_torch) and "
-        "GPTQModel.load (BACKEND.TORCH) gives our loader's logits exactly",
+        "(gptq_torch) and GPTQModel.load (BACKEND.TORCH) gives our loader's logits exactly",
         "caveat",
     ),
     Rule(
@@ -368,8 +364,7 @@ RULES: tuple[Rule, ...] = (
         LOADERS,
         lambda f: (
             "asymmetric zeros stored as v1 (zero - 1): a zero of 0 cannot be stored (gptq "
-            "inspect's "
-            "check reports any that underflowed)"
+            "inspect's check reports any that underflowed)"
             if not f.sym and f.checkpoint_format == "gptq"
             else None
         ),
@@ -417,9 +412,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         (TF5,),
         lambda f: (
-            "per-module overrides (quantization_config.dynamic) are not read: optimum builds every "
-            "layer at the top-level bits/group size and loading fails on size "
-            "mismatches"
+            "per-module overrides (quantization_config.dynamic) are not read: optimum builds "
+            "every layer at the top-level bits/group size and loading fails on size mismatches"
             if f.dynamic
             else None
         ),
@@ -436,8 +430,7 @@ RULES: tuple[Rule, ...] = (
         VLLM,
         lambda f: (
             "act-order with groups (desc_act true): vLLM 0.32 no longer serves it; quantize with "
-            "--desc-act --static-groups (desc_act false in the file) or without "
-            "--desc-act"
+            "--desc-act --static-groups (desc_act false in the file) or without --desc-act"
             if f.desc_act and f.group_size != -1
             else None
         ),
@@ -458,8 +451,7 @@ RULES: tuple[Rule, ...] = (
         (VLLM_CPU,),
         lambda f: _vllm_settings(f, lambda b, g, k, n: b != 4, "the CPU kernel takes 4-bit only"),
         "vllm 0.32 .../quantization/auto_gptq.py:317 verify_marlin_supported; "
-        "utils/marlin_utils.py:115 "
-        "_query_cpu_marlin_supported_quant_types (uint4b8)",
+        "utils/marlin_utils.py:115 _query_cpu_marlin_supported_quant_types (uint4b8)",
     ),
     Rule(
         VLLM,
@@ -479,8 +471,7 @@ RULES: tuple[Rule, ...] = (
             "in_features not a multiple of the group size",
         ),
         "vllm 0.32 .../quantization/auto_gptq.py:368 scales rows = input_size // group_size (the "
-        "weight loader "
-        "asserts on the checkpoint's shape); measured on CPU: a bare AssertionError",
+        "weight loader asserts on the checkpoint's shape); measured on CPU: a bare AssertionError",
     ),
     Rule(
         (VLLM_CPU,),
@@ -508,9 +499,8 @@ RULES: tuple[Rule, ...] = (
         VLLM,
         _vllm_fused_mismatch,
         "vllm 0.32 .../quantization/utils/gptq_utils.py:199 get_linear_quant_method: "
-        "override_config(prefix) with "
-        "the fused layer's prefix (qkv_proj, gate_up_proj); gptq_utils.py:150 "
-        "is_layer_gptq_quantized",
+        "override_config(prefix) with the fused layer's prefix (qkv_proj, gate_up_proj); "
+        "gptq_utils.py:150 is_layer_gptq_quantized",
     ),
     Rule(
         VLLM,

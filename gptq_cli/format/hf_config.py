@@ -101,9 +101,8 @@ def transformers4_gaps(config: dict[str, Any]) -> list[str]:
                 gaps.append(f"RoPE type {kind!r} ({layer}) is unknown to transformers 4.49")
             elif layer == _LOCAL and _scaling(params) is not None:
                 gaps.append(
-                    "Gemma3's sliding-window layers use scaled RoPE, which transformers "
-                    "4.x cannot express "
-                    "(rope_local_base_freq is plain RoPE)"
+                    "Gemma3's sliding-window layers use scaled RoPE, which transformers 4.x "
+                    "cannot express (rope_local_base_freq is plain RoPE)"
                 )
         if config.get("model_type") == "phi3" and rope.get("rope_type") == "longrope":
             extra = set(_scaling(rope) or {}) - {

@@ -135,9 +135,8 @@ class FileTensors(Mapping[str, torch.Tensor]):
                 raise ValueError("the data does not end where the file does")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(
-                f"{path} is not a readable safetensors file ({type(e).__name__}: "
-                f"{e}): it is truncated "
-                f"or corrupt; copy or download it again"
+                f"{path} is not a readable safetensors file ({type(e).__name__}: {e}): it is "
+                f"truncated or corrupt; copy or download it again"
             ) from e
         return metadata
 

@@ -189,12 +189,10 @@ def _intro(report: InspectReport, repo_id: str, base_model: str | None) -> str:
     q = report.quant
     source = f"[{base_model}](/{base_model})" if base_model else "its base model"
     return (
-        f"# {repo_id.split('/')[-1]}\n\n"
-        f"{q.bits}-bit GPTQ quantization of {source} ({report.architecture}), made with "
-        f"{report.tool}. "
+        f"# {repo_id.split('/')[-1]}\n\n{q.bits}-bit GPTQ quantization of {source} "
+        f"({report.architecture}), made with {report.tool}. "
         "The weights are in the GPTQ checkpoint format (`checkpoint_format: "
-        f"{q.checkpoint_format}`) that "
-        f"transformers, GPTQModel and vLLM load.\n"
+        f"{q.checkpoint_format}`) that transformers, GPTQModel and vLLM load.\n"
     )
 
 
@@ -226,9 +224,8 @@ def _settings_table(report: InspectReport, quant_log: dict[str, Any]) -> str:
         rows.append(
             (
                 "calibration",
-                f"{calibration.get('dataset', '?')}: {calibration.get('nsamples', '?')} "
-                f"samples × {calibration.get('seqlen', '?')} tokens, seed "
-                f"{calibration.get('seed', '?')}",
+                f"{calibration.get('dataset', '?')}: {calibration.get('nsamples', '?')} samples "
+                f"× {calibration.get('seqlen', '?')} tokens, seed {calibration.get('seed', '?')}",
             )
         )
     rows.append(
@@ -301,10 +298,10 @@ def _usage_section(report: InspectReport, repo_id: str) -> str:
     )
     return (
         "## Use it\n\nWith transformers (its GPTQ support needs `pip install optimum "
-        "gptqmodel`):\n\n"
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", device_map="auto")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
+        "gptqmodel`):\n\n```python\nfrom transformers import AutoModelForCausalLM, "
+        "AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", '
+        f'device_map="auto")\ntokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
         f"With gptq_cli (`pip install gptq-cli`): `gptq eval {repo_id} --dataset "
         "wikitext2`.\n" + note
     )

@@ -96,9 +96,8 @@ def gptq_block(
     if not fits or backend_name(W.device) != "cuda-ext":
         raise ValueError(
             "gptq_block takes contiguous float32 blocks of at most "
-            f"{MAX_BLOCK_COLUMNS} columns on a "
-            f"GPU with the CUDA extension (got {tuple(W.shape)} {W.dtype} on "
-            f"{W.device}); elsewhere "
+            f"{MAX_BLOCK_COLUMNS} columns on a GPU with the CUDA extension (got {tuple(W.shape)} "
+            f"{W.dtype} on {W.device}); elsewhere "
             "use solver.quantize_column_block"
         )
     return torch.ops.gptq_cli.gptq_block(

@@ -131,14 +131,12 @@ def check_config_json(path: Path, trust_remote_code: bool = False) -> None:
     if not config.get("auto_map"):
         raise UsageError(
             f"{path}: transformers {transformers.__version__} has no model type {model_type!r}; "
-            "upgrade transformers (pip install -U transformers) or check the model's "
-            "config.json"
+            "upgrade transformers (pip install -U transformers) or check the model's config.json"
         )
     if not trust_remote_code:
         raise UsageError(
             f"{path.parent} runs code from its own files (model type {model_type!r}, config.json "
-            "auto_map); pass --trust-remote-code to allow it, for a model whose code "
-            "you trust"
+            "auto_map); pass --trust-remote-code to allow it, for a model whose code you trust"
         )
 
 

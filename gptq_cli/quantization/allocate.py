@@ -118,8 +118,8 @@ def check_target(
     if not low <= target_bits <= high:
         low, high = inward(low, high)
         raise UsageError(
-            f"--target-bits {target_bits} is outside what the candidates {_names(candidates)} can "
-            f"reach for this model: {low:.4f} to {high:.4f} bits per weight (scales, "
+            f"--target-bits {target_bits} is outside what the candidates {_names(candidates)} "
+            f"can reach for this model: {low:.4f} to {high:.4f} bits per weight (scales, "
             "zeros and g_idx "
             f"counted); choose a target in that range or other --candidates"
         )

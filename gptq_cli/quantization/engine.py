@@ -315,8 +315,7 @@ def solve_weight(
     except IndefiniteHessian as e:
         raise GptqError(
             f"{e}; the layer's calibration inputs are degenerate: use more or "
-            "different calibration "
-            "samples"
+            "different calibration samples"
         ) from e
 
 

@@ -320,8 +320,7 @@ def dry_run(
     if measurements is None:
         out["allocation"] = (
             f"needs the measurement: one full-precision calibration pass plus {len(candidates)} "
-            "GPTQ solves per linear; quantize without --dry-run makes it (and "
-            "leaves "
+            "GPTQ solves per linear; quantize without --dry-run makes it (and leaves "
             f"{MEASUREMENTS_FILE} beside the checkpoint for --measurements)"
         )
         return out
