@@ -50,7 +50,6 @@ from gptq_cli.quantization.engine import (
     quantize_decoder_block,
     replay_block,
 )
-from gptq_cli.quantization.gptaq import GPTAQ_ALPHA
 from gptq_cli.quantization.solver import DAMP_STEP
 from gptq_cli.quantization.workdir import (
     WorkDir,
@@ -61,24 +60,22 @@ from gptq_cli.quantization.workdir import (
     plan_identity,
     stored_weights,
 )
+from gptq_cli.settings import (  # noqa: F401  (re-exported: api.MIXED_ALPHA and the rest)
+    BATCH_SIZE,
+    DATASET,
+    DEFAULT_ALPHA,
+    DEFAULT_METHOD,
+    METHODS,
+    MIXED_ALPHA,
+    NSAMPLES,
+    SEED,
+    check_at_least_one,
+)
 
 # Progress events: ("resume", finished blocks, total, work dir), ("block", done, total), ("module",
 # ModuleResult), ("note", text): a setting that could not be applied as asked, and what is done
 # instead
 ProgressFn = Callable[..., None]
-
-# --method: plain GPTQ; GPTAQ's asymmetric calibration (its column update); GPTQ on GPTAQ's
-# least-squares target
-METHODS = ("gptq", "gptaq", "gptaq-ls")
-# The default, uniform or with --target-bits: GPTQ on GPTAQ's least-squares target. It beat GPTQ on
-# every calibration draw at 4g128, at 4g128 act-order and, at a smaller alpha, at --target-bits
-# 4.2144 (bench/methods_smollm2_*). Its alpha: 1 (the exact fit) for uniform settings; MIXED_ALPHA
-# with --target-bits, where the full correction overshoots (the allocation measured each linear's
-# candidates on W, not on the moved W').
-DEFAULT_METHOD = "gptaq-ls"
-# the authors' weight; the exact least-squares fit
-DEFAULT_ALPHA = {"gptaq": GPTAQ_ALPHA, "gptaq-ls": 1.0}
-MIXED_ALPHA = {"gptaq": GPTAQ_ALPHA, "gptaq-ls": 0.5}
 
 
 @dataclass
@@ -146,12 +143,12 @@ def quantize(
     model: str,
     quant: QuantConfig | None = None,
     *,
-    dataset: str = "builtin",
+    dataset: str = DATASET,
     dataset_path: str | None = None,
-    nsamples: int = 128,
+    nsamples: int = NSAMPLES,
     seqlen: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
+    seed: int = SEED,
+    batch_size: int = BATCH_SIZE,
     device: str | None = None,
     dtype: str = "auto",
     output: str | Path | None = None,
@@ -172,8 +169,8 @@ def quantize(
     Each finished block is stored in `work_dir` (default `<output>.work`); a call that finds a work
     dir made with the same settings continues after its last finished block (resume=True insists on
     one), and the work dir is removed once the checkpoint is written. `command` is recorded in
-    quant_log.json. seqlen None: 2048, or the model's context if that is shorter; a seqlen beyond
-    the context is refused.
+    quant_log.json. seqlen None: settings.SEQLEN, or the model's context if that is shorter; a
+    seqlen beyond the context is refused.
     target_bits: choose each linear's bits and group size among `candidates` (default bits 2/3/4/8 x
     groups 32/64/128) within that average of stored bits per weight (mixed.py); quant's
     bits/group_size are then ignored. `measurements`: a measurements.json of an earlier such run

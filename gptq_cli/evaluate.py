@@ -29,6 +29,7 @@ from gptq_cli import __version__, kernels
 from gptq_cli.data.documents import BUILTIN_TEXT
 from gptq_cli.data.textdata import eval_windows, tokenize
 from gptq_cli.errors import UsageError
+from gptq_cli.settings import EVAL_BATCH_SIZE, EVAL_DATASET, EVAL_SEQLEN, check_at_least_one
 
 # progress(label, windows_done, windows_total): label names the model being evaluated.
 ProgressFn = Callable[[str, int, int], None]
@@ -61,7 +62,7 @@ def perplexity(
     model: torch.nn.Module,
     windows: torch.Tensor,
     *,
-    batch_size: int = 1,
+    batch_size: int = EVAL_BATCH_SIZE,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """exp(mean NLL over every predicted token of every window): each window [seqlen] predicts
@@ -71,8 +72,7 @@ def perplexity(
         raise UsageError(
             f"need at least one window of two or more tokens, got shape {tuple(windows.shape)}"
         )
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    check_at_least_one(batch_size=batch_size)
     model.eval()
     device = _device_of(model)
     nll_sum, predicted = 0.0, 0
@@ -258,14 +258,14 @@ def load_model(
 def evaluate(
     model_path: str,
     *,
-    dataset: str = "wikitext2",
-    seqlen: int = 2048,
+    dataset: str = EVAL_DATASET,
+    seqlen: int = EVAL_SEQLEN,
     limit: int | None = None,
     device: str | None = None,
     dtype: str = "auto",
     speed: bool = False,
     dataset_path: str | None = None,
-    batch_size: int = 1,
+    batch_size: int = EVAL_BATCH_SIZE,
     progress: ProgressFn | None = None,
     trust_remote_code: bool = False,
 ) -> dict:
@@ -288,14 +288,14 @@ def evaluate(
 def compare(
     model_paths: list[str],
     *,
-    dataset: str = "wikitext2",
-    seqlen: int = 2048,
+    dataset: str = EVAL_DATASET,
+    seqlen: int = EVAL_SEQLEN,
     limit: int | None = None,
     device: str | None = None,
     dtype: str = "auto",
     speed: bool = False,
     dataset_path: str | None = None,
-    batch_size: int = 1,
+    batch_size: int = EVAL_BATCH_SIZE,
     progress: ProgressFn | None = None,
     trust_remote_code: bool = False,
 ) -> dict:
@@ -306,8 +306,7 @@ def compare(
     if not model_paths:
         raise UsageError("give at least one model to evaluate")
     # checked before any model loads; perplexity() checks it again for direct callers
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    check_at_least_one(batch_size=batch_size)
     sources = [open_model(path, trust_remote_code) for path in model_paths]
     for source in sources:
         check_context(source.config, seqlen)

@@ -11,13 +11,14 @@ import torch
 
 from gptq_cli.evaluate import check_context, context_length
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.settings import SEQLEN
 
 
 def calibration_seqlen(config, seqlen: int | None) -> int:
-    """The asked seqlen, refused beyond the model's context (as eval refuses it); None: 2048 or
+    """The asked seqlen, refused beyond the model's context (as eval refuses it); None: SEQLEN or
     the context."""
     if seqlen is None:
-        return min(2048, context_length(config) or 2048)
+        return min(SEQLEN, context_length(config) or SEQLEN)
     check_context(config, seqlen)
     return seqlen
 

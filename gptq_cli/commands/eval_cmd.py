@@ -20,6 +20,7 @@ from gptq_cli.commands.common import (
     run,
 )
 from gptq_cli.errors import UsageError
+from gptq_cli.settings import EVAL_BATCH_SIZE, EVAL_DATASET, EVAL_SEQLEN
 
 EXAMPLES = """
 Examples:
@@ -42,7 +43,7 @@ def eval_command(
         "only with --compare.",
     ),
     dataset: str = typer.Option(
-        "wikitext2",
+        EVAL_DATASET,
         "--dataset",
         help="wikitext2 (test split), c4 (the GPTQ paper's 256 validation windows), a "
         ".txt/.jsonl/.json/.parquet file, or a Hub dataset id.",
@@ -52,7 +53,7 @@ def eval_command(
         "--dataset-path",
         help="Offline copy of wikitext2 or c4: a file or a directory laid out as on the Hub.",
     ),
-    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window."),
+    seqlen: int = typer.Option(EVAL_SEQLEN, "--seqlen", help="Tokens per window."),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N windows."),
     device: str | None = typer.Option(None, "--device", help="cuda if present, else cpu."),
     dtype: str = typer.Option(
@@ -60,7 +61,9 @@ def eval_command(
         "--dtype",
         help="auto (float32 on CPU, the checkpoint's dtype on GPU), float16, bfloat16, float32.",
     ),
-    batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass."),
+    batch_size: int = typer.Option(
+        EVAL_BATCH_SIZE, "--batch-size", help="Windows per forward pass."
+    ),
     speed: bool = typer.Option(
         False, "--speed", help="Also measure prefill and decode tokens/s (batch 1, greedy)."
     ),

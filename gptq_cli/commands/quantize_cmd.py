@@ -27,6 +27,18 @@ from gptq_cli.commands.common import (
 )
 from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.settings import (
+    BATCH_SIZE,
+    DATASET,
+    DEFAULT_ALPHA,
+    DEFAULT_METHOD,
+    METHODS,
+    MIXED_ALPHA,
+    NSAMPLES,
+    SEED,
+    SEQLEN,
+    check_at_least_one,
+)
 
 if TYPE_CHECKING:
     from gptq_cli.api import QuantizeResult
@@ -133,22 +145,24 @@ def quantize(
     dataset: str | None = typer.Option(
         None,
         "--dataset",
-        help="builtin (default, offline), c4, wikitext2, a .txt/.jsonl/.json/.parquet path, or a "
-        "Hub dataset id. A .jsonl of input_ids rows is used as-is.",
+        help=f"{DATASET} (default, offline), c4, wikitext2, a .txt/.jsonl/.json/.parquet path, "
+        "or a Hub dataset id. A .jsonl of input_ids rows is used as-is.",
     ),
     dataset_path: str | None = typer.Option(
         None, "--dataset-path", help="Offline copy of a named dataset."
     ),
     nsamples: int | None = typer.Option(
-        None, "--nsamples", help="Calibration samples (default 128)."
+        None, "--nsamples", help=f"Calibration samples (default {NSAMPLES})."
     ),
     seqlen: int | None = typer.Option(
-        None, "--seqlen", help="Tokens per calibration sample (default 2048)."
+        None, "--seqlen", help=f"Tokens per calibration sample (default {SEQLEN})."
     ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Samples per forward pass (default 8)."
+        None, "--batch-size", help=f"Samples per forward pass (default {BATCH_SIZE})."
     ),
-    seed: int | None = typer.Option(None, "--seed", help="Calibration sampling seed (default 0)."),
+    seed: int | None = typer.Option(
+        None, "--seed", help=f"Calibration sampling seed (default {SEED})."
+    ),
     device: str | None = typer.Option(None, "--device", help="cuda if present, else cpu."),
     dtype: str = typer.Option(
         "auto", "--dtype", help="Activation dtype: auto, float16, bfloat16, float32."
@@ -207,7 +221,8 @@ def quantize(
     method: str | None = typer.Option(
         None,
         "--method",
-        help="gptaq-ls (default): each layer aims at the full-precision model's output on "
+        help=f"One of {', '.join(METHODS)} (default {DEFAULT_METHOD}). gptaq-ls: each layer aims "
+        "at the full-precision model's output on "
         "full-precision inputs, by GPTQ run on the least-squares fit of that output (one "
         "more stream of calibration activations, about twice the time); gptaq: the same aim "
         "by GPTAQ's own update (Li et al. 2025); gptq: each layer's own output on the "
@@ -217,7 +232,8 @@ def quantize(
         None,
         "--gptaq-alpha",
         help="With --method gptaq or gptaq-ls: the weight of the full-precision aim, in (0, 1] "
-        "(default for gptaq-ls 1, the exact fit, or 0.5 with --target-bits; 0.25 for gptaq, "
+        f"(default for gptaq-ls {DEFAULT_ALPHA['gptaq-ls']:g}, the exact fit, or "
+        f"{MIXED_ALPHA['gptaq-ls']:g} with --target-bits; {DEFAULT_ALPHA['gptaq']:g} for gptaq, "
         "the authors').",
     ),
     trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
@@ -260,18 +276,16 @@ def quantize(
             )
         except ValueError as e:
             raise UsageError(str(e)) from e
-        # seqlen None: 2048, or the model's context when that is shorter (an explicit one beyond it
-        # is refused)
+        # seqlen None: SEQLEN, or the model's context when that is shorter (an explicit one beyond
+        # it is refused)
         run_args = dict(
-            dataset=settings.get("dataset", "builtin"),
-            nsamples=settings.get("nsamples", 128),
+            dataset=settings.get("dataset", DATASET),
+            nsamples=settings.get("nsamples", NSAMPLES),
             seqlen=settings.get("seqlen"),
-            batch_size=settings.get("batch_size", 8),
-            seed=settings.get("seed", 0),
+            batch_size=settings.get("batch_size", BATCH_SIZE),
+            seed=settings.get("seed", SEED),
         )
-        for k in ("nsamples", "seqlen", "batch_size"):
-            if run_args[k] is not None and run_args[k] < 1:
-                raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {run_args[k]}")
+        check_at_least_one(**{k: run_args[k] for k in ("nsamples", "seqlen", "batch_size")})
         cands = _mixed_options(
             target_bits, candidates, measurements, {k: v for k, v in flags.items() if v is not None}
         )
@@ -286,7 +300,7 @@ def quantize(
                 quant,
                 device=device,
                 dtype=dtype,
-                **{**run_args, "seqlen": run_args["seqlen"] or 2048},
+                **{**run_args, "seqlen": run_args["seqlen"] or SEQLEN},
                 target_bits=target_bits,
                 candidates=cands,
                 measurements=measurements,

@@ -2,5 +2,5 @@
 WikiText-2, C4, local files, Hub datasets) and the calibration samples and evaluation windows cut
 from them (textdata).
 
-May import: errors.
+May import: errors, settings.
 """

@@ -20,6 +20,7 @@ import torch
 
 from gptq_cli.data.documents import json_rows, load_text
 from gptq_cli.errors import UsageError
+from gptq_cli.settings import EVAL_SEQLEN, NSAMPLES, SEQLEN, check_at_least_one
 
 C4_EVAL_WINDOWS = 256
 # Calibration tokenizes at most this many characters (a seeded subset of documents beyond it):
@@ -32,8 +33,8 @@ def calibration_samples(
     tokenizer,
     dataset: str,
     *,
-    nsamples: int = 128,
-    seqlen: int = 2048,
+    nsamples: int = NSAMPLES,
+    seqlen: int = SEQLEN,
     seed: int = 0,
     dataset_path: str | None = None,
 ) -> list[torch.Tensor]:
@@ -45,7 +46,7 @@ def calibration_samples(
     WikiText-2. A corpus of at most `seqlen` tokens gives a single, shorter sample. A .jsonl
     whose rows hold `input_ids` is pre-tokenized calibration: its first `nsamples` rows are used
     as-is, truncated to `seqlen`."""
-    _check_positive(nsamples=nsamples, seqlen=seqlen)
+    check_at_least_one(nsamples=nsamples, seqlen=seqlen)
     rows = pretokenized_rows(dataset)
     if rows is not None:
         rows = rows[:nsamples]
@@ -71,7 +72,7 @@ def eval_windows(
     tokenizer,
     dataset: str,
     *,
-    seqlen: int = 2048,
+    seqlen: int = EVAL_SEQLEN,
     limit: int | None = None,
     dataset_path: str | None = None,
 ) -> torch.Tensor:
@@ -79,9 +80,9 @@ def eval_windows(
     "\\n\\n".join(documents) tokenized once and cut into n = numel // seqlen consecutive windows;
     for c4, the GPTQ repo's 256 random windows (seed 0) of validation documents longer than
     `seqlen`. `limit` keeps the first `limit` windows."""
-    _check_positive(seqlen=seqlen)
+    check_at_least_one(seqlen=seqlen)
     if limit is not None:
-        _check_positive(limit=limit)
+        check_at_least_one(limit=limit)
     if pretokenized_rows(dataset) is not None:
         raise UsageError(
             f"{dataset} holds pre-tokenized calibration rows (input_ids); evaluate on "
@@ -133,12 +134,6 @@ def pretokenized_rows(dataset: str) -> list[list[int]] | None:
             )
         out.append(ids)
     return out
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise UsageError(f"--{name} must be at least 1, got {value}")
 
 
 def _bounded_documents(docs: list[str], rng: random.Random) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from gptq_cli.kernels import cpu_gemm, matmul_tf32
+from gptq_cli.settings import GPTAQ_ALPHA
 
 __all__ = [
     "GPTAQ_ALPHA",
@@ -21,9 +22,6 @@ __all__ = [
     "gptaq_correction",
     "least_squares_target",
 ]
-
-# GPTAQ's default weight of the asymmetry correction (the authors' code and GPTQModel's)
-GPTAQ_ALPHA = 0.25
 
 
 def accumulate_cross(C: Tensor | None, n: int, X_fp: Tensor, X: Tensor) -> Tensor:

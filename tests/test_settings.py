@@ -1,0 +1,83 @@
+"""The run's defaults live in gptq_cli/settings.py alone: the Python API's signatures, the CLI's
+option defaults and the help text all state the same values."""
+
+import inspect
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from gptq_cli import settings
+from gptq_cli.cli import app
+from gptq_cli.errors import UsageError
+
+
+def signature_default(fn, name):
+    return inspect.signature(fn).parameters[name].default
+
+
+def help_text(command: str) -> str:
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    # one line, without rich's box borders; rich wraps after a hyphen ("gptaq-" / "ls"): rejoined
+    text = re.sub(r"-[ │]*\n[ │]*", "-", result.output)
+    return re.sub(r"[\s│]+", " ", text)
+
+
+def test_the_api_signatures_take_their_defaults_from_settings():
+    from gptq_cli import api, evaluate
+    from gptq_cli.data import textdata
+
+    expected = {
+        (api.quantize, "dataset"): settings.DATASET,
+        (api.quantize, "nsamples"): settings.NSAMPLES,
+        (api.quantize, "batch_size"): settings.BATCH_SIZE,
+        (api.quantize, "seed"): settings.SEED,
+        (textdata.calibration_samples, "nsamples"): settings.NSAMPLES,
+        (textdata.calibration_samples, "seqlen"): settings.SEQLEN,
+        (textdata.eval_windows, "seqlen"): settings.EVAL_SEQLEN,
+        (evaluate.evaluate, "dataset"): settings.EVAL_DATASET,
+        (evaluate.evaluate, "seqlen"): settings.EVAL_SEQLEN,
+        (evaluate.evaluate, "batch_size"): settings.EVAL_BATCH_SIZE,
+        (evaluate.compare, "seqlen"): settings.EVAL_SEQLEN,
+        (evaluate.compare, "batch_size"): settings.EVAL_BATCH_SIZE,
+    }
+    wrong = {
+        f"{fn.__module__}.{fn.__name__}({name})": signature_default(fn, name)
+        for (fn, name), value in expected.items()
+        if signature_default(fn, name) != value
+    }
+    assert not wrong
+
+
+def test_quantize_help_states_the_defaults_the_run_uses():
+    text = help_text("quantize")
+    for phrase in (
+        f"Calibration samples (default {settings.NSAMPLES})",
+        f"Tokens per calibration sample (default {settings.SEQLEN})",
+        f"Samples per forward pass (default {settings.BATCH_SIZE})",
+        f"Calibration sampling seed (default {settings.SEED})",
+        f"{settings.DATASET} (default, offline)",
+        f"(default {settings.DEFAULT_METHOD})",
+        f"default for gptaq-ls {settings.DEFAULT_ALPHA['gptaq-ls']:g}, the exact fit, or "
+        f"{settings.MIXED_ALPHA['gptaq-ls']:g} with --target-bits; "
+        f"{settings.DEFAULT_ALPHA['gptaq']:g} for gptaq",
+    ):
+        assert phrase in text, phrase
+
+
+def test_eval_options_default_to_the_settings():
+    from gptq_cli.commands.eval_cmd import eval_command
+
+    for name, value in (
+        ("dataset", settings.EVAL_DATASET),
+        ("seqlen", settings.EVAL_SEQLEN),
+        ("batch_size", settings.EVAL_BATCH_SIZE),
+    ):
+        assert signature_default(eval_command, name).default == value, name
+
+
+def test_at_least_one_names_the_option():
+    settings.check_at_least_one(nsamples=1, seqlen=None)
+    with pytest.raises(UsageError, match="--batch-size must be at least 1, got 0"):
+        settings.check_at_least_one(nsamples=3, batch_size=0)
