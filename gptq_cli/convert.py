@@ -31,6 +31,7 @@ from gptq_cli.format.checkpoint import (
 from gptq_cli.format.config import FORMATS, QuantConfig
 from gptq_cli.format.safetensors_file import LazyTensors
 from gptq_cli.inspection import inspect_checkpoint
+from gptq_cli.quantization.workdir import check_new_directory
 
 # Files the conversion writes itself; everything else at the top level of the source is copied.
 _WRITTEN_FILES = {"config.json", QUANTIZE_CONFIG_FILE, INDEX_FILE}
@@ -57,8 +58,7 @@ def convert_checkpoint(
             f"unknown format {checkpoint_format!r}; choose one of {', '.join(FORMATS)}"
         )
     parse_size(max_shard_size)  # a bad size is a usage error before any work
-    if out.exists():
-        raise UsageError(f"{out} already exists; remove it or choose another output directory")
+    check_new_directory(out, "output directory")
     report = inspect_checkpoint(src)
     if report.problems:
         raise GptqError(

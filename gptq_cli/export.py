@@ -32,6 +32,7 @@ from gptq_cli.quantization.checksums import Damaged, checked_json_bytes, read_ch
 from gptq_cli.quantization.workdir import (
     MEASUREMENTS_FILE,
     WorkDir,
+    check_new_directory,
     model_fingerprint,
     plan_identity,
 )
@@ -122,8 +123,7 @@ def pack_workdir(
             "quantize command "
             f"that made it to finish them"
         )
-    if out.exists():
-        raise UsageError(f"{out} already exists; remove it or choose another output directory")
+    check_new_directory(out, "output directory")
     # the model's own code runs only if the quantize run that made the work dir was allowed to run
     # it
     ref = ModelRef(

@@ -81,3 +81,16 @@ def test_at_least_one_names_the_option():
     settings.check_at_least_one(nsamples=1, seqlen=None)
     with pytest.raises(UsageError, match="--batch-size must be at least 1, got 0"):
         settings.check_at_least_one(nsamples=3, batch_size=0)
+
+
+def test_asymmetric_quantization_is_written_v2_and_refused_as_v1_in_one_rule():
+    from gptq_cli.format.config import QuantConfig
+
+    assert QuantConfig().checkpoint_format == "gptq"
+    assert QuantConfig(sym=False).checkpoint_format == "gptq_v2"
+    assert QuantConfig(sym=False, checkpoint_format="gptq_v2").checkpoint_format == "gptq_v2"
+    with pytest.raises(ValueError, match="--asym needs --format gptq_v2"):
+        QuantConfig(sym=False, checkpoint_format="gptq")
+    # the API and the CLI meet the same rule (the CLI turns it into one usage line, exit 2)
+    result = CliRunner().invoke(app, ["quantize", "m", "--asym", "--format", "gptq"])
+    assert result.exit_code == 2 and "--asym needs --format gptq_v2" in result.output

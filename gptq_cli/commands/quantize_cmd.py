@@ -264,15 +264,10 @@ def quantize(
     def work():
         settings = load_preset(config) if config else {}
         settings.update({k: v for k, v in flags.items() if v is not None})
-        if settings.get("format") == "gptq" and settings.get("sym") is False:
-            raise UsageError(
-                "--asym needs --format gptq_v2: format gptq (v1) stores zero - 1 and cannot hold "
-                "an asymmetric zero of 0; drop --format gptq (asym is then written as gptq_v2)"
-            )
         try:
             quant = QuantConfig(
                 **{k: settings[k] for k in QUANT_KEYS if k in settings},
-                checkpoint_format=settings.get("format", "gptq"),
+                checkpoint_format=settings.get("format"),
             )
         except ValueError as e:
             raise UsageError(str(e)) from e

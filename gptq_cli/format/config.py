@@ -38,13 +38,16 @@ class QuantConfig:
     true_sequential: bool = True
     damp_percent: float = 0.01
     mse: bool = False
-    checkpoint_format: str = "gptq"
+    # None: "gptq" (v1) when symmetric, "gptq_v2" when not (v1 cannot store an asymmetric zero)
+    checkpoint_format: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     # per-module overrides (format/dynamic.py); None: all modules alike
     dynamic: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_setting(self.bits, self.group_size, self.damp_percent)
+        if self.checkpoint_format is None:
+            self.checkpoint_format = "gptq" if self.sym else "gptq_v2"
         if self.checkpoint_format not in FORMATS:
             raise ValueError(
                 f"checkpoint_format must be one of {FORMATS}, got {self.checkpoint_format!r}"
@@ -54,8 +57,12 @@ class QuantConfig:
             for override in self.dynamic.values():
                 if override.get("bits", self.bits) not in BITS:
                     raise ValueError(f"dynamic override {override}: bits must be one of {BITS}")
-        if not self.sym:  # v1 cannot store an asymmetric zero of 0 (SPEC §2)
-            self.checkpoint_format = "gptq_v2"
+        if not self.sym and self.checkpoint_format == "gptq":
+            # v1 stores zero - 1: an asymmetric zero of 0 does not fit (SPEC §2)
+            raise ValueError(
+                "--asym needs --format gptq_v2: format gptq (v1) stores zero - 1 and cannot hold "
+                "an asymmetric zero of 0; drop --format gptq (asym is then written as gptq_v2)"
+            )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The quantization_config dict, as transformers / GPTQModel / AutoGPTQ / vLLM read it."""
