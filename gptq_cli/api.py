@@ -70,6 +70,7 @@ from gptq_cli.settings import (  # noqa: F401  (re-exported: api.MIXED_ALPHA and
     NSAMPLES,
     SEED,
     check_at_least_one,
+    resolve_method,
 )
 
 # Progress events: ("resume", finished blocks, total, work dir), ("block", done, total), ("module",
@@ -89,33 +90,6 @@ class QuantizeResult:
     writer: bool = True  # False on the ranks of a torchrun other than 0: they wrote nothing
     # seconds per phase of this process (phases.py)
     phases: dict[str, float] = field(default_factory=dict)
-
-
-def resolve_method(
-    method: str | None, gptaq_alpha: float | None = None, target_bits: float | None = None
-) -> tuple[str, float | None]:
-    """The (method, alpha) a run uses: method None is DEFAULT_METHOD; alpha None is the method's
-    DEFAULT_ALPHA, or its MIXED_ALPHA with --target-bits (None for gptq). UsageError for a method
-    or alpha quantize does not take."""
-    method = method or DEFAULT_METHOD
-    if method not in METHODS:
-        raise UsageError(f"--method {method!r}: use one of {', '.join(METHODS)}")
-    if method == "gptq":
-        if gptaq_alpha is not None:
-            raise UsageError(
-                "--gptaq-alpha goes with --method gptaq or gptaq-ls, not gptq; drop it or use "
-                "--method gptaq-ls"
-            )
-        return method, None
-    default = (MIXED_ALPHA if target_bits is not None else DEFAULT_ALPHA)[method]
-    if gptaq_alpha is None:
-        return method, default
-    if not 0 < gptaq_alpha <= 1:
-        raise UsageError(
-            f"--gptaq-alpha {gptaq_alpha}: use a number in (0, 1] (default for --method "
-            f"{method}{' with --target-bits' if target_bits is not None else ''}: {default:g})"
-        )
-    return method, gptaq_alpha
 
 
 def default_output(model: str, quant: QuantConfig, target_bits: float | None = None) -> Path:
@@ -184,6 +158,7 @@ def quantize(
     quantization_config's meta (GPTAQ's; plain GPTQ adds nothing)."""
     from gptq_cli.data.textdata import calibration_samples
 
+    check_at_least_one(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
     quant = quant or QuantConfig()
     method, gptaq_alpha = resolve_method(method, gptaq_alpha, target_bits)
     out = Path(output) if output else default_output(model, quant, target_bits)

@@ -1,13 +1,19 @@
-"""The defaults and allowed values of quantize and eval runs, decided here once: the CLI's options
-and help, the Python API's signatures, the dry run and the checks on them read these names. No
-torch here: the CLI's --help imports this module.
+"""The settings of quantize and eval runs, decided here once: their defaults and allowed values,
+the --config presets, and resolve_run, which merges a preset and the flags given over the defaults
+into one RunSettings. The CLI's options, help and dry run and the Python API's signatures read
+these names. No torch here: the CLI's --help imports this module.
 
-May import: errors.
+May import: format, errors.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 from gptq_cli.errors import UsageError
+from gptq_cli.format.config import QuantConfig
 
 __all__ = [
     "BATCH_SIZE",
@@ -23,7 +29,13 @@ __all__ = [
     "NSAMPLES",
     "SEED",
     "SEQLEN",
+    "QUANT_KEYS",
+    "RUN_KEYS",
+    "RunSettings",
     "check_at_least_one",
+    "load_preset",
+    "resolve_method",
+    "resolve_run",
 ]
 
 # Calibration: the built-in offline text, 128 windows of 2048 tokens (the paper's; SEQLEN shrinks
@@ -61,3 +73,118 @@ def check_at_least_one(**values: int | None) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def resolve_method(
+    method: str | None, gptaq_alpha: float | None = None, target_bits: float | None = None
+) -> tuple[str, float | None]:
+    """The (method, alpha) a run uses: method None is DEFAULT_METHOD; alpha None is the method's
+    DEFAULT_ALPHA, or its MIXED_ALPHA with --target-bits (None for gptq). UsageError for a method
+    or alpha quantize does not take."""
+    method = method or DEFAULT_METHOD
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if method == "gptq":
+        if gptaq_alpha is not None:
+            raise UsageError(
+                "--gptaq-alpha goes with --method gptaq or gptaq-ls, not gptq; drop it or use "
+                "--method gptaq-ls"
+            )
+        return method, None
+    default = (MIXED_ALPHA if target_bits is not None else DEFAULT_ALPHA)[method]
+    if gptaq_alpha is None:
+        return method, default
+    if not 0 < gptaq_alpha <= 1:
+        raise UsageError(
+            f"--gptaq-alpha {gptaq_alpha}: use a number in (0, 1] (default for --method "
+            f"{method}{' with --target-bits' if target_bits is not None else ''}: {default:g})"
+        )
+    return method, gptaq_alpha
+
+
+_PACKAGE = Path(__file__).resolve().parent
+# The --config presets: shipped inside the package by setup.py's build_py (a wheel install), else
+# the source tree's configs/ (a checkout or an editable install).
+CONFIG_DIR = next(
+    (d for d in (_PACKAGE / "presets", _PACKAGE.parent / "configs") if d.is_dir()),
+    _PACKAGE / "presets",
+)
+# what a preset or the flags may set: QuantConfig's fields, and the calibration's
+QUANT_KEYS = (
+    "bits",
+    "group_size",
+    "desc_act",
+    "sym",
+    "static_groups",
+    "act_group_aware",
+    "true_sequential",
+    "damp_percent",
+    "mse",
+)
+RUN_KEYS = ("dataset", "nsamples", "seqlen", "batch_size", "seed")
+
+
+def load_preset(config: str) -> dict:
+    """A preset by name (configs/NAME.json) or by path."""
+    path = Path(config)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{config.removesuffix('.json')}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json"))) or "none found"
+        raise UsageError(f"--config {config}: no such file or preset (presets: {known})")
+    try:
+        preset = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    unknown = set(preset) - set(QUANT_KEYS) - set(RUN_KEYS) - {"format"}
+    if unknown:
+        raise UsageError(f"--config {path}: unknown keys {sorted(unknown)}")
+    return preset
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """A quantize run's settings once a preset and the flags given are merged over the defaults:
+    the quantization itself and the calibration (seqlen None: SEQLEN, or the model's context when
+    that is shorter; an explicit one beyond the context is refused later, with the model known)."""
+
+    quant: QuantConfig
+    dataset: str
+    nsamples: int
+    seqlen: int | None
+    batch_size: int
+    seed: int
+
+    def calibration(self) -> dict:
+        return dict(
+            dataset=self.dataset,
+            nsamples=self.nsamples,
+            seqlen=self.seqlen,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+
+
+def resolve_run(preset: str | None, flags: dict) -> RunSettings:
+    """The preset (name or path, load_preset) overlaid with the flags that were given (None: not
+    given; keys QUANT_KEYS, RUN_KEYS and "format"), over the defaults above and QuantConfig's.
+    UsageError for a value or combination the run cannot take."""
+    merged = load_preset(preset) if preset else {}
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        quant = QuantConfig(
+            **{k: merged[k] for k in QUANT_KEYS if k in merged},
+            checkpoint_format=merged.get("format"),
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    run = RunSettings(
+        quant=quant,
+        dataset=merged.get("dataset", DATASET),
+        nsamples=merged.get("nsamples", NSAMPLES),
+        seqlen=merged.get("seqlen"),
+        batch_size=merged.get("batch_size", BATCH_SIZE),
+        seed=merged.get("seed", SEED),
+    )
+    check_at_least_one(nsamples=run.nsamples, seqlen=run.seqlen, batch_size=run.batch_size)
+    return run

@@ -53,7 +53,7 @@ def test_a_wheel_ships_the_presets_and_an_install_of_it_finds_them(tmp_path):
 
     # the installed package, run from elsewhere, resolves a preset by name
     probe = (
-        "from gptq_cli.commands.quantize_cmd import CONFIG_DIR, load_preset; "
+        "from gptq_cli.settings import CONFIG_DIR, load_preset; "
         "print(CONFIG_DIR); print(load_preset('llama-3bit-g128')['bits'])"
     )
     out = subprocess.run(

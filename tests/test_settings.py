@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from gptq_cli import settings
 from gptq_cli.cli import app
 from gptq_cli.errors import UsageError
+from gptq_cli.format.config import QuantConfig
 
 
 def signature_default(fn, name):
@@ -84,8 +85,6 @@ def test_at_least_one_names_the_option():
 
 
 def test_asymmetric_quantization_is_written_v2_and_refused_as_v1_in_one_rule():
-    from gptq_cli.format.config import QuantConfig
-
     assert QuantConfig().checkpoint_format == "gptq"
     assert QuantConfig(sym=False).checkpoint_format == "gptq_v2"
     assert QuantConfig(sym=False, checkpoint_format="gptq_v2").checkpoint_format == "gptq_v2"
@@ -94,3 +93,31 @@ def test_asymmetric_quantization_is_written_v2_and_refused_as_v1_in_one_rule():
     # the API and the CLI meet the same rule (the CLI turns it into one usage line, exit 2)
     result = CliRunner().invoke(app, ["quantize", "m", "--asym", "--format", "gptq"])
     assert result.exit_code == 2 and "--asym needs --format gptq_v2" in result.output
+
+
+def test_the_api_refuses_a_batch_size_below_one_before_any_work(tmp_path):
+    from gptq_cli import api
+
+    with pytest.raises(UsageError, match="--batch-size must be at least 1, got 0"):
+        api.quantize("no-such-model", batch_size=0, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resolve_run_lays_the_flags_over_a_preset_over_the_defaults(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text('{"bits": 3, "group_size": 64, "nsamples": 32}')
+    run = settings.resolve_run(str(preset), {"group_size": 32, "seed": None, "batch_size": 4})
+    assert (run.quant.bits, run.quant.group_size) == (3, 32)  # preset, then the flag
+    assert run.calibration() == {
+        "dataset": settings.DATASET,
+        "nsamples": 32,
+        "seqlen": None,
+        "batch_size": 4,
+        "seed": settings.SEED,
+    }
+    plain = settings.resolve_run(None, {})
+    assert plain.quant == QuantConfig() and plain.nsamples == settings.NSAMPLES
+    with pytest.raises(UsageError, match="--nsamples must be at least 1"):
+        settings.resolve_run(str(preset), {"nsamples": 0})
+    with pytest.raises(UsageError, match="bits must be one of"):
+        settings.resolve_run(None, {"bits": 5})

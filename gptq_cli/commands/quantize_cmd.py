@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -37,31 +36,13 @@ from gptq_cli.settings import (
     NSAMPLES,
     SEED,
     SEQLEN,
-    check_at_least_one,
+    resolve_method,
+    resolve_run,
 )
 
 if TYPE_CHECKING:
     from gptq_cli.api import QuantizeResult
 
-_PACKAGE = Path(__file__).resolve().parents[1]
-# The --config presets: shipped inside the package by setup.py's build_py (a wheel install), else
-# the source tree's configs/ (a checkout or an editable install).
-CONFIG_DIR = next(
-    (d for d in (_PACKAGE / "presets", _PACKAGE.parent / "configs") if d.is_dir()),
-    _PACKAGE / "presets",
-)
-QUANT_KEYS = (
-    "bits",
-    "group_size",
-    "desc_act",
-    "sym",
-    "static_groups",
-    "act_group_aware",
-    "true_sequential",
-    "damp_percent",
-    "mse",
-)
-RUN_KEYS = ("dataset", "nsamples", "seqlen", "batch_size", "seed")
 WORST_SHOWN = 3  # modules with the largest loss named in the summary
 
 EXAMPLES = """
@@ -78,24 +59,6 @@ Examples:
   gptq quantize ./my-model --target-bits 4.25 --dry-run \\
       --measurements my-model-mixed/measurements.json
 """
-
-
-def load_preset(config: str) -> dict:
-    """A preset by name (configs/NAME.json) or by path."""
-    path = Path(config)
-    if not path.is_file():
-        path = CONFIG_DIR / f"{config.removesuffix('.json')}.json"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json"))) or "none found"
-        raise UsageError(f"--config {config}: no such file or preset (presets: {known})")
-    try:
-        preset = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    unknown = set(preset) - set(QUANT_KEYS) - set(RUN_KEYS) - {"format"}
-    if unknown:
-        raise UsageError(f"--config {path}: unknown keys {sorted(unknown)}")
-    return preset
 
 
 def quantize(
@@ -262,31 +225,12 @@ def quantize(
     )
 
     def work():
-        settings = load_preset(config) if config else {}
-        settings.update({k: v for k, v in flags.items() if v is not None})
-        try:
-            quant = QuantConfig(
-                **{k: settings[k] for k in QUANT_KEYS if k in settings},
-                checkpoint_format=settings.get("format"),
-            )
-        except ValueError as e:
-            raise UsageError(str(e)) from e
-        # seqlen None: SEQLEN, or the model's context when that is shorter (an explicit one beyond
-        # it is refused)
-        run_args = dict(
-            dataset=settings.get("dataset", DATASET),
-            nsamples=settings.get("nsamples", NSAMPLES),
-            seqlen=settings.get("seqlen"),
-            batch_size=settings.get("batch_size", BATCH_SIZE),
-            seed=settings.get("seed", SEED),
-        )
-        check_at_least_one(**{k: run_args[k] for k in ("nsamples", "seqlen", "batch_size")})
+        run = resolve_run(config, flags)
+        quant, run_args = run.quant, run.calibration()
         cands = _mixed_options(
             target_bits, candidates, measurements, {k: v for k, v in flags.items() if v is not None}
         )
         if dry_run:
-            from gptq_cli.api import resolve_method
-
             plan_method = resolve_method(method, gptaq_alpha, target_bits)[0]
             from gptq_cli.quantization.dry_run import make_plan
 
