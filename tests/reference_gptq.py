@@ -11,6 +11,9 @@ mirrored, all-zero rows on the grid [-1, 1]).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
+from gptq_cli.format.quantized import QuantizedWeight
 
 
 def reference_params(
@@ -166,3 +169,10 @@ def reference_gptq(
         "raw_scales": raw_scales,
         "raw_zeros": raw_zeros,
     }
+
+
+def quantization_loss(W: Tensor, H: Tensor, qw: QuantizedWeight) -> float:
+    """The proxy loss GPTQ minimises, tr((W − Q) H (W − Q)ᵀ), computed in float64: the tests'
+    yardstick (the solver reports its own, QuantizedWeight.loss)."""
+    D = W.double() - qw.dequantize(torch.float64).to(W.device)
+    return float(torch.einsum("nk,kl,nl->", D, H.double().to(W.device), D))

@@ -31,9 +31,9 @@ from gptq_cli.quantization.quantizer import quantize_rtn
 from gptq_cli.quantization.solver import (
     accumulate_hessian,
     complete_hessian,
-    quantization_loss,
     quantize_weight,
 )
+from tests.reference_gptq import quantization_loss
 from tests.tiny_models import make_tiny_model, random_input_ids, save_tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]

@@ -17,11 +17,10 @@ from gptq_cli.quantization.solver import (
     column_block_ranges,
     complete_hessian,
     group_aware_order,
-    quantization_loss,
     quantize_column_block,
     quantize_weight,
 )
-from tests.reference_gptq import reference_gptq, reference_params
+from tests.reference_gptq import quantization_loss, reference_gptq, reference_params
 
 MODES = [(False, False), (True, False), (True, True)]  # (desc_act, static_groups)
 

@@ -48,7 +48,6 @@ __all__ = [
     "hessian_panels",
     "matmul_tf32",
     "plan_groups",
-    "quantization_loss",
     "quantize_column_block",
     "quantize_weight",
     "single_thread_on_cpu",
@@ -466,9 +465,3 @@ def quantize_weight(
         damp=damp,
         row_loss=row_loss,
     )
-
-
-def quantization_loss(W: Tensor, H: Tensor, qw: QuantizedWeight) -> float:
-    """The proxy loss GPTQ minimises, tr((W − Q) H (W − Q)ᵀ), computed in float64."""
-    D = W.double() - qw.dequantize(torch.float64).to(W.device)
-    return float(torch.einsum("nk,kl,nl->", D, H.double().to(W.device), D))
