@@ -19,16 +19,15 @@ import torch
 
 from gptq_cli.errors import GptqError, UsageError
 from gptq_cli.format.bitpack import pack_qzeros, unpack_qzeros
-from gptq_cli.format.checkpoint import (
+from gptq_cli.format.checkpoint import parse_size, write_checkpoint
+from gptq_cli.format.config import FORMATS, QuantConfig
+from gptq_cli.format.reader import (
     INDEX_FILE,
     QUANTIZE_CONFIG_FILE,
     check_model_dir,
-    parse_size,
     quantized_module_names,
     read_tensors,
-    write_checkpoint,
 )
-from gptq_cli.format.config import FORMATS, QuantConfig
 from gptq_cli.format.safetensors_file import LazyTensors
 from gptq_cli.inspection import inspect_checkpoint
 from gptq_cli.quantization.workdir import check_new_directory

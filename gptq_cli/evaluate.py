@@ -204,7 +204,7 @@ def open_model(model_path: str, trust_remote_code: bool = False) -> ModelSource:
     the context before the (possibly long) weight loading."""
     from transformers import AutoConfig
 
-    from gptq_cli.format.checkpoint import is_quantized_checkpoint
+    from gptq_cli.format.reader import is_quantized_checkpoint
     from gptq_cli.model.modelio import load_tokenizer, resolve_model
 
     ref = resolve_model(model_path, trust_remote_code)

@@ -18,15 +18,15 @@ from typing import Any
 import torch
 
 from gptq_cli.format.bitpack import packed_len, unpack_last
-from gptq_cli.format.checkpoint import (
+from gptq_cli.format.compat import Verdict, read_facts, summary_line, verdicts
+from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.reader import (
     check_model_dir,
     quantized_module_names,
     read_quant_config,
     read_quantization_dict,
     read_tensors,
 )
-from gptq_cli.format.compat import Verdict, read_facts, summary_line, verdicts
-from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.safetensors_file import FileTensors
 from gptq_cli.model.arch import QUANTIZABLE, linear_weight
 from gptq_cli.model.modelio import empty_model

@@ -28,8 +28,8 @@ MAX_TOKENS = 32
 
 
 def facts(ckpt: str) -> dict:
-    from gptq_cli.format.checkpoint import read_tensors
     from gptq_cli.format.compat import VLLM
+    from gptq_cli.format.reader import read_tensors
     from gptq_cli.inspection import inspect_checkpoint
 
     report = inspect_checkpoint(ckpt)

@@ -11,14 +11,9 @@ import torch
 from safetensors import safe_open
 
 from gptq_cli.errors import UsageError
-from gptq_cli.format.checkpoint import (
-    parse_size,
-    quantized_to_tensors,
-    read_quant_config,
-    read_tensors,
-    write_checkpoint,
-)
+from gptq_cli.format.checkpoint import parse_size, quantized_to_tensors, write_checkpoint
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.reader import read_quant_config, read_tensors
 from tests.tiny_models import random_quantized_weight, tiny_config
 
 

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from gptq_cli.cli import app
 from gptq_cli.convert import convert_checkpoint
 from gptq_cli.format.bitpack import unpack_last
-from gptq_cli.format.checkpoint import INDEX_FILE, read_quantization_dict, read_tensors
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.reader import INDEX_FILE, read_quantization_dict, read_tensors
 from gptq_cli.model.loader import load_quantized_model
 from tests.tiny_models import random_input_ids, write_random_gptq_checkpoint
 

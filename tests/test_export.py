@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from gptq_cli import api, export
 from gptq_cli.errors import Interrupted
-from gptq_cli.format import checkpoint
+from gptq_cli.format import checkpoint, reader
 from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.safetensors_file import DTYPES, FileTensors, LazyTensors, write_file
 from tests.tiny_models import save_tiny_model
@@ -134,13 +134,13 @@ def test_each_shard_is_what_save_file_writes_of_its_tensors(tmp_path, tiny_gptq_
 
     out = checkpoint.write_checkpoint(
         tmp_path / "ckpt",
-        checkpoint.read_tensors(tiny_gptq_checkpoint.path),
+        reader.read_tensors(tiny_gptq_checkpoint.path),
         {"model_type": "llama"},
         QuantConfig(),
         max_shard_size="200KB",
     )
     shards = sorted(out.glob("model-*.safetensors"))
-    assert len(shards) > 2 and (out / checkpoint.INDEX_FILE).is_file()
+    assert len(shards) > 2 and (out / reader.INDEX_FILE).is_file()
     for shard in shards:
         save_file(
             load_file(shard),

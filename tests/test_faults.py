@@ -374,7 +374,7 @@ def test_a_shard_named_outside_the_checkpoint_is_refused_by_every_command(
 
 def test_the_loader_refuses_a_shard_outside_and_accepts_hub_cache_links(tmp_path, sharded):
     from gptq_cli.errors import UsageError
-    from gptq_cli.format.checkpoint import weight_files
+    from gptq_cli.format.reader import weight_files
     from gptq_cli.model.loader import load_quantized_model
 
     with pytest.raises(UsageError, match="names the shard '../x.safetensors'"):

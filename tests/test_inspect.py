@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from gptq_cli import __version__
 from gptq_cli.cli import app
 from gptq_cli.format.bitpack import pack_last, unpack_last
-from gptq_cli.format.checkpoint import read_tensors, write_checkpoint
+from gptq_cli.format.checkpoint import write_checkpoint
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.reader import read_tensors
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 

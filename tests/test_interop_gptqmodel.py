@@ -272,7 +272,7 @@ def test_our_loader_matches_gptqmodel_forward_on_its_checkpoint(
 
 @pytest.mark.parametrize("desc_act", DESC_ACT)
 def test_gptqmodel_checkpoint_reads_and_inspects_cleanly(gptqmodel_side, desc_act, tmp_path):
-    from gptq_cli.format.checkpoint import read_quant_config
+    from gptq_cli.format.reader import read_quant_config
     from gptq_cli.inspection import inspect_checkpoint
     from gptq_cli.losses import plot_losses, read_quant_log
 

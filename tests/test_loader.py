@@ -13,8 +13,9 @@ import torch
 
 import gptq_cli
 from gptq_cli.errors import GptqError, UsageError
-from gptq_cli.format.checkpoint import is_quantized_checkpoint, read_tensors, write_checkpoint
+from gptq_cli.format.checkpoint import write_checkpoint
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.reader import is_quantized_checkpoint, read_tensors
 from gptq_cli.model.loader import load_quantized_model
 from gptq_cli.model.quant_linear import QuantLinear
 from tests.tiny_models import random_input_ids, save_tiny_model, write_random_gptq_checkpoint

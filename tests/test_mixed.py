@@ -18,8 +18,8 @@ from gptq_cli.cli import app
 from gptq_cli.convert import convert_checkpoint
 from gptq_cli.errors import Interrupted, UsageError
 from gptq_cli.format.bitpack import unpack_qweight, unpack_qzeros
-from gptq_cli.format.checkpoint import read_quant_config, read_tensors
 from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.reader import read_quant_config, read_tensors
 from gptq_cli.inspection import inspect_checkpoint
 from gptq_cli.model.arch import linear_weight, set_linear_weight
 from gptq_cli.model.loader import load_quantized_model

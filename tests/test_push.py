@@ -23,7 +23,7 @@ import yaml
 from typer.testing import CliRunner
 
 from gptq_cli.cli import app
-from gptq_cli.format.checkpoint import read_quantization_dict
+from gptq_cli.format.reader import read_quantization_dict
 from tests.hub_server import HubServer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -90,11 +90,7 @@ def pack(
             return write(busy)
 
     def write(busy) -> None:
-        from gptq_cli.format.checkpoint import (
-            is_quantized_checkpoint,
-            read_quant_config,
-            weight_files,
-        )
+        from gptq_cli.format.reader import is_quantized_checkpoint, read_quant_config, weight_files
         from gptq_cli.quantization.workdir import WorkDir, is_work_dir
 
         if is_work_dir(path):

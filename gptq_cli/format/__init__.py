@@ -6,8 +6,8 @@ May import: errors (and the package's version).
 
 _EXPORTS = {
     "quantized_to_tensors": "checkpoint",
-    "read_quant_config": "checkpoint",
-    "read_tensors": "checkpoint",
+    "read_quant_config": "reader",
+    "read_tensors": "reader",
     "write_checkpoint": "checkpoint",
     "QuantConfig": "config",
     "QuantizedWeight": "quantized",

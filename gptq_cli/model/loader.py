@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from gptq_cli.errors import GptqError, UsageError
-from gptq_cli.format.checkpoint import (
+from gptq_cli.format.config import QuantConfig
+from gptq_cli.format.reader import (
     PACKED_NAMES,
     check_model_dir,
     quantized_module_names,
     read_quant_config,
     read_tensors,
 )
-from gptq_cli.format.config import QuantConfig
 from gptq_cli.format.safetensors_file import FileTensors
 from gptq_cli.model.arch import QUANTIZABLE, linear_weight
 from gptq_cli.model.modelio import check_config_json, empty_model

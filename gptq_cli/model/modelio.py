@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gptq_cli.errors import UsageError
-from gptq_cli.format.checkpoint import read_tensors, weight_files
+from gptq_cli.format.reader import read_tensors, weight_files
 from gptq_cli.format.safetensors_file import FileTensors
 from gptq_cli.model.moe import checkpoint_names, defuse_experts
 
