@@ -156,13 +156,8 @@ class RunSettings:
     seed: int
 
     def calibration(self) -> dict:
-        return dict(
-            dataset=self.dataset,
-            nsamples=self.nsamples,
-            seqlen=self.seqlen,
-            batch_size=self.batch_size,
-            seed=self.seed,
-        )
+        """The calibration settings by name (RUN_KEYS), as api.quantize takes them."""
+        return {k: getattr(self, k) for k in RUN_KEYS}
 
 
 def resolve_run(preset: str | None, flags: dict) -> RunSettings:
