@@ -98,9 +98,8 @@ def convert_qzeros(
     zeros = unpack_qzeros(qzeros, bits, out_features, source_format)
     if target_format == "gptq" and bool((zeros < 1).any()):
         raise UsageError(
-            f"{name} has {int((zeros < 1).sum())} asymmetric zero point(s) of 0, "
-            "which format 'gptq' (v1, stores zero - 1) cannot store; keep this checkpoint as "
-            "--format gptq_v2"
+            f"{name} has {int((zeros < 1).sum())} asymmetric zero point(s) of 0, which format "
+            f"'gptq' (v1, stores zero - 1) cannot store; keep this checkpoint as --format gptq_v2"
         )
     return pack_qzeros(zeros, bits, target_format)
 

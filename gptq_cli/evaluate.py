@@ -312,9 +312,8 @@ def compare(
         check_context(source.config, seqlen)
         if not same_tokenizer(sources[0].tokenizer, source.tokenizer):
             raise UsageError(
-                f"{source.name} has a different tokenizer from {sources[0].name}: "
-                "their perplexities "
-                f"are not comparable; evaluate them separately"
+                f"{source.name} has a different tokenizer from {sources[0].name}: their "
+                f"perplexities are not comparable; evaluate them separately"
             )
     windows = eval_windows(
         sources[0].tokenizer, dataset, seqlen=seqlen, limit=limit, dataset_path=dataset_path

@@ -60,9 +60,8 @@ def claim_output(out: Path) -> Iterator[None]:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise UsageError(
-                    f"--output {out} is being written by another gptq run; wait for "
-                    "it to finish or "
-                    f"choose another --output"
+                    f"--output {out} is being written by another gptq run; wait for it to finish "
+                    f"or choose another --output"
                 ) from None
             for stale in parent.glob(f".{glob_escape(out.name)}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -119,9 +118,8 @@ def pack_workdir(
     missing = sum(not wd.block_file(i).is_file() for i in range(plan["blocks"]))
     if missing:
         raise UsageError(
-            f"{wd.path} is missing {missing} of {plan['blocks']} blocks; rerun the "
-            "quantize command "
-            f"that made it to finish them"
+            f"{wd.path} is missing {missing} of {plan['blocks']} blocks; rerun the quantize "
+            f"command that made it to finish them"
         )
     check_new_directory(out, "output directory")
     # the model's own code runs only if the quantize run that made the work dir was allowed to run

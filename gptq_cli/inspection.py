@@ -353,9 +353,8 @@ def _check_zeros(
         if declared == "gptq" and bool((stored == maxq).any()):
             problems.append(
                 f"{name}.qzeros: {int((stored == maxq).sum())} zero point(s) stored as {maxq}, "
-                f"i.e. zero {maxq + 1} in format 'gptq' (zero - 1): out of range (an "
-                "asymmetric zero of 0 "
-                f"underflowed?); asymmetric checkpoints must be written as gptq_v2"
+                f"i.e. zero {maxq + 1} in format 'gptq' (zero - 1): out of range (an asymmetric "
+                f"zero of 0 underflowed?); asymmetric checkpoints must be written as gptq_v2"
             )
         return "unknown"
     style = (
@@ -378,9 +377,8 @@ def _check_zeros(
         problems.append(
             f"{name}.qzeros: labelled checkpoint_format {declared!r} but zero points are stored "
             f"as {v2_value if style == 'gptq_v2' else v1_value} ({style} convention; {declared} "
-            f"stores {want}); loaders will dequantize with wrong zeros (vLLM outputs "
-            "garbage): relabel or "
-            f"repack the checkpoint as {style}"
+            f"stores {want}); loaders will dequantize with wrong zeros (vLLM outputs garbage): "
+            f"relabel or repack the checkpoint as {style}"
         )
     return style
 

@@ -35,9 +35,7 @@ def calibration_notes(samples: list[torch.Tensor], nsamples: int, seqlen: int) -
     return [
         f"the calibration data holds {shape} tokens, not --nsamples {nsamples} x --seqlen "
         f"{seqlen}: quantizing with those ({sum(lengths)} tokens, recorded in quant_log.json); "
-        f"more text "
-        "gives what was "
-        f"asked"
+        f"more text gives what was asked"
     ]
 
 
@@ -62,9 +60,8 @@ def group_size_notes(shapes: dict[str, tuple[int, int]], group_size: int) -> lis
     return [
         f"--group-size {group_size} does not divide the input width "
         f"({', '.join(map(str, uneven))}) of {count} of {len(widths)} linears: their last group "
-        f"is shorter, which GPTQ handles "
-        "but vLLM and GPTQModel's fast kernels do not (they need in_features % group_size == 0); "
-        f"{advice}"
+        f"is shorter, which GPTQ handles but vLLM and GPTQModel's fast kernels do not (they need "
+        f"in_features % group_size == 0); {advice}"
     ]
 
 

@@ -103,9 +103,8 @@ def main() -> None:
             r.update(digest=digest(work / name), mean_module_loss=mean_loss(work / name))
     report = {
         "what": f"gptq quantize {args.model}: 1 process x {args.procs * args.threads} threads vs "
-        "torchrun "
-        f"{args.procs} processes x {args.threads} thread(s), CPU (gloo), run one after the "
-        "other",
+        f"torchrun {args.procs} processes x {args.threads} thread(s), CPU (gloo), run one after "
+        f"the other",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {
             "platform": platform.platform(),

@@ -112,9 +112,8 @@ def pack(
         else:
             raise UsageError(
                 f"{path} is not a GPTQ checkpoint directory (config.json with a "
-                "quantization_config, or quantize_config.json) nor a quantize work directory "
-                "(plan.json + blocks/); "
-                f"pass one of those"
+                f"quantization_config, or quantize_config.json) nor a quantize work directory "
+                f"(plan.json + blocks/); pass one of those"
             )
         summary = {
             "input": str(path),
@@ -129,9 +128,8 @@ def pack(
         elif not quiet:
             console.print(
                 f"{summary['input']} ({summary['source_format']}) → {summary['output']} "
-                f"({summary['checkpoint_format']}): {len(summary['weight_files'])} "
-                "weights file(s), "
-                f"{summary['bytes'] / 1e6:.1f} MB",
+                f"({summary['checkpoint_format']}): {len(summary['weight_files'])} weights "
+                f"file(s), {summary['bytes'] / 1e6:.1f} MB",
                 highlight=False,
             )
 

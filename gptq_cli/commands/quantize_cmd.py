@@ -187,11 +187,10 @@ def quantize(
         None,
         "--method",
         help=f"One of {', '.join(METHODS)} (default {DEFAULT_METHOD}). gptaq-ls: each layer aims "
-        "at the full-precision model's output on "
-        "full-precision inputs, by GPTQ run on the least-squares fit of that output (one "
-        "more stream of calibration activations, about twice the time); gptaq: the same aim "
-        "by GPTAQ's own update (Li et al. 2025); gptq: each layer's own output on the "
-        "quantized model's inputs. Same file format.",
+        "at the full-precision model's output on full-precision inputs, by GPTQ run on the "
+        "least-squares fit of that output (one more stream of calibration activations, about "
+        "twice the time); gptaq: the same aim by GPTAQ's own update (Li et al. 2025); gptq: "
+        "each layer's own output on the quantized model's inputs. Same file format.",
     ),
     gptaq_alpha: float | None = typer.Option(
         None,
@@ -342,9 +341,8 @@ def _mixed_options(
         )
     if measurements is not None and not measurements.is_file():
         raise UsageError(
-            f"--measurements {measurements}: no such file; pass the measurements.json "
-            "a --target-bits "
-            f"run left beside its checkpoint"
+            f"--measurements {measurements}: no such file; pass the measurements.json a "
+            f"--target-bits run left beside its checkpoint"
         )
     from gptq_cli.quantization.allocate import parse_candidates
 

@@ -110,8 +110,7 @@ def print_summary(summary: dict) -> None:
                 else ""
             )
             + f"{config['bits']}-bit {group}, {summary['bits_per_weight']} "
-            "bits/weight, "
-            f"{config['checkpoint_format']}; mean loss {summary['mean_loss']:.4g}",
+            f"bits/weight, {config['checkpoint_format']}; mean loss {summary['mean_loss']:.4g}",
         ),
         ("worst loss", worst),
         ("full table", f"{summary['quant_log']} (or --table)"),

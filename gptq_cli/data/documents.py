@@ -190,9 +190,8 @@ def _file_documents(path: Path, purpose: str) -> list[str]:
         return _read_documents(path, purpose)
     except UnicodeDecodeError as e:
         raise UsageError(
-            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); give a text "
-            "file: .txt, .jsonl, "
-            f".json or .parquet"
+            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); give a text file: .txt, "
+            f".jsonl, .json or .parquet"
         ) from e
 
 

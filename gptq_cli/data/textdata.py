@@ -128,9 +128,8 @@ def pretokenized_rows(dataset: str) -> list[list[int]] | None:
             )
         if min(ids) < 0:
             raise UsageError(
-                f"{path}: row {i + 1} holds the negative token id {min(ids)}; token "
-                "ids start at 0, "
-                f"so the file is damaged or was not made by a tokenizer"
+                f"{path}: row {i + 1} holds the negative token id {min(ids)}; token ids start at "
+                f"0, so the file is damaged or was not made by a tokenizer"
             )
         out.append(ids)
     return out

@@ -142,8 +142,7 @@ def _missing_legacy_keys(f: Facts) -> str | None:
     if missing:
         return (
             f"config.json lacks {', '.join(missing)}: a transformers 4.x reader falls back to "
-            "its defaults and "
-            f"runs another model (`gptq pack CKPT -o NEW` writes both spellings)"
+            f"its defaults and runs another model (`gptq pack CKPT -o NEW` writes both spellings)"
         )
     return "; ".join(gaps) or None
 
@@ -212,9 +211,8 @@ def _vllm_fused_mismatch(f: Facts) -> str | None:
         missing = [p for p in parts if p not in f.shapes]
         if missing:
             return (
-                f"{missing[0]} is not quantized but {name} is: vLLM builds {_vllm_name(name)} "
-                "as one layer "
-                f"and refuses some but not all parts quantized"
+                f"{missing[0]} is not quantized but {name} is: vLLM builds {_vllm_name(name)} as "
+                f"one layer and refuses some but not all parts quantized"
             )
     wrong = [
         (n, f.setting(n), _vllm_setting(f, n))
@@ -278,8 +276,7 @@ RULES: tuple[Rule, ...] = (
         (TF5,),
         lambda f: (
             f"transformers 5 + gptqmodel 7.7 load no {f.model_type} GPTQ checkpoint (GPTQModel's "
-            "own "
-            f"included); GPTQModel.load does"
+            f"own included); GPTQModel.load does"
             if f.model_type in ("gpt2", "mixtral", "qwen2_moe")
             else None
         ),

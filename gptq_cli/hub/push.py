@@ -72,9 +72,8 @@ class CheckpointRefused(GptqError):
     def __init__(self, checkpoint: Path, problems: list[str]):
         self.problems = problems
         super().__init__(
-            f"{checkpoint} fails the validity check ({len(problems)} problem(s)); "
-            "nothing was sent. "
-            f"Fix it first (see `gptq inspect {checkpoint}`)"
+            f"{checkpoint} fails the validity check ({len(problems)} problem(s)); nothing was "
+            f"sent. Fix it first (see `gptq inspect {checkpoint}`)"
         )
 
 
@@ -243,9 +242,8 @@ def hub_failure(
         if silent is not None:
             return UsageError(
                 f"the Hub at {endpoint} did not answer within {timeout:g} s "
-                f"({type(silent).__name__}); check HF_ENDPOINT and the network, or "
-                "allow longer with "
-                f"--timeout"
+                f"({type(silent).__name__}); check HF_ENDPOINT and the network, or allow longer "
+                f"with --timeout"
             )
         unreachable = next((e for e in chain if isinstance(e, httpx2.NetworkError)), None)
         if unreachable is not None:
@@ -264,15 +262,13 @@ def hub_failure(
     detail = _one_line(http.server_message or http.response.reason_phrase)
     if status == 401:
         return UsageError(
-            f"the Hub at {endpoint} refused the token (401: {detail}); set HF_TOKEN "
-            "to a valid token "
-            f"or run `hf auth login`"
+            f"the Hub at {endpoint} refused the token (401: {detail}); set HF_TOKEN to a valid "
+            f"token or run `hf auth login`"
         )
     if status == 403:
         return UsageError(
-            f"the token may not write to {repo_id} (403: {detail}); use a token with "
-            "write access to "
-            f"that namespace"
+            f"the token may not write to {repo_id} (403: {detail}); use a token with write "
+            f"access to that namespace"
         )
     return GptqError(
         f"push to {repo_id} failed: the Hub answered {status} to {http.response.request.method} "

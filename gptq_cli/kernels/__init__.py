@@ -95,10 +95,9 @@ def gptq_block(
     )
     if not fits or backend_name(W.device) != "cuda-ext":
         raise ValueError(
-            "gptq_block takes contiguous float32 blocks of at most "
-            f"{MAX_BLOCK_COLUMNS} columns on a GPU with the CUDA extension (got {tuple(W.shape)} "
-            f"{W.dtype} on {W.device}); elsewhere "
-            "use solver.quantize_column_block"
+            f"gptq_block takes contiguous float32 blocks of at most {MAX_BLOCK_COLUMNS} columns "
+            f"on a GPU with the CUDA extension (got {tuple(W.shape)} {W.dtype} on {W.device}); "
+            f"elsewhere use solver.quantize_column_block"
         )
     return torch.ops.gptq_cli.gptq_block(
         W,

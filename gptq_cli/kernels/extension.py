@@ -50,9 +50,8 @@ def _jit_build() -> None:
     sources = sorted(str(p) for p in CSRC.glob("*.cu")) + [str(CSRC / "ext.cpp")]
     if len(sources) < 2 or not (CSRC / "ext.cpp").is_file():
         raise GptqError(
-            f"{JIT_ENV}=1 but the CUDA sources are not in {CSRC} (only a source "
-            "checkout has them); "
-            f"unset {JIT_ENV}"
+            f"{JIT_ENV}=1 but the CUDA sources are not in {CSRC} (only a source checkout has "
+            f"them); unset {JIT_ENV}"
         )
     log.warning(
         "building the CUDA kernels (%s=1); this takes a few minutes the first time", JIT_ENV

@@ -95,8 +95,7 @@ def parse_candidates(text: str | None) -> list[Candidate]:
         except ValueError:
             raise UsageError(
                 f"--candidates: {c.name} is not a GPTQ setting (bits "
-                f"{', '.join(map(str, BITS[:-1]))} or {BITS[-1]}; group size >= 1 or "
-                "-1)"
+                f"{', '.join(map(str, BITS[:-1]))} or {BITS[-1]}; group size >= 1 or -1)"
             ) from None
     return sorted(set(found))
 
@@ -119,9 +118,8 @@ def check_target(
         low, high = inward(low, high)
         raise UsageError(
             f"--target-bits {target_bits} is outside what the candidates {_names(candidates)} "
-            f"can reach for this model: {low:.4f} to {high:.4f} bits per weight (scales, "
-            "zeros and g_idx "
-            f"counted); choose a target in that range or other --candidates"
+            f"can reach for this model: {low:.4f} to {high:.4f} bits per weight (scales, zeros "
+            f"and g_idx counted); choose a target in that range or other --candidates"
         )
 
 

@@ -239,8 +239,7 @@ def replay_block(
     if set(stored) != set(linears):
         raise GptqError(
             f"the stored results of block {index} do not match the model's linears "
-            f"({sorted(set(stored) ^ set(linears))[:3]}); remove the work dir and "
-            "quantize again"
+            f"({sorted(set(stored) ^ set(linears))[:3]}); remove the work dir and quantize again"
         )
     with phase("load"):
         sm.materialize(prefix, device, dtype)

@@ -35,8 +35,7 @@ def accumulate_cross(C: Tensor | None, n: int, X_fp: Tensor, X: Tensor) -> Tenso
     if X_fp.shape != X.shape:
         raise ValueError(
             f"GPTAQ needs the full-precision and the quantized inputs token for token; got "
-            f"{tuple(X_fp.shape)} and {tuple(X.shape)} (e.g. experts routed "
-            "differently)"
+            f"{tuple(X_fp.shape)} and {tuple(X.shape)} (e.g. experts routed differently)"
         )
     K = X.shape[-1]
     X, X_fp = X.reshape(-1, K), X_fp.reshape(-1, K)

@@ -194,8 +194,7 @@ def read_measurements(path: str | Path, ident: dict | None, candidates: list[Can
     if missing:
         raise UsageError(
             f"--measurements {path} has no losses for {', '.join(missing)} (it measured "
-            f"{','.join(doc['candidates'])}); narrow --candidates to those or measure "
-            "again"
+            f"{','.join(doc['candidates'])}); narrow --candidates to those or measure again"
         )
     return doc
 
