@@ -318,6 +318,22 @@ def solve_weight(
         ) from e
 
 
+def solve_stacked(
+    weights: list[torch.Tensor],
+    H: torch.Tensor,
+    quant: QuantConfig,
+    bits: int,
+    group_size: int,
+    dXXT: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """solve_weight for weights [N_i, K] that share the Hessian H, stacked into one [ΣN_i, K]
+    matrix: rows are independent given H⁻¹, so this is exactly each weight's own result, with one
+    column loop instead of several (QuantizedWeight.split_rows parts it again)."""
+    # stacked in the model's dtype: quantize_weight makes the one float32 copy it works on
+    stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+    return solve_weight(stacked, H, quant, bits, group_size, dXXT)
+
+
 def _solve(
     names: list[str],
     modules: list[nn.Module],
@@ -330,20 +346,16 @@ def _solve(
     owner: int = 0,
     dXXT: torch.Tensor | None = None,
 ) -> list[ModuleResult]:
-    """GPTQ for linears that share one Hessian and one setting, stacked into one matrix (rows are
-    independent given H⁻¹, so this is exactly the per-module result, with one column loop instead
-    of several). With several ranks, rank `owner` solves and the others receive its result."""
+    """GPTQ for linears that share one Hessian and one setting (solve_stacked), put in place and
+    packed. With several ranks, rank `owner` solves and the others receive its result."""
     t0 = time.perf_counter()
     weights = [linear_weight(m) for m in modules]
     rows = [w.shape[0] for w in weights]
     bits, group_size = quant.module_setting(prefix + names[0])
     qw = None
     if ranks.rank == owner:
-        # Stacked in the model's dtype: quantize_weight makes the one float32 copy it works on.
-        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
         with phase("solve"):
-            qw = solve_weight(stacked, H, quant, bits, group_size, dXXT)
-        del stacked
+            qw = solve_stacked(weights, H, quant, bits, group_size, dXXT)
     qw, seconds = distributed.broadcast_result(
         ranks,
         qw,

@@ -51,7 +51,7 @@ from gptq_cli.quantization.allocate import (
     parse_candidates,
     stored_bits,
 )
-from gptq_cli.quantization.calibration import Calibration, advance, collect_hessians
+from gptq_cli.quantization.calibration import BlockPasses, Calibration
 from gptq_cli.quantization.checksums import (
     CHECKSUM_KEY,
     Damaged,
@@ -60,7 +60,7 @@ from gptq_cli.quantization.checksums import (
     verified_json,
     write_atomic,
 )
-from gptq_cli.quantization.engine import capture_inputs, solve_weight
+from gptq_cli.quantization.engine import capture_inputs, solve_stacked
 from gptq_cli.quantization.sensitivity import fisher_batches, output_fisher
 from gptq_cli.quantization.workdir import MEASUREMENTS_FILE, WorkDir
 
@@ -94,14 +94,11 @@ def measure(
         prefix = f"{layers_path}.{i}."
         kept.append(calib.hidden[:n_kept])
         sm.materialize(prefix, device, dtype)
-        with torch.no_grad():
-            linears = block_linears(block)
-            hessians, _ = collect_hessians(
-                linears,
-                [lambda x=x, kw=kw: block(x, **kw) for x, kw in zip(calib.hidden, calib.kwargs)],
-            )
-            for names, H, _tokens in hessians:
-                weights = [linear_weight(linears[n]).float() for n in names]
+        linears = block_linears(block)
+        # the engine's passes, with every linear in one group: nothing is quantized in between
+        with torch.no_grad(), BlockPasses(block, linears, [list(linears)], calib, device) as passes:
+            for names, H, _tokens in passes.hessians(0):
+                weights = [linear_weight(linears[n]) for n in names]
                 for name, w, rows in zip(
                     names, weights, _row_losses(weights, H, quant, candidates)
                 ):
@@ -109,8 +106,7 @@ def measure(
                         rows,
                         (w.shape[1], w.shape[0]),
                     )
-            del hessians
-            advance(calib, block)
+            passes.advance()
         sm.release(block)
         if on_block:
             on_block(i + 1, len(layers))
@@ -133,11 +129,10 @@ def _row_losses(
 ) -> list[list[torch.Tensor]]:
     """Per linear sharing Hessian H (solved stacked: rows are independent given H⁻¹): the GPTQ
     loss of each output row [out] for every candidate, on the CPU."""
-    W = torch.cat(weights)
     sizes = [w.shape[0] for w in weights]
     per_linear: list[list[torch.Tensor]] = [[] for _ in weights]
     for c in candidates:
-        qw = solve_weight(W, H, quant, c.bits, c.group_size)
+        qw = solve_stacked(weights, H, quant, c.bits, c.group_size)
         for m, part in enumerate(qw.split_rows(sizes)):
             per_linear[m].append(part.row_loss.cpu())
     return per_linear
