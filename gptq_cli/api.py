@@ -37,7 +37,6 @@ from gptq_cli.model.modelio import (
 from gptq_cli.preflight import (
     act_order_notes,
     calibration_notes,
-    calibration_seqlen,
     group_size_notes,
 )
 from gptq_cli.quantization import distributed, mixed, phases
@@ -69,8 +68,8 @@ from gptq_cli.settings import (  # noqa: F401  (re-exported: api.MIXED_ALPHA and
     MIXED_ALPHA,
     NSAMPLES,
     SEED,
-    check_at_least_one,
-    resolve_method,
+    RunSettings,
+    run_settings,
 )
 
 # Progress events: ("resume", finished blocks, total, work dir), ("block", done, total), ("module",
@@ -158,10 +157,18 @@ def quantize(
     quantization_config's meta (GPTAQ's; plain GPTQ adds nothing)."""
     from gptq_cli.data.textdata import calibration_samples
 
-    check_at_least_one(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
-    quant = quant or QuantConfig()
-    method, gptaq_alpha = resolve_method(method, gptaq_alpha, target_bits)
-    out = Path(output) if output else default_output(model, quant, target_bits)
+    run = run_settings(
+        quant,
+        dataset=dataset,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        batch_size=batch_size,
+        seed=seed,
+        method=method,
+        gptaq_alpha=gptaq_alpha,
+        target_bits=target_bits,
+    )
+    out = Path(output) if output else default_output(model, run.quant, target_bits)
     check_new_directory(out, "--output")
     wd = WorkDir(work_dir if work_dir else default_work_dir(out))
     if not wd.path.exists():
@@ -177,7 +184,7 @@ def quantize(
     bound_allocator()
     ranks = distributed.init(dev)  # under torchrun: this process's share of the batches and solves
     progress = progress if ranks.writer else None
-    torch.manual_seed(seed)
+    torch.manual_seed(run.seed)
     t_start = time.perf_counter()
     phases.restart()
     # the output is held from now on: a second run writing it is refused at once, not after all its
@@ -188,51 +195,44 @@ def quantize(
             cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
             tokenizer = load_tokenizer(ref)
             sm = load_streaming(ref, cdtype)
-            seqlen = calibration_seqlen(sm.model.config, seqlen)
+            run = run.for_model(sm.model.config)
             samples = calibration_samples(
                 tokenizer,
-                dataset,
-                nsamples=nsamples,
-                seqlen=seqlen,
-                seed=seed,
+                run.dataset,
+                nsamples=run.nsamples,
+                seqlen=run.seqlen,
+                seed=run.seed,
                 dataset_path=dataset_path,
             )
         layers_path, arch = resolve_arch(sm.model)
         n_blocks = len(sm.model.get_submodule(layers_path))
         shapes = quantized_shapes(sm.model, layers_path)
         notes = (
-            calibration_notes(samples, nsamples, seqlen)
-            + group_size_notes(shapes, quant.group_size)
-            + act_order_notes(quant)
+            calibration_notes(samples, run.nsamples, run.seqlen)
+            + group_size_notes(shapes, run.quant.group_size)
+            + act_order_notes(run.quant)
         )
         say = (lambda text: progress("note", text)) if progress else (lambda text: None)
         for note in notes:
             say(note)
         # recorded in quantization_config's meta; a copy: the caller's config stays as it was given
         meta = {
-            **quant.meta,
+            **run.quant.meta,
             "damp_auto_increment": DAMP_STEP,
-            "static_groups": quant.static_groups,
+            "static_groups": run.quant.static_groups,
+            **run.quantization_meta(),
         }
-        if method != "gptq":
-            meta.update(method=method, gptaq_alpha=gptaq_alpha)
         if target_bits is not None:
             candidates = candidates or parse_candidates(None)
             check_target(target_bits, list(shapes.values()), candidates)
-            meta.update(target_bits=target_bits, candidates=[c.name for c in candidates])
-        quant = replace(quant, meta=meta)
-        # what was used, not what was asked: the longest sample (a short corpus gives one shorter
-        # sample)
-        used_seqlen = max(s.shape[-1] for s in samples)
+            meta.update(candidates=[c.name for c in candidates])
+        run = replace(run, quant=replace(run.quant, meta=meta))
+        quant = run.quant
         plan = _work_plan(
             model,
             ref,
-            quant,
+            run,
             samples,
-            dataset=dataset,
-            seqlen=used_seqlen,
-            seed=seed,
-            batch_size=batch_size,
             device=dev,
             dtype=cdtype,
             blocks=n_blocks,
@@ -250,7 +250,7 @@ def quantize(
                         plan,
                         sm,
                         layers_path,
-                        batch_samples(samples, batch_size),
+                        batch_samples(samples, run.batch_size),
                         quant,
                         dev,
                         cdtype,
@@ -280,7 +280,7 @@ def quantize(
                         layers_path,
                         arch,
                         samples,
-                        batch_size,
+                        run.batch_size,
                         quant,
                         dev,
                         cdtype,
@@ -317,20 +317,18 @@ def quantize(
 def _work_plan(
     model: str,
     ref: ModelRef,
-    quant: QuantConfig,
+    run: RunSettings,
     samples: list[torch.Tensor],
     *,
-    dataset: str,
-    seqlen: int,
-    seed: int,
-    batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
     blocks: int,
     command: str | None,
     notes: list[str],
 ) -> dict:
-    """plan.json: what decides the result (workdir.IDENTITY_FIELDS) and what describes the run."""
+    """plan.json: what decides the result (workdir.IDENTITY_FIELDS) and what describes the run.
+    nsamples and seqlen are what was used, not what was asked: a short corpus gives fewer or
+    shorter samples (the notes say so)."""
     import transformers
 
     return {
@@ -339,13 +337,13 @@ def _work_plan(
         "gguf_file": ref.gguf_file,
         "model_fingerprint": model_fingerprint(ref),
         "blocks": blocks,
-        "config": quant.to_hf_dict(),
-        "dataset": dataset,
+        "config": run.quant.to_hf_dict(),
+        "dataset": run.dataset,
         "calibration_fingerprint": calibration_fingerprint(samples),
         "nsamples": len(samples),
-        "seqlen": seqlen,
-        "seed": seed,
-        "batch_size": batch_size,
+        "seqlen": max(s.shape[-1] for s in samples),
+        "seed": run.seed,
+        "batch_size": run.batch_size,
         "tokens": int(sum(s.numel() for s in samples)),
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),

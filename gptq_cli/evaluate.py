@@ -29,7 +29,14 @@ from gptq_cli import __version__, kernels
 from gptq_cli.data.documents import BUILTIN_TEXT
 from gptq_cli.data.textdata import eval_windows, tokenize
 from gptq_cli.errors import UsageError
-from gptq_cli.settings import EVAL_BATCH_SIZE, EVAL_DATASET, EVAL_SEQLEN, check_at_least_one
+from gptq_cli.settings import (
+    EVAL_BATCH_SIZE,
+    EVAL_DATASET,
+    EVAL_SEQLEN,
+    check_at_least_one,
+    check_context,
+    context_length,
+)
 
 # progress(label, windows_done, windows_total): label names the model being evaluated.
 ProgressFn = Callable[[str, int, int], None]
@@ -174,29 +181,6 @@ def speed(
         "prefill_seconds": run.prefill_seconds,
         "decode_seconds": run.decode_seconds,
     }
-
-
-def context_length(config) -> int | None:
-    """How many positions the model's position embeddings cover (None when the config does not
-    say)."""
-    return next(
-        (
-            getattr(config, k)
-            for k in ("max_position_embeddings", "n_positions", "n_ctx")
-            if isinstance(getattr(config, k, None), int)
-        ),
-        None,
-    )
-
-
-def check_context(config, seqlen: int, *, what: str = "--seqlen") -> None:
-    """UsageError when `seqlen` tokens exceed what the model's position embeddings cover."""
-    limit = context_length(config)
-    if limit is not None and seqlen > limit:
-        raise UsageError(
-            f"{what} {seqlen} exceeds the model's context of {limit} tokens "
-            f"(max_position_embeddings); use {limit} or less"
-        )
 
 
 def open_model(model_path: str, trust_remote_code: bool = False) -> ModelSource:

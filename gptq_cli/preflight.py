@@ -1,7 +1,7 @@
-"""What a quantize run checks and tells before any work: settings that cannot be applied as asked
-are refused (a --seqlen beyond the model's context) or become a note saying what is done instead
-(a short calibration corpus, a group size that does not divide a layer's width). The notes go to
-the user and into quant_log.json."""
+"""What a quantize run tells before any work: settings that cannot be applied as asked become a
+note saying what is done instead (a short calibration corpus, a group size that does not divide a
+layer's width; settings.py refuses those that cannot be run at all). The notes go to the user and
+into quant_log.json."""
 
 from __future__ import annotations
 
@@ -9,18 +9,7 @@ from math import gcd
 
 import torch
 
-from gptq_cli.evaluate import check_context, context_length
 from gptq_cli.format.config import QuantConfig
-from gptq_cli.settings import SEQLEN
-
-
-def calibration_seqlen(config, seqlen: int | None) -> int:
-    """The asked seqlen, refused beyond the model's context (as eval refuses it); None: SEQLEN or
-    the context."""
-    if seqlen is None:
-        return min(SEQLEN, context_length(config) or SEQLEN)
-    check_context(config, seqlen)
-    return seqlen
 
 
 def calibration_notes(samples: list[torch.Tensor], nsamples: int, seqlen: int) -> list[str]:

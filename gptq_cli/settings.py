@@ -1,7 +1,8 @@
 """The settings of quantize and eval runs, decided here once: their defaults and allowed values,
-the --config presets, and resolve_run, which merges a preset and the flags given over the defaults
-into one RunSettings. The CLI's options, help and dry run and the Python API's signatures read
-these names. No torch here: the CLI's --help imports this module.
+the rules between them (a method's alpha, a seqlen within the model's context), the --config
+presets, and RunSettings, one quantize run's settings resolved and checked. The CLI's options, help
+and dry run, the Python API, the work dir's plan.json and the checkpoint's quantization_config all
+read them. No torch here: the CLI's --help imports this module.
 
 May import: format, errors.
 """
@@ -9,7 +10,7 @@ May import: format, errors.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gptq_cli.errors import UsageError
@@ -29,13 +30,18 @@ __all__ = [
     "NSAMPLES",
     "SEED",
     "SEQLEN",
+    "METHOD_KEYS",
     "QUANT_KEYS",
     "RUN_KEYS",
     "RunSettings",
+    "calibration_seqlen",
     "check_at_least_one",
+    "check_context",
+    "context_length",
     "load_preset",
     "resolve_method",
     "resolve_run",
+    "run_settings",
 ]
 
 # Calibration: the built-in offline text, 128 windows of 2048 tokens (the paper's; SEQLEN shrinks
@@ -102,6 +108,38 @@ def resolve_method(
     return method, gptaq_alpha
 
 
+def context_length(config) -> int | None:
+    """How many positions a model's position embeddings cover, from its transformers config (None
+    when the config does not say)."""
+    return next(
+        (
+            getattr(config, k)
+            for k in ("max_position_embeddings", "n_positions", "n_ctx")
+            if isinstance(getattr(config, k, None), int)
+        ),
+        None,
+    )
+
+
+def check_context(config, seqlen: int, *, what: str = "--seqlen") -> None:
+    """UsageError when `seqlen` tokens exceed what the model's position embeddings cover."""
+    limit = context_length(config)
+    if limit is not None and seqlen > limit:
+        raise UsageError(
+            f"{what} {seqlen} exceeds the model's context of {limit} tokens "
+            f"(max_position_embeddings); use {limit} or less"
+        )
+
+
+def calibration_seqlen(config, seqlen: int | None) -> int:
+    """The calibration seqlen for a model: the asked one, refused beyond the model's context (as
+    eval refuses it); None: SEQLEN or the context when that is shorter."""
+    if seqlen is None:
+        return min(SEQLEN, context_length(config) or SEQLEN)
+    check_context(config, seqlen)
+    return seqlen
+
+
 _PACKAGE = Path(__file__).resolve().parent
 # The --config presets: shipped inside the package by setup.py's build_py (a wheel install), else
 # the source tree's configs/ (a checkout or an editable install).
@@ -122,6 +160,7 @@ QUANT_KEYS = (
     "mse",
 )
 RUN_KEYS = ("dataset", "nsamples", "seqlen", "batch_size", "seed")
+METHOD_KEYS = ("method", "gptaq_alpha")
 
 
 def load_preset(config: str) -> dict:
@@ -136,7 +175,7 @@ def load_preset(config: str) -> dict:
         preset = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UsageError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    unknown = set(preset) - set(QUANT_KEYS) - set(RUN_KEYS) - {"format"}
+    unknown = set(preset) - set(QUANT_KEYS) - set(RUN_KEYS) - set(METHOD_KEYS) - {"format"}
     if unknown:
         raise UsageError(f"--config {path}: unknown keys {sorted(unknown)}")
     return preset
@@ -144,26 +183,83 @@ def load_preset(config: str) -> dict:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """A quantize run's settings once a preset and the flags given are merged over the defaults:
-    the quantization itself and the calibration (seqlen None: SEQLEN, or the model's context when
-    that is shorter; an explicit one beyond the context is refused later, with the model known)."""
+    """One quantize run's settings, resolved and checked (run_settings, resolve_run): the
+    quantization itself, the calibration, the method with its alpha, and --target-bits.
+    seqlen None: SEQLEN, or the model's context when that is shorter (for_model; an explicit one
+    beyond the context is refused there, with the model known)."""
 
     quant: QuantConfig
-    dataset: str
-    nsamples: int
-    seqlen: int | None
-    batch_size: int
-    seed: int
+    dataset: str = DATASET
+    nsamples: int = NSAMPLES
+    seqlen: int | None = None
+    batch_size: int = BATCH_SIZE
+    seed: int = SEED
+    method: str = DEFAULT_METHOD
+    gptaq_alpha: float | None = DEFAULT_ALPHA[DEFAULT_METHOD]
+    target_bits: float | None = None
 
     def calibration(self) -> dict:
-        """The calibration settings by name (RUN_KEYS), as api.quantize takes them."""
+        """The calibration settings by name (RUN_KEYS)."""
         return {k: getattr(self, k) for k in RUN_KEYS}
+
+    def api_arguments(self) -> dict:
+        """The keyword arguments of api.quantize that carry these settings (all but quant)."""
+        return {
+            **self.calibration(),
+            "method": self.method,
+            "gptaq_alpha": self.gptaq_alpha,
+            "target_bits": self.target_bits,
+        }
+
+    def for_model(self, config) -> RunSettings:
+        """These settings with the seqlen the model's transformers config allows
+        (calibration_seqlen): UsageError for one beyond its context."""
+        return replace(self, seqlen=calibration_seqlen(config, self.seqlen))
+
+    def quantization_meta(self) -> dict:
+        """What quantization_config's meta records of the method and the target (plain GPTQ and
+        uniform settings add nothing)."""
+        meta = {}
+        if self.method != "gptq":
+            meta.update(method=self.method, gptaq_alpha=self.gptaq_alpha)
+        if self.target_bits is not None:
+            meta.update(target_bits=self.target_bits)
+        return meta
+
+
+def run_settings(
+    quant: QuantConfig | None = None,
+    *,
+    dataset: str = DATASET,
+    nsamples: int = NSAMPLES,
+    seqlen: int | None = None,
+    batch_size: int = BATCH_SIZE,
+    seed: int = SEED,
+    method: str | None = None,
+    gptaq_alpha: float | None = None,
+    target_bits: float | None = None,
+) -> RunSettings:
+    """RunSettings from values given one by one (api.quantize's arguments), checked: counts at
+    least 1, the method and its alpha (resolve_method). quant None: QuantConfig's defaults."""
+    check_at_least_one(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
+    method, gptaq_alpha = resolve_method(method, gptaq_alpha, target_bits)
+    return RunSettings(
+        quant or QuantConfig(),
+        dataset,
+        nsamples,
+        seqlen,
+        batch_size,
+        seed,
+        method,
+        gptaq_alpha,
+        target_bits,
+    )
 
 
 def resolve_run(preset: str | None, flags: dict) -> RunSettings:
     """The preset (name or path, load_preset) overlaid with the flags that were given (None: not
-    given; keys QUANT_KEYS, RUN_KEYS and "format"), over the defaults above and QuantConfig's.
-    UsageError for a value or combination the run cannot take."""
+    given; keys QUANT_KEYS, RUN_KEYS, METHOD_KEYS, "format" and "target_bits"), over the defaults
+    above and QuantConfig's. UsageError for a value or combination the run cannot take."""
     merged = load_preset(preset) if preset else {}
     merged.update({k: v for k, v in flags.items() if v is not None})
     try:
@@ -173,13 +269,7 @@ def resolve_run(preset: str | None, flags: dict) -> RunSettings:
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
-    run = RunSettings(
-        quant=quant,
-        dataset=merged.get("dataset", DATASET),
-        nsamples=merged.get("nsamples", NSAMPLES),
-        seqlen=merged.get("seqlen"),
-        batch_size=merged.get("batch_size", BATCH_SIZE),
-        seed=merged.get("seed", SEED),
+    return run_settings(
+        quant,
+        **{k: merged[k] for k in (*RUN_KEYS, *METHOD_KEYS, "target_bits") if k in merged},
     )
-    check_at_least_one(nsamples=run.nsamples, seqlen=run.seqlen, batch_size=run.batch_size)
-    return run

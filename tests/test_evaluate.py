@@ -20,7 +20,6 @@ from gptq_cli.cli import app
 from gptq_cli.data.textdata import eval_windows
 from gptq_cli.errors import UsageError
 from gptq_cli.evaluate import (
-    check_context,
     compare,
     evaluate,
     greedy_decode,
@@ -28,6 +27,7 @@ from gptq_cli.evaluate import (
     save_eval_results,
     speed,
 )
+from gptq_cli.settings import check_context
 from tests.tiny_models import (
     make_tiny_model,
     make_tiny_tokenizer,

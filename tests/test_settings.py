@@ -1,8 +1,11 @@
-"""The run's defaults live in gptq_cli/settings.py alone: the Python API's signatures, the CLI's
-option defaults and the help text all state the same values."""
+"""The run's settings are decided in gptq_cli/settings.py alone: the Python API's signatures, the
+CLI's option defaults and the help text state the same defaults, and the CLI, the API and the dry
+run read one resolved RunSettings."""
 
 import inspect
+import json
 import re
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +14,7 @@ from gptq_cli import settings
 from gptq_cli.cli import app
 from gptq_cli.errors import UsageError
 from gptq_cli.format.config import QuantConfig
+from tests.tiny_models import save_tiny_model
 
 
 def signature_default(fn, name):
@@ -121,3 +125,62 @@ def test_resolve_run_lays_the_flags_over_a_preset_over_the_defaults(tmp_path):
         settings.resolve_run(str(preset), {"nsamples": 0})
     with pytest.raises(UsageError, match="bits must be one of"):
         settings.resolve_run(None, {"bits": 5})
+
+
+def test_run_settings_resolve_the_method_and_survive_a_trip_through_the_api_arguments():
+    run = settings.run_settings()
+    default = settings.DEFAULT_METHOD
+    assert (run.method, run.gptaq_alpha) == (default, settings.DEFAULT_ALPHA[default])
+    mixed = settings.run_settings(method="gptaq-ls", target_bits=3.5)
+    assert (
+        mixed.gptaq_alpha == settings.MIXED_ALPHA["gptaq-ls"] != settings.DEFAULT_ALPHA["gptaq-ls"]
+    )
+    assert mixed.quantization_meta() == {
+        "method": "gptaq-ls",
+        "gptaq_alpha": settings.MIXED_ALPHA["gptaq-ls"],
+        "target_bits": 3.5,
+    }
+    plain = settings.run_settings(QuantConfig(bits=3), seed=4, method="gptq")
+    assert plain.quantization_meta() == {} and plain.gptaq_alpha is None
+    # the CLI resolves once and hands api.quantize the result, which resolves it to itself again
+    for r in (run, mixed, plain):
+        assert settings.run_settings(r.quant, **r.api_arguments()) == r
+
+
+def test_a_preset_may_choose_the_method_and_a_flag_overrides_it(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text('{"method": "gptaq", "gptaq_alpha": 0.5}')
+    run = settings.resolve_run(str(preset), {})
+    assert (run.method, run.gptaq_alpha) == ("gptaq", 0.5)
+    with pytest.raises(UsageError, match="--gptaq-alpha goes with --method gptaq or gptaq-ls"):
+        settings.resolve_run(str(preset), {"method": "gptq"})
+    run = settings.resolve_run(None, {"method": "gptq", "target_bits": 3.5})
+    assert (run.method, run.gptaq_alpha, run.target_bits) == ("gptq", None, 3.5)
+
+
+def test_the_calibration_seqlen_is_decided_against_the_models_context():
+    short = SimpleNamespace(max_position_embeddings=256)
+    assert settings.run_settings().for_model(short).seqlen == 256
+    assert settings.run_settings(seqlen=128).for_model(short).seqlen == 128
+    assert settings.run_settings().for_model(SimpleNamespace()).seqlen == settings.SEQLEN
+    with pytest.raises(UsageError, match="--seqlen 512 exceeds the model's context of 256"):
+        settings.run_settings(seqlen=512).for_model(short)
+
+
+def test_the_dry_run_plans_the_settings_the_run_would_use(tmp_path):
+    # A tiny llama's context is 256 tokens: the real run calibrates on 256-token samples and
+    # refuses --seqlen 512, and the dry run says the same (it planned 2048 and passed 512).
+    model = str(save_tiny_model(tmp_path / "m", "llama"))
+    result = CliRunner().invoke(app, ["quantize", model, "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["calibration"] == {
+        "dataset": settings.DATASET,
+        "nsamples": settings.NSAMPLES,
+        "seqlen": 256,
+        "batch_size": settings.BATCH_SIZE,
+        "seed": settings.SEED,
+    }
+    assert plan["method"] == settings.DEFAULT_METHOD
+    result = CliRunner().invoke(app, ["quantize", model, "--dry-run", "--seqlen", "512"])
+    assert result.exit_code == 2 and "exceeds the model's context of 256" in result.output

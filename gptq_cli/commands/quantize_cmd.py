@@ -39,7 +39,6 @@ from gptq_cli.settings import (
     NSAMPLES,
     SEED,
     SEQLEN,
-    resolve_method,
     resolve_run,
 )
 
@@ -223,29 +222,27 @@ def quantize(
         batch_size=batch_size,
         seed=seed,
         format=fmt,
+        method=method,
+        gptaq_alpha=gptaq_alpha,
+        target_bits=target_bits,
     )
 
     def work():
         run = resolve_run(config, flags)
-        quant, run_args = run.quant, run.calibration()
         cands = _mixed_options(
             target_bits, candidates, measurements, {k: v for k, v in flags.items() if v is not None}
         )
         if dry_run:
-            plan_method = resolve_method(method, gptaq_alpha, target_bits)[0]
             from gptq_cli.quantization.dry_run import make_plan
 
             plan = make_plan(
                 model,
-                quant,
+                run,
                 device=device,
                 dtype=dtype,
-                **{**run_args, "seqlen": run_args["seqlen"] or SEQLEN},
-                target_bits=target_bits,
                 candidates=cands,
                 measurements=measurements,
                 trust_remote_code=trust_remote_code,
-                method=plan_method,
             )
             print_plan(plan, json_out, quiet)
             return
@@ -292,7 +289,7 @@ def quantize(
             command = shlex.join(["gptq", *sys.argv[1:]]) if "quantize" in sys.argv[1:] else None
             result = api_quantize(
                 model,
-                quant,
+                run.quant,
                 dataset_path=dataset_path,
                 device=device,
                 dtype=dtype,
@@ -301,17 +298,14 @@ def quantize(
                 resume=resume,
                 command=command,
                 progress=on_progress,
-                target_bits=target_bits,
                 candidates=cands,
                 measurements=measurements,
                 trust_remote_code=trust_remote_code,
-                method=method,
-                gptaq_alpha=gptaq_alpha,
-                **run_args,
+                **run.api_arguments(),
             )
         if not result.writer:  # another torchrun rank: rank 0 reports the checkpoint it wrote
             return
-        summary = run_summary(model, result, quant)
+        summary = run_summary(model, result, run.quant)
         if json_out:
             emit_json(summary)
         elif not quiet:

@@ -37,6 +37,7 @@ from gptq_cli.model.modelio import (
     storage_dtype,
 )
 from gptq_cli.quantization.allocate import Candidate, stored_bits
+from gptq_cli.settings import RunSettings
 
 # calibration passes through a block's weights per block (early stops and shortcuts)
 FORWARD_PASSES = 2.5
@@ -52,30 +53,26 @@ PROBE_FACTOR = 2048
 
 def make_plan(
     model: str,
-    quant: QuantConfig,
+    run: RunSettings,
     *,
     device: str | None,
     dtype: str,
-    dataset: str,
-    nsamples: int,
-    seqlen: int,
-    batch_size: int,
-    seed: int,
-    target_bits: float | None = None,
     candidates: list[Candidate] | None = None,
     measurements: str | Path | None = None,
     trust_remote_code: bool = False,
-    method: str = "gptq",
 ) -> dict:
-    """The plan of a quantize run; with target_bits, also what mixed.dry_run says of its
-    allocation. method: api.METHODS; GPTAQ's add a second stream of activations, its passes and
-    each solve's ΔX X̃ᵀ."""
+    """The plan of a quantize run with these settings, as api.quantize would run them (the seqlen
+    the model allows: RunSettings.for_model); with run.target_bits, also what mixed.dry_run says
+    of its allocation. GPTAQ's methods add a second stream of activations, its passes and each
+    solve's ΔX X̃ᵀ."""
     from transformers import AutoConfig
 
     ref = resolve_model(model, trust_remote_code)
     dev = resolve_device(device)
     cdtype = resolve_dtype(dtype, dev, storage_dtype(ref))
     config = AutoConfig.from_pretrained(ref.path, **ref.load_kwargs)
+    run = run.for_model(config)
+    quant, nsamples, seqlen, batch_size = run.quant, run.nsamples, run.seqlen, run.batch_size
     skeleton = empty_model(config, trust_remote_code=trust_remote_code)
     layers_path, arch = resolve_arch(skeleton)
     layers = skeleton.get_submodule(layers_path)
@@ -101,7 +98,7 @@ def make_plan(
     # the tail shortcuts' inputs (attention out, MLP down)
     recorded = tokens * (hidden + widest) * elt
     block = block_params * elt + activations + recorded + batch_size * seqlen * widest * elt * 4
-    gptaq = method != "gptq"
+    gptaq = run.method != "gptq"
     # the full-precision model's block inputs, one group's linear inputs, its attention's outputs
     if gptaq:
         block += tokens * (2 * hidden + widest) * elt
@@ -138,15 +135,9 @@ def make_plan(
         "linear_shapes": {n: f"{s[0]}x{s[1]}" for n, s in shapes.items()},
         "quantized_parameters": sum(n * k for n, k in shapes.values()) * n_blocks,
         "config": quant.to_hf_dict(),
-        "method": method,
+        "method": run.method,
         "forward_passes_per_block": passes,
-        "calibration": {
-            "dataset": dataset,
-            "nsamples": nsamples,
-            "seqlen": seqlen,
-            "batch_size": batch_size,
-            "seed": seed,
-        },
+        "calibration": run.calibration(),
         "device": str(dev),
         "activation_dtype": str(cdtype).removeprefix("torch."),
         "peak_host_memory_gb": round(host / 1e9, 2),
@@ -163,11 +154,11 @@ def make_plan(
             for k, v in rates.items()
         },
     }
-    if target_bits is not None:
+    if run.target_bits is not None:
         from gptq_cli.quantization.mixed import dry_run as mixed_dry_run
 
         plan["target_bits"] = mixed_dry_run(
-            quantized_shapes(skeleton, layers_path), candidates, target_bits, measurements
+            quantized_shapes(skeleton, layers_path), candidates, run.target_bits, measurements
         )
     return plan
 
