@@ -1,9 +1,10 @@
 """Builds the optional compiled parts from csrc/; the package itself is declared in pyproject.toml.
 
 `gptq_cli._cpu_columns`: GPTQ's column loop in plain C for CPUs (csrc/cpu_columns.c, loaded by
-ctypes from gptq_cli/kernels/cpu_columns.py). It needs only a C compiler, no torch, so it builds in
-an isolated build environment too; where it fails to build, the install goes on and the solver runs
-its torch loop.
+ctypes from gptq_cli/kernels/cpu_columns.py), and `gptq_cli._cpu_xtx`: the Hessian's XᵀX of bf16
+activations by AVX512-BF16 (csrc/cpu_xtx.c, gptq_cli/kernels/cpu_xtx.py). They need only a C
+compiler, no torch, so they build in an isolated build environment too; where one fails to build,
+the install goes on and the torch (or MKL) route runs instead.
 
 `gptq_cli._C`: the CUDA extension.
 
@@ -76,6 +77,13 @@ CPU_COLUMNS = Extension(
 )
 
 
+# XᵀY of bf16 activations by AVX512-BF16 (the functions carry their own target attributes and run
+# only where the CPU reports it): the Hessian on CPUs whose MKL has no fast bf16 GEMM.
+CPU_XTX = Extension(
+    "gptq_cli._cpu_xtx", ["csrc/cpu_xtx.c"], optional=True, extra_compile_args=["-O3"]
+)
+
+
 def extension_args() -> dict:
     mode = os.environ.get("GPTQ_BUILD_EXT", "")
     if mode == "0":
@@ -92,7 +100,7 @@ args = extension_args()
 setup(
     **{
         **args,
-        "ext_modules": [CPU_COLUMNS] + args.get("ext_modules", []),
+        "ext_modules": [CPU_COLUMNS, CPU_XTX] + args.get("ext_modules", []),
         "cmdclass": {**args.get("cmdclass", {}), "build_py": BuildPyWithPresets},
     }
 )

@@ -8,7 +8,9 @@ For 4096 tokens of random bf16 activations of width K (SmolLM2's 576 and 1536, L
   now take;
 - 16-bit full: MKL's bf16-input, fp32-output GEMM of the whole XᵀX (kernels/cpu_gemm.py);
 - 16-bit panels: the same on the lower panels: what accumulate_hessian does for bf16/fp16
-  activations.
+  activations where MKL's GEMM is the faster route (AMX);
+- kernel lower: csrc/cpu_xtx.c's AVX512-BF16 kernel on the lower triangle by 64-column tiles: what
+  accumulate_hessian does for bf16 activations on CPUs without AMX ("bf16_route" says which).
 Milliseconds per call (best of 5) and each route's largest error against the float64 product,
 relative to the largest entry. Writes bench/hessian_<cpu>.json. Quiet machine only.
 
@@ -29,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gptq_cli.kernels import cpu_gemm  # noqa: E402
+from gptq_cli.kernels import cpu_gemm, cpu_xtx  # noqa: E402
 from gptq_cli.quantization.solver import accumulate_hessian, complete_hessian, hessian_panels  # noqa: E402
 from scripts.bench_quality import cpu_info, cpu_slug  # noqa: E402
 
@@ -86,9 +88,23 @@ def main() -> None:
             "error_fp32_full": error(wide),
             "error_16bit_panels": error(fast),
         }
-        if cpu_gemm.available(torch.bfloat16):
+        if torch.bfloat16 in cpu_gemm._GEMM:
             row.update({"bf16_full_ms": best_ms(bf16_full), "bf16_panels_ms": best_ms(bf16_panels)})
             row["speedup_over_before"] = round(row["fp32_full_ms"] / row["bf16_panels_ms"], 2)
+        if cpu_xtx.available():
+
+            def kernel_lower():
+                cpu_xtx.xty(X, X, H, 0.5, 0.5, lower=True)
+
+            lower = torch.zeros(K, K)
+            cpu_xtx.xty(X, X, lower, 2 / TOKENS, 0.0, lower=True)
+            row.update(
+                kernel_lower_ms=best_ms(kernel_lower), error_kernel=error(complete_hessian(lower))
+            )
+            if "bf16_panels_ms" in row:
+                row["kernel_over_mkl_panels"] = round(
+                    row["bf16_panels_ms"] / row["kernel_lower_ms"], 2
+                )
         rows[str(K)] = row
         print(K, row, file=sys.stderr, flush=True)
     report = {
@@ -100,7 +116,12 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
-        "mkl_16bit_gemm": cpu_gemm.available(torch.bfloat16),
+        "mkl_16bit_gemm": torch.bfloat16 in cpu_gemm._GEMM,
+        "bf16_kernel": cpu_xtx.available(),
+        # what accumulate_hessian uses for bf16 activations here ("error_16bit_panels" is its error)
+        "bf16_route": "cpu_xtx kernel (lower triangle by 64-column tiles)"
+        if cpu_gemm.lower_triangle(torch.bfloat16)
+        else "MKL bf16 GEMM panels",
         "loadavg": os.getloadavg(),
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": rows,

@@ -9,7 +9,7 @@ import platform
 import pytest
 import torch
 
-from gptq_cli.kernels import cpu_gemm
+from gptq_cli.kernels import cpu_gemm, cpu_xtx
 from gptq_cli.quantization import solver
 from gptq_cli.quantization.solver import accumulate_hessian, complete_hessian, hessian_panels
 
@@ -54,8 +54,10 @@ def test_panels_then_mirror_give_the_exact_symmetric_hessian(
     for part in X.split(40):
         H, n = accumulate_hessian(H, n, part)
     assert n == 120
-    # above the first panel: not computed (half the work)
-    assert torch.equal(H[:6, 6:], torch.zeros(6, 24))
+    # above the first panel: not computed (half the work); the bf16 kernel's tiles are 64 wide, so
+    # this matrix is one tile there (test_bf16_kernel_computes_the_lower_triangle_only)
+    if not cpu_gemm.lower_triangle(dtype) or dtype == torch.float32:
+        assert torch.equal(H[:6, 6:], torch.zeros(6, 24))
     H = complete_hessian(H)
     assert torch.equal(H, H.t())
     within_summation_rounding(H, X)
@@ -109,3 +111,52 @@ def test_float32_syrk_route_writes_the_lower_triangle_within_summation_rounding(
     torch.testing.assert_close(H, 2 / n * X.t() @ X, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         cpu_gemm.xtx_lower(X.t(), torch.zeros(2100, 2100), 1.0, 0.0)  # not contiguous
+
+
+needs_bf16_kernel = pytest.mark.skipif(
+    not cpu_xtx.available(), reason="no AVX512-BF16 here, or gptq_cli._cpu_xtx not built"
+)
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("m,K", [(4096, 600), (77, 70), (1, 130)])
+def test_bf16_kernel_is_within_float32_summation_rounding(m: int, K: int) -> None:
+    """csrc/cpu_xtx.c against the exact product: odd token counts (the last paired with zero),
+    widths that are not whole tiles in either direction, alpha and beta applied once."""
+    X = activations(m, K, torch.bfloat16, seed=3)
+    Y = activations(m, K, torch.bfloat16, seed=4)
+    C = torch.full((K, K), 3.0)
+    cpu_xtx.xty(X, Y, C, 2 / m, 0.5)
+    Xd, Yd = X.double(), Y.double()
+    exact = 1.5 + 2 / m * Xd.t() @ Yd
+    bound = m * FP32_EPS * (2 / m * Xd.abs().t() @ Yd.abs()) + 4 * FP32_EPS
+    assert ((C.double() - exact).abs() - bound).max().item() <= 0
+    H = torch.zeros(K, K)
+    cpu_xtx.xty(X, X, H, 2 / m, 0.0, lower=True)
+    within_summation_rounding(complete_hessian(H), X)
+
+
+@needs_bf16_kernel
+def test_bf16_kernel_computes_the_lower_triangle_only() -> None:
+    X = activations(64, 200, torch.bfloat16, seed=5)
+    H = torch.zeros(200, 200)
+    cpu_xtx.xty(X, X, H, 2 / 64, 0.0, lower=True)
+    # tiles are 64 columns wide: the ones right of a row's own tile are not computed
+    assert torch.equal(H[:64, 128:], torch.zeros(64, 72))
+    within_summation_rounding(complete_hessian(H), X)
+
+
+@needs_bf16_kernel
+def test_bf16_kernel_bytes_do_not_depend_on_the_thread_count() -> None:
+    X = activations(1000, 700, torch.bfloat16, seed=6)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            H = torch.zeros(700, 700)
+            cpu_xtx.xty(X, X, H, 1.0, 0.0, lower=True)
+            results.append(H.tril())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])

@@ -1,5 +1,6 @@
 """XᵀX on a CPU through the MKL inside torch: 16-bit activations by its mixed-precision GEMM,
-float32 ones by SYRK.
+float32 ones by SYRK; bf16 ones by cpu_xtx.py's AVX512-BF16 kernel instead where MKL's GEMM is the
+slower (CPUs without AMX: MKL does not use AVX512-BF16 on AMD's).
 
 A product of two bf16 (or two fp16) numbers is exact in float32, so a GEMM that reads 16-bit inputs
 and accumulates and returns float32 computes the Hessian's panels with only float32 summation
@@ -25,7 +26,9 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["available", "xtx_lower", "xtx_panel", "xty"]
+from gptq_cli.kernels import cpu_xtx
+
+__all__ = ["available", "lower_triangle", "xtx_lower", "xtx_panel", "xty"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 _SYMBOLS = {torch.bfloat16: "cblas_gemm_bf16bf16f32", torch.float16: "cblas_gemm_f16f16f32"}
@@ -125,16 +128,36 @@ _GEMM = _checked(_load()) if os.name == "posix" else {}
 _SSYRK = _load_syrk() if os.name == "posix" else None
 
 
+def _bf16_kernel(dtype: torch.dtype) -> bool:
+    """Whether bf16 products go to cpu_xtx's AVX512-BF16 kernel rather than MKL's GEMM: where it
+    is the faster (no AMX), or MKL's is missing."""
+    return (
+        dtype == torch.bfloat16
+        and cpu_xtx.available()
+        and (cpu_xtx.preferred() or dtype not in _GEMM)
+    )
+
+
 def available(dtype: torch.dtype) -> bool:
-    """Whether this module takes activations of this dtype here: xtx_panel for bf16/fp16,
-    xtx_lower for float32."""
-    return dtype in _GEMM or (dtype == torch.float32 and _SSYRK is not None)
+    """Whether this module takes activations of this dtype here: xtx_panel (or xtx_lower, where
+    lower_triangle says so) for bf16/fp16, xtx_lower for float32."""
+    return dtype in _GEMM or _bf16_kernel(dtype) or (dtype == torch.float32 and _SSYRK is not None)
+
+
+def lower_triangle(dtype: torch.dtype) -> bool:
+    """Whether xtx_lower takes activations of this dtype: float32 by MKL's SSYRK, bf16 by
+    cpu_xtx's kernel; others go by xtx_panel."""
+    return (dtype == torch.float32 and _SSYRK is not None) or _bf16_kernel(dtype)
 
 
 def xtx_lower(X: Tensor, H: Tensor, alpha: float, beta: float) -> None:
     """H's lower triangle (diagonal included) = beta · H + alpha · XᵀX, in place; the upper
-    triangle is not touched. X [m, K] contiguous float32 on the CPU (available(torch.float32)); H
-    [K, K] likewise."""
+    triangle is left to complete_hessian (SSYRK does not touch it; the bf16 kernel writes its
+    entries near the diagonal). X [m, K] contiguous on the CPU, float32 or bf16
+    (lower_triangle(X.dtype)); H [K, K] contiguous float32 on the CPU."""
+    if _bf16_kernel(X.dtype):
+        cpu_xtx.xty(X, X, H, alpha, beta, lower=True)
+        return
     m, K = X.shape
     if not (
         X.is_contiguous()
@@ -198,6 +221,9 @@ def xty(X: Tensor, Y: Tensor, C: Tensor, alpha: float, beta: float) -> None:
     """C = beta · C + alpha · XᵀY, in place: X, Y [m, K] contiguous, both bf16 or both fp16, on
     the CPU (available(X.dtype)); C [K, K] contiguous float32 on the CPU. Products exact, sums
     float32."""
+    if _bf16_kernel(X.dtype):
+        cpu_xtx.xty(X, Y, C, alpha, beta)
+        return
     m, K = X.shape
     if not (
         X.is_contiguous()

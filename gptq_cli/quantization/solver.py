@@ -111,7 +111,7 @@ def accumulate_hessian(
     alpha, beta = 2 / (n + m), n / (n + m)
     if X.device.type == H.device.type == "cpu" and cpu_gemm.available(X.dtype):
         X = X.contiguous()
-        if X.dtype == torch.float32:
+        if cpu_gemm.lower_triangle(X.dtype):
             cpu_gemm.xtx_lower(X, H, alpha, beta)
         else:
             for start, end in hessian_panels(K):

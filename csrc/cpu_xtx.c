@@ -1,0 +1,195 @@
+/* XᵀY of bf16 activations on CPUs with AVX512-BF16, float32 products and sums: the Hessian's panels
+ * (solver.accumulate_hessian) and GPTAQ's ΔX X̃ᵀ (gptaq.accumulate_cross) where MKL has no fast bf16 GEMM.
+ *
+ * A product of two bf16 numbers is exact in float32 (8-bit significands), so VDPBF16PS, which adds two such
+ * products to a float32 lane (round to nearest even; inputs and results below float32's normal range flushed
+ * to zero, far below any activation's square), gives XᵀY with float32 summation as the float32 route does,
+ * only in another order, at twice the float32 rate. MKL's cblas_gemm_bf16bf16f32 uses that instruction on
+ * Intel CPUs but not on AMD ones, where it runs no faster than float32 (bench/hessian_amd-epyc-*.json).
+ *
+ * Layout: VDPBF16PS pairs neighbouring elements along the sum, so both operands come packed by token pairs:
+ * P[p][k] = (X[2p][k], X[2p+1][k]) as one 32-bit word (gptq_pack_pairs; an odd last token is paired with
+ * zero). C[i][j] = beta * C[i][j] + alpha * sum_p A[p][i] . B[p][j] for i in [i0, i1), j in [j0, j1): each
+ * tile keeps 6 rows by 64 columns of C in registers over all pairs (a B word per column of a vector, an A word
+ * broadcast per row), then writes it once. beta 0 ignores C's old values (as BLAS does).
+ *
+ * Plain C, no Python or torch headers: gptq_cli/kernels/cpu_gemm.py calls it through ctypes, which releases
+ * the GIL, and splits the rows of C across threads (each element is computed by one thread in one order, so
+ * the result does not depend on their number).
+ */
+#include <stdint.h>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bf16")))
+#define TILE_ROWS 6
+#define TILE_VECTORS 4
+
+int gptq_xty_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+}
+
+/* P [ceil(m / 2), K] 32-bit words from X [m, K] bf16 (row stride K), rows [p0, p1) of P. */
+void gptq_pack_pairs(const uint16_t *X, uint32_t *P, int64_t m, int64_t K, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+        const uint16_t *even = X + 2 * p * K;
+        const uint16_t *odd = 2 * p + 1 < m ? even + K : 0;
+        uint32_t *out = P + p * K;
+        for (int64_t k = 0; k < K; ++k)
+            out[k] = (uint32_t)even[k] | ((uint32_t)(odd ? odd[k] : 0) << 16);
+    }
+}
+
+static inline __attribute__((always_inline)) BF16_TARGET void tile(const uint32_t *A, const uint32_t *B,
+                                                                   int64_t ld, int64_t pairs, int64_t i,
+                                                                   int64_t j, const int rows, const int vectors,
+                                                                   const __mmask16 *mask, float *C, int64_t ldc,
+                                                                   float alpha, float beta) {
+    __m512 acc[TILE_ROWS][TILE_VECTORS];
+    for (int r = 0; r < rows; ++r)
+        for (int v = 0; v < vectors; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+        const uint32_t *a = A + p * ld + i;
+        const uint32_t *b = B + p * ld + j;
+        __m512bh bv[TILE_VECTORS];
+        for (int v = 0; v < vectors; ++v) bv[v] = (__m512bh)_mm512_maskz_loadu_epi32(mask[v], b + 16 * v);
+        for (int r = 0; r < rows; ++r) {
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[r]);
+            for (int v = 0; v < vectors; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+        }
+    }
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    for (int r = 0; r < rows; ++r)
+        for (int v = 0; v < vectors; ++v) {
+            float *c = C + (i + r) * ldc + j + 16 * v;
+            __m512 out = _mm512_mul_ps(acc[r][v], va);
+            if (beta != 0.0f) out = _mm512_add_ps(out, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask[v], c), vb));
+            _mm512_mask_storeu_ps(c, mask[v], out);
+        }
+}
+
+/* The full tile, 6 rows by 4 vectors, with its 24 accumulators named: GCC keeps the array version's in
+ * registers too but also stores them to the stack on every pair, which halves the rate. */
+#define DP_ROW(r)                                                                                             \
+    av = (__m512bh)_mm512_set1_epi32((int)a[r]);                                                              \
+    c##r##0 = _mm512_dpbf16_ps(c##r##0, av, b0);                                                              \
+    c##r##1 = _mm512_dpbf16_ps(c##r##1, av, b1);                                                              \
+    c##r##2 = _mm512_dpbf16_ps(c##r##2, av, b2);                                                              \
+    c##r##3 = _mm512_dpbf16_ps(c##r##3, av, b3);
+#define STORE_ROW(r)                                                                                          \
+    store(C + (i + r) * ldc + j, c##r##0, c##r##1, c##r##2, c##r##3, mask, alpha, beta);
+
+static inline __attribute__((always_inline)) BF16_TARGET void store_vector(float *c, __m512 acc, __mmask16 mask,
+                                                                           float alpha, float beta) {
+    __m512 out = _mm512_mul_ps(acc, _mm512_set1_ps(alpha));
+    if (beta != 0.0f)
+        out = _mm512_add_ps(out, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, c), _mm512_set1_ps(beta)));
+    _mm512_mask_storeu_ps(c, mask, out);
+}
+
+static inline __attribute__((always_inline)) BF16_TARGET void store(float *c, __m512 v0, __m512 v1, __m512 v2,
+                                                                    __m512 v3, const __mmask16 *mask,
+                                                                    float alpha, float beta) {
+    store_vector(c, v0, mask[0], alpha, beta);
+    store_vector(c + 16, v1, mask[1], alpha, beta);
+    store_vector(c + 32, v2, mask[2], alpha, beta);
+    store_vector(c + 48, v3, mask[3], alpha, beta);
+}
+
+static BF16_TARGET void full_tile(const uint32_t *A, const uint32_t *B, int64_t ld, int64_t pairs, int64_t i,
+                                  int64_t j, const __mmask16 *mask, float *C, int64_t ldc, float alpha,
+                                  float beta) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
+           c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00,
+           c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00, c52 = c00, c53 = c00;
+    for (int64_t p = 0; p < pairs; ++p) {
+        const uint32_t *a = A + p * ld + i;
+        const uint32_t *b = B + p * ld + j;
+        const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi32(mask[0], b);
+        const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi32(mask[1], b + 16);
+        const __m512bh b2 = (__m512bh)_mm512_maskz_loadu_epi32(mask[2], b + 32);
+        const __m512bh b3 = (__m512bh)_mm512_maskz_loadu_epi32(mask[3], b + 48);
+        __m512bh av;
+        DP_ROW(0) DP_ROW(1) DP_ROW(2) DP_ROW(3) DP_ROW(4) DP_ROW(5)
+    }
+    STORE_ROW(0) STORE_ROW(1) STORE_ROW(2) STORE_ROW(3) STORE_ROW(4) STORE_ROW(5)
+}
+
+/* The rows [i0, i1) of a tile column: full tiles of TILE_ROWS rows, then the rest one tile of fewer. */
+#define ROWS_CASE(R)                                                                                          \
+    case R:                                                                                                   \
+        tile(A, B, ld, pairs, i, j, R, vectors, mask, C, ldc, alpha, beta);                                  \
+        break;
+
+static inline __attribute__((always_inline)) BF16_TARGET void tile_column(
+    const uint32_t *A, const uint32_t *B, int64_t ld, int64_t pairs, int64_t i0, int64_t i1, int64_t j,
+    const int vectors, const __mmask16 *mask, float *C, int64_t ldc, float alpha, float beta) {
+    int64_t i = i0;
+    if (vectors == TILE_VECTORS)
+        for (; i + TILE_ROWS <= i1; i += TILE_ROWS) full_tile(A, B, ld, pairs, i, j, mask, C, ldc, alpha, beta);
+    for (; i < i1; i += TILE_ROWS) {
+        switch (i1 - i < TILE_ROWS ? (int)(i1 - i) : TILE_ROWS) {
+            ROWS_CASE(1)
+            ROWS_CASE(2)
+            ROWS_CASE(3)
+            ROWS_CASE(4)
+            ROWS_CASE(5)
+            ROWS_CASE(6)
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) BF16_TARGET void chunk(const uint32_t *A, const uint32_t *B,
+                                                                    int64_t ld, int64_t pairs, float *C,
+                                                                    int64_t ldc, int64_t i0, int64_t i1,
+                                                                    int64_t j0, int64_t j1, float alpha,
+                                                                    float beta, int lower) {
+    const int64_t width = 16 * TILE_VECTORS;
+    for (int64_t j = j0; j < j1; j += width) {
+        const int64_t first = lower && j > i0 ? j : i0;
+        if (first >= i1) break;
+        __mmask16 mask[TILE_VECTORS];
+        int vectors = 0;
+        for (int v = 0; v < TILE_VECTORS; ++v) {
+            int64_t left = j1 - (j + 16 * v);
+            if (left <= 0) break;
+            mask[v] = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            ++vectors;
+        }
+        switch (vectors) {
+            case 1:
+                tile_column(A, B, ld, pairs, first, i1, j, 1, mask, C, ldc, alpha, beta);
+                break;
+            case 2:
+                tile_column(A, B, ld, pairs, first, i1, j, 2, mask, C, ldc, alpha, beta);
+                break;
+            case 3:
+                tile_column(A, B, ld, pairs, first, i1, j, 3, mask, C, ldc, alpha, beta);
+                break;
+            default:
+                tile_column(A, B, ld, pairs, first, i1, j, TILE_VECTORS, mask, C, ldc, alpha, beta);
+        }
+    }
+}
+
+/* C[i][j] (row stride ldc) for i in [i0, i1), j in [j0, j1) from packed A, B [pairs, ld] (see above); lower:
+ * only the tile columns' rows from their first column down (all of the lower triangle i >= j, and the upper
+ * one's entries within the diagonal's tiles). In chunks of kc pairs: a chunk's rows of B for one tile column
+ * stay in the L1/L2 cache while every tile reads them, and each chunk's sums are added to C on their own (sums
+ * of kc products, then of chunks: a shorter chain of float32 roundings than one running sum). */
+BF16_TARGET void gptq_xty_bf16(const uint32_t *A, const uint32_t *B, int64_t ld, int64_t pairs, float *C,
+                               int64_t ldc, int64_t i0, int64_t i1, int64_t j0, int64_t j1, float alpha,
+                               float beta, int64_t kc, int lower) {
+    for (int64_t p0 = 0; p0 < pairs; p0 += kc) {
+        const int64_t n = pairs - p0 < kc ? pairs - p0 : kc;
+        chunk(A + p0 * ld, B + p0 * ld, ld, n, C, ldc, i0, i1, j0, j1, alpha, p0 == 0 ? beta : 1.0f, lower);
+    }
+}
+
+#else
+
+int gptq_xty_supported(void) { return 0; }
+
+#endif
