@@ -30,7 +30,7 @@ from gptq_cli.commands.common import (
 from gptq_cli.hub.push import HUB_TIMEOUT
 
 if TYPE_CHECKING:
-    from gptq_cli.hub.push import PushPlan
+    from gptq_cli.hub.push import Upload
 
 EXAMPLES = """
 Examples:
@@ -89,23 +89,23 @@ def push(
             CheckpointRefused,
             check_repo_id,
             hub_token,
-            plan_push,
+            prepare_upload,
             push_checkpoint,
         )
 
         check_repo_id(repo_id)
         token = None if dry_run else hub_token()
         try:
-            plan = plan_push(checkpoint, repo_id)
+            upload = prepare_upload(checkpoint, repo_id)
         except CheckpointRefused as e:
             for problem in e.problems:
                 say("problem", problem)
             raise
         if dry_run:
             if json_out:
-                emit_json({"dry_run": True, **plan.to_dict()})
+                emit_json({"dry_run": True, **upload.to_dict()})
             elif not quiet:
-                _print_plan(plan)
+                _print_upload(upload)
             return
         with Progress(
             TextColumn("{task.description}", markup=False),
@@ -116,9 +116,9 @@ def push(
             console=console,
             disable=not show_progress(quiet or json_out),
         ) as bar:
-            task = bar.add_task(f"pushing to {repo_id}", total=plan.total_bytes)
+            task = bar.add_task(f"pushing to {repo_id}", total=upload.total_bytes)
             result = push_checkpoint(
-                plan,
+                upload,
                 token=token,
                 private=private,
                 revision=revision,
@@ -139,17 +139,16 @@ def push(
     run(work, debug=debug)
 
 
-def _print_plan(plan: PushPlan) -> None:
-    table = Table(title=f"dry run: would push {plan.checkpoint} to {plan.repo_id}")
+def _print_upload(upload: Upload) -> None:
+    table = Table(title=f"dry run: would push {upload.checkpoint} to {upload.repo_id}")
     table.add_column("file", overflow="fold")
     table.add_column("bytes", justify="right")
-    for f in plan.files:
+    for f in upload.files:
         table.add_row(
             f.path_in_repo + ("  (generated card)" if f.content is not None else ""), f"{f.size:,}"
         )
-    table.add_row("total", f"{plan.total_bytes:,}")
+    table.add_row("total", f"{upload.total_bytes:,}")
     console.print(table)
-    console.rule(
-        "README.md (generated)" if plan.card_generated else "README.md (the checkpoint's own, kept)"
-    )
-    console.print(plan.card, markup=False, highlight=False, soft_wrap=True)
+    kept = "README.md (the checkpoint's own, kept)"
+    console.rule("README.md (generated)" if upload.card_generated else kept)
+    console.print(upload.card, markup=False, highlight=False, soft_wrap=True)

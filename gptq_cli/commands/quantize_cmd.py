@@ -23,8 +23,8 @@ from gptq_cli.commands.common import (
     show_progress,
 )
 from gptq_cli.commands.quantize_report import (
+    print_dry_run,
     print_module_table,
-    print_plan,
     print_summary,
     run_summary,
 )
@@ -153,7 +153,9 @@ def quantize(
         None, "--config", help="A preset from configs/ (name or path); flags override it."
     ),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the plan (layers, memory, time) and exit."
+        False,
+        "--dry-run",
+        help="Print what would be quantized, with memory and time estimates, and exit.",
     ),
     table: bool = typer.Option(
         False,
@@ -233,9 +235,9 @@ def quantize(
             target_bits, candidates, measurements, {k: v for k, v in flags.items() if v is not None}
         )
         if dry_run:
-            from gptq_cli.quantization.dry_run import make_plan
+            from gptq_cli.quantization.dry_run import estimate
 
-            plan = make_plan(
+            report = estimate(
                 model,
                 run,
                 device=device,
@@ -244,7 +246,7 @@ def quantize(
                 measurements=measurements,
                 trust_remote_code=trust_remote_code,
             )
-            print_plan(plan, json_out, quiet)
+            print_dry_run(report, json_out, quiet)
             return
         from gptq_cli.api import quantize as api_quantize
 

@@ -1,5 +1,5 @@
-"""What `gptq quantize` prints when it is done: the dry run's plan, the end-of-run summary (it runs
-the checkpoint's validity check) and the per-module table, or the same as --json."""
+"""What `gptq quantize` prints when it is done: the dry run's estimate, the end-of-run summary (it
+runs the checkpoint's validity check) and the per-module table, or the same as --json."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ from gptq_cli.format.config import QuantConfig
 if TYPE_CHECKING:
     from gptq_cli.api import QuantizeResult
 
-__all__ = ["print_module_table", "print_plan", "print_summary", "run_summary"]
+__all__ = ["print_module_table", "print_dry_run", "print_summary", "run_summary"]
 
 WORST_SHOWN = 3  # modules with the largest loss named in the summary
 
 
-def print_plan(plan: dict, json_out: bool, quiet: bool) -> None:
+def print_dry_run(report: dict, json_out: bool, quiet: bool) -> None:
     if json_out:
-        emit_json(plan)
+        emit_json(report)
         return
     table = Table(title="gptq quantize --dry-run", show_header=False)
-    mixed = plan.get("target_bits", {})
-    for k, v in plan.items():
+    mixed = report.get("target_bits", {})
+    for k, v in report.items():
         if k != "target_bits":
             table.add_row(k, str(v))
     for k, v in mixed.items():  # the per-module choice is in --json; the table gives its totals

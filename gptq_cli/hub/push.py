@@ -41,7 +41,7 @@ class PushFile:
 
 
 @dataclass
-class PushPlan:
+class Upload:
     """What a push sends: the files (sorted by path, README.md among them) and the card's text."""
 
     checkpoint: Path
@@ -111,7 +111,7 @@ def hub_token() -> str:
     return token
 
 
-def plan_push(checkpoint: str | Path, repo_id: str) -> PushPlan:
+def prepare_upload(checkpoint: str | Path, repo_id: str) -> Upload:
     """Check the repo id and the checkpoint (CheckpointRefused when inspect finds problems) and
     list what a push would send: every non-hidden file under the checkpoint, plus the generated
     card when it has none."""
@@ -130,7 +130,7 @@ def plan_push(checkpoint: str | Path, repo_id: str) -> PushPlan:
     ]
     user_card = checkpoint / CARD_FILE
     if user_card.is_file():
-        return PushPlan(
+        return Upload(
             checkpoint,
             repo_id,
             files,
@@ -141,7 +141,7 @@ def plan_push(checkpoint: str | Path, repo_id: str) -> PushPlan:
     card = build_model_card(report, repo_id)
     files.append(PushFile(CARD_FILE, len(card.encode()), content=card.encode()))
     files.sort(key=lambda f: f.path_in_repo)
-    return PushPlan(checkpoint, repo_id, files, card, card_generated=True, bits=report.quant.bits)
+    return Upload(checkpoint, repo_id, files, card, card_generated=True, bits=report.quant.bits)
 
 
 @contextmanager
@@ -164,7 +164,7 @@ def hub_timeouts(seconds: float) -> Iterator[None]:
 
 
 def push_checkpoint(
-    plan: PushPlan,
+    upload: Upload,
     *,
     token: str,
     private: bool = False,
@@ -173,7 +173,7 @@ def push_checkpoint(
     timeout: float = HUB_TIMEOUT,
     on_file: Callable[[PushFile], None] | None = None,
 ) -> dict[str, Any]:
-    """Send `plan` to the Hub in one commit; return where it went. `on_file` is called as each
+    """Send `upload` to the Hub in one commit; return where it went. `on_file` is called as each
     file has been uploaded (LFS/Xet) or checked (small files travel inside the commit). GptqError
     (UsageError for a refused token, an unreachable endpoint or one silent for `timeout` seconds)
     with one line when the Hub or the connection fails."""
@@ -182,43 +182,43 @@ def push_checkpoint(
 
     api = HfApi(endpoint=hub_endpoint(), token=token)
     message = (
-        commit_message or f"Upload {plan.bits}-bit GPTQ checkpoint with gptq_cli {__version__}"
+        commit_message or f"Upload {upload.bits}-bit GPTQ checkpoint with gptq_cli {__version__}"
     )
     try:
         # the caller shows one bar for the whole push
         with disable_progress_bars(), hub_timeouts(timeout):
             repo_url = api.create_repo(
-                plan.repo_id, private=True if private else None, exist_ok=True
+                upload.repo_id, private=True if private else None, exist_ok=True
             )
             if revision and revision != "main":
-                api.create_branch(plan.repo_id, branch=revision, exist_ok=True)
+                api.create_branch(upload.repo_id, branch=revision, exist_ok=True)
             operations = [
                 CommitOperationAdd(
                     f.path_in_repo, f.content if f.content is not None else str(f.local_path)
                 )
-                for f in plan.files
+                for f in upload.files
             ]
-            for file, operation in zip(plan.files, operations):
+            for file, operation in zip(upload.files, operations):
                 api.preupload_lfs_files(
-                    plan.repo_id, additions=[operation], revision=revision, free_memory=False
+                    upload.repo_id, additions=[operation], revision=revision, free_memory=False
                 )
                 if on_file:
                     on_file(file)
             commit = api.create_commit(
-                plan.repo_id, operations, commit_message=message, revision=revision
+                upload.repo_id, operations, commit_message=message, revision=revision
             )
     except Exception as e:  # the boundary to the network library: every failure becomes one line
-        raise hub_failure(e, plan.repo_id, api.endpoint, timeout) from e
+        raise hub_failure(e, upload.repo_id, api.endpoint, timeout) from e
     return {
-        "repo_id": plan.repo_id,
+        "repo_id": upload.repo_id,
         "url": str(repo_url),
         "revision": revision or "main",
         "commit_url": commit.commit_url,
         "commit_oid": commit.oid,
         "private": private,
-        "files": [{"path": f.path_in_repo, "size": f.size} for f in plan.files],
-        "bytes": plan.total_bytes,
-        "card": "generated" if plan.card_generated else "kept (README.md)",
+        "files": [{"path": f.path_in_repo, "size": f.size} for f in upload.files],
+        "bytes": upload.total_bytes,
+        "card": "generated" if upload.card_generated else "kept (README.md)",
     }
 
 

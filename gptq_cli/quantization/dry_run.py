@@ -51,7 +51,7 @@ PROBE_COLUMNS = 128
 PROBE_FACTOR = 2048
 
 
-def make_plan(
+def estimate(
     model: str,
     run: RunSettings,
     *,
@@ -61,7 +61,7 @@ def make_plan(
     measurements: str | Path | None = None,
     trust_remote_code: bool = False,
 ) -> dict:
-    """The plan of a quantize run with these settings, as api.quantize would run them (the seqlen
+    """What a quantize run with these settings would do, as api.quantize would run them (the seqlen
     the model allows: RunSettings.for_model); with run.target_bits, also what mixed.dry_run says
     of its allocation. GPTAQ's methods add a second stream of activations, its passes and each
     solve's ΔX X̃ᵀ."""
@@ -126,7 +126,7 @@ def make_plan(
         _forward_seconds(block_params, tokens, rates, passes)
         + sum(_solve_seconds(n, k, tokens, quant, rates, gptaq) for n, k in solves)
     )
-    plan = {
+    report = {
         "model": model,
         "architecture": getattr(config, "model_type", "?"),
         "registry": "registered" if arch else "generic fallback",
@@ -157,10 +157,10 @@ def make_plan(
     if run.target_bits is not None:
         from gptq_cli.quantization.mixed import dry_run as mixed_dry_run
 
-        plan["target_bits"] = mixed_dry_run(
+        report["target_bits"] = mixed_dry_run(
             quantized_shapes(skeleton, layers_path), candidates, run.target_bits, measurements
         )
-    return plan
+    return report
 
 
 def _solves(

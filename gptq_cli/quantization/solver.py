@@ -37,7 +37,7 @@ __all__ = [
     "DAMP_STEP",
     "ColumnBlock",
     "ColumnBlockFn",
-    "GroupPlan",
+    "GroupLayout",
     "HESSIAN_PANEL",
     "IndefiniteHessian",
     "NonFiniteHessian",
@@ -47,7 +47,7 @@ __all__ = [
     "group_aware_order",
     "hessian_panels",
     "matmul_tf32",
-    "plan_groups",
+    "group_layout",
     "quantize_column_block",
     "quantize_weight",
     "single_thread_on_cpu",
@@ -301,7 +301,7 @@ class ColumnBlock:
 
 
 @dataclass(frozen=True)
-class GroupPlan:
+class GroupLayout:
     """Groups, worked out once: the group of each position (column in solving order: act-order
     makes groups of consecutive positions; static groups and group-aware order keep each column
     in its original group) and of each original column (g_idx), and where each group's parameters
@@ -316,7 +316,7 @@ class GroupPlan:
     blocks: list[ColumnBlock]
 
 
-def plan_groups(
+def group_layout(
     K: int,
     g: int,
     perm: Tensor | None,
@@ -324,8 +324,9 @@ def plan_groups(
     static: bool,
     block_size: int,
     device: torch.device,
-) -> GroupPlan:
-    """The GroupPlan of K columns in groups of g, solved in the order `perm` (None: as they are)."""
+) -> GroupLayout:
+    """The GroupLayout of K columns in groups of g, solved in the order `perm` (None: as they
+    are)."""
     position = torch.arange(K, device=device)
     invperm = None if perm is None else torch.argsort(perm)
     of_position = (
@@ -357,7 +358,7 @@ def plan_groups(
             first = [(int(of_position[start]), slice(start, start + g))] if wide else []
         blocks.append(ColumnBlock(start, end, new_group, first))
     g_idx = of_position if invperm is None else of_position[invperm]
-    return GroupPlan(g, count, of_position, g_idx, blocks)
+    return GroupLayout(g, count, of_position, g_idx, blocks)
 
 
 def quantize_weight(
@@ -415,7 +416,7 @@ def quantize_weight(
         Hinv, damp = inverse_hessian_factor(H, damp_percent, perm, dead_pos)
         P = None if dXXT is None else gptaq_correction(dXXT, Hinv, alpha, perm, dead)
 
-        groups = plan_groups(K, g, perm, desc_act, static_groups, block_size, W.device)
+        groups = group_layout(K, g, perm, desc_act, static_groups, block_size, W.device)
         scales = torch.zeros(N, groups.count, dtype=torch.float32, device=W.device)
         zeros = torch.zeros_like(scales)
         # in solving order (one gather at the end)
