@@ -15,12 +15,13 @@ depend on them.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import torch
 from torch import Tensor
+
+from gptq_cli.kernels.c_library import load_function
 
 __all__ = ["available", "run_columns"]
 
@@ -29,17 +30,13 @@ MIN_ROWS_PER_THREAD = 64  # below this a thread's start costs more than its shar
 
 @cache
 def _function() -> ctypes._CFuncPtr | None:
-    spec = importlib.util.find_spec("gptq_cli._cpu_columns")
-    if spec is None or spec.origin is None:
-        return None
-    try:
-        fn = ctypes.CDLL(spec.origin).gptq_columns_f32
-    except (OSError, AttributeError):
-        return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float]
-    fn.restype = None
-    return fn if _passes_check(fn) else None
+    fn = load_function(
+        "_cpu_columns",
+        "gptq_columns_f32",
+        [p, p, p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float],
+    )
+    return fn if fn is not None and _passes_check(fn) else None
 
 
 def _passes_check(fn: ctypes._CFuncPtr) -> bool:

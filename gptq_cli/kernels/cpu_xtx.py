@@ -14,12 +14,14 @@ AVX512-BF16 only; MKL 3x this on the AMX Xeon).
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 
 import torch
 from torch import Tensor
+
+from gptq_cli.kernels.c_library import load_function
 
 __all__ = ["available", "preferred", "xty"]
 
@@ -28,27 +30,28 @@ CHUNK_PAIRS = 64
 MIN_ROWS_PER_THREAD = 64  # below this a thread's start costs more than its share of the rows
 
 
+@dataclass(frozen=True)
+class _Library:
+    pack_pairs: ctypes._CFuncPtr
+    xty: ctypes._CFuncPtr
+
+
 @cache
-def _library() -> ctypes.CDLL | None:
-    spec = importlib.util.find_spec("gptq_cli._cpu_xtx")
-    if spec is None or spec.origin is None:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-        supported = lib.gptq_xty_supported
-    except (OSError, AttributeError):
-        return None
+def _library() -> _Library | None:
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.gptq_pack_pairs.argtypes = [p, p, i, i, i, i]
-    lib.gptq_pack_pairs.restype = None
-    if not supported():
+    supported = load_function("_cpu_xtx", "gptq_xty_supported", [], ctypes.c_int)
+    if supported is None or not supported():  # the CPU lacks AVX512-BF16
         return None
-    lib.gptq_xty_bf16.argtypes = [p, p, i, i, p, i, i, i, i, i, f, f, i, ctypes.c_int]
-    lib.gptq_xty_bf16.restype = None
-    return lib if _passes_check(lib) else None
+    lib = _Library(
+        load_function("_cpu_xtx", "gptq_pack_pairs", [p, p, i, i, i, i]),
+        load_function(
+            "_cpu_xtx", "gptq_xty_bf16", [p, p, i, i, p, i, i, i, i, i, f, f, i, ctypes.c_int]
+        ),
+    )
+    return lib if None not in (lib.pack_pairs, lib.xty) and _passes_check(lib) else None
 
 
-def _passes_check(lib: ctypes.CDLL) -> bool:
+def _passes_check(lib: _Library) -> bool:
     """A known small product, exact in bf16 and float32: 70 tokens (an odd count, so the last is
     paired with zero) of width 70 (tile edges in both directions), full and lower."""
     X = (torch.arange(70 * 70).reshape(70, 70) % 7 - 3).to(torch.bfloat16)
@@ -92,7 +95,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 _PACKED: list[Tensor] = [torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32)]
 
 
-def _pack(lib: ctypes.CDLL, X: Tensor, slot: int) -> Tensor:
+def _pack(lib: _Library, X: Tensor, slot: int) -> Tensor:
     """X [m, K] bf16 as [ceil(m/2), K] 32-bit words of token pairs (the layout VDPBF16PS reads),
     in slot's kept storage."""
     m, K = X.shape
@@ -100,7 +103,7 @@ def _pack(lib: ctypes.CDLL, X: Tensor, slot: int) -> Tensor:
     if _PACKED[slot].numel() < words:
         _PACKED[slot] = torch.empty(words, dtype=torch.int32)
     P = _PACKED[slot][:words].view((m + 1) // 2, K)
-    lib.gptq_pack_pairs(X.data_ptr(), P.data_ptr(), m, K, 0, P.shape[0])
+    lib.pack_pairs(X.data_ptr(), P.data_ptr(), m, K, 0, P.shape[0])
     return P
 
 
@@ -113,7 +116,7 @@ def _row_cuts(K: int, parts: int, lower: bool) -> list[int]:
 
 
 def _run(
-    lib: ctypes.CDLL,
+    lib: _Library,
     X: Tensor,
     Y: Tensor,
     C: Tensor,
@@ -133,9 +136,9 @@ def _run(
     cuts = _row_cuts(K, parts, lower)
     calls = [(lo, hi, 0, K, alpha, beta, CHUNK_PAIRS, int(lower)) for lo, hi in zip(cuts, cuts[1:])]
     if parts == 1:
-        lib.gptq_xty_bf16(*args, *calls[0])
+        lib.xty(*args, *calls[0])
         return
-    for future in [_pool(parts).submit(lib.gptq_xty_bf16, *args, *call) for call in calls]:
+    for future in [_pool(parts).submit(lib.xty, *args, *call) for call in calls]:
         future.result()
 
 
