@@ -16,14 +16,13 @@ import math
 
 import torch
 
-from gptq_cli.format.config import BITS
+from gptq_cli.format.config import check_bits
 
 
 def _chunk(bits: int) -> tuple[int, int]:
     """(values per chunk, int32 words per chunk): the smallest run of values that fills whole
     words."""
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    check_bits(bits)
     values = 32 // math.gcd(bits, 32)
     return values, values * bits // 32
 

@@ -13,11 +13,16 @@ BITS = (2, 3, 4, 8)  # the widths GPTQ checkpoints pack (format/bitpack.py) and 
 FORMATS = ("gptq", "gptq_v2")
 
 
+def check_bits(bits: int) -> None:
+    """ValueError unless GPTQ checkpoints can hold `bits`-bit codes (BITS)."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+
+
 def check_setting(bits: int, group_size: int, damp_percent: float | None = None) -> None:
     """ValueError unless bits, group size (-1: per channel) and damping fraction (when given) are
     usable: the checks QuantConfig makes, also asked by the solver of its arguments."""
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    check_bits(bits)
     if group_size != -1 and group_size < 1:
         raise ValueError(f"group_size must be a positive integer or -1, got {group_size}")
     if damp_percent is not None and not 0 < damp_percent < 1:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptq_cli.format.bitpack import pack_qweight, packed_len, unpack_qweight
-from gptq_cli.format.config import BITS, FORMATS
+from gptq_cli.format.config import FORMATS, check_bits
 from gptq_cli.format.quantized import QuantizedWeight
 from gptq_cli.kernels import backend_name, gemv_4bit
 from gptq_cli.kernels.gemv_torch import Layout4bit, dequantize_packed, layout_4bit
@@ -42,8 +42,7 @@ class QuantLinear(nn.Module):
         bias_dtype: torch.dtype = torch.float16,
     ) -> None:
         super().__init__()
-        if bits not in BITS:
-            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        check_bits(bits)
         if checkpoint_format not in FORMATS:
             raise ValueError(
                 f"checkpoint_format must be one of {FORMATS}, got {checkpoint_format!r}"
