@@ -139,7 +139,10 @@ def _run(
     if parts == 1:
         lib.xty(*args, *calls[0])
         return
-    for future in [_pool(parts).submit(lib.xty, *args, *call) for call in calls]:
+    # the calling thread takes the first share itself: it would only wait
+    futures = [_pool(parts - 1).submit(lib.xty, *args, *call) for call in calls[1:]]
+    lib.xty(*args, *calls[0])
+    for future in futures:
         future.result()
 
 
