@@ -59,13 +59,9 @@ from gptq_cli.quantization.workdir import (
     plan_identity,
     stored_weights,
 )
-from gptq_cli.settings import (  # noqa: F401  (re-exported: api.MIXED_ALPHA and the rest)
+from gptq_cli.settings import (
     BATCH_SIZE,
     DATASET,
-    DEFAULT_ALPHA,
-    DEFAULT_METHOD,
-    METHODS,
-    MIXED_ALPHA,
     NSAMPLES,
     SEED,
     RunSettings,
@@ -168,7 +164,7 @@ def quantize(
         gptaq_alpha=gptaq_alpha,
         target_bits=target_bits,
     )
-    out = Path(output) if output else default_output(model, run.quant, target_bits)
+    out = Path(output) if output else default_output(model, run.quant, run.target_bits)
     check_new_directory(out, "--output")
     wd = WorkDir(work_dir if work_dir else default_work_dir(out))
     if not wd.path.exists():
@@ -222,9 +218,9 @@ def quantize(
             "static_groups": run.quant.static_groups,
             **run.quantization_meta(),
         }
-        if target_bits is not None:
+        if run.target_bits is not None:
             candidates = candidates or parse_candidates(None)
-            check_target(target_bits, list(shapes.values()), candidates)
+            check_target(run.target_bits, list(shapes.values()), candidates)
             meta.update(candidates=[c.name for c in candidates])
         run = replace(run, quant=replace(run.quant, meta=meta))
         quant = run.quant

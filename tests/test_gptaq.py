@@ -329,6 +329,7 @@ def test_target_bits_with_gptaq_solves_the_same_allocation_with_gptaq(tmp_path):
     from gptq_cli import api
     from gptq_cli.format.config import QuantConfig
     from gptq_cli.inspection import inspect_checkpoint
+    from gptq_cli.settings import MIXED_ALPHA
     from tests.tiny_models import random_input_ids, save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float16)
@@ -359,7 +360,7 @@ def test_target_bits_with_gptaq_solves_the_same_allocation_with_gptaq(tmp_path):
     # the default method with --target-bits: gptaq-ls at MIXED_ALPHA
     ls = run("ls", measurements=measured)
     again = run(
-        "again", method="gptaq-ls", gptaq_alpha=api.MIXED_ALPHA["gptaq-ls"], measurements=measured
+        "again", method="gptaq-ls", gptaq_alpha=MIXED_ALPHA["gptaq-ls"], measurements=measured
     )
     settings = [
         {m.name: (m.bits, m.group_size) for m in inspect_checkpoint(r.output).modules}

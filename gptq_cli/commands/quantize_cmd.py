@@ -6,7 +6,6 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
@@ -41,10 +40,6 @@ from gptq_cli.settings import (
     SEQLEN,
     resolve_run,
 )
-
-if TYPE_CHECKING:
-    pass
-
 
 EXAMPLES = """
 Examples:

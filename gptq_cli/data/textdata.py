@@ -20,7 +20,7 @@ import torch
 
 from gptq_cli.data.documents import json_rows, load_text
 from gptq_cli.errors import UsageError
-from gptq_cli.settings import EVAL_SEQLEN, NSAMPLES, SEQLEN, check_at_least_one
+from gptq_cli.settings import EVAL_SEQLEN, NSAMPLES, SEED, SEQLEN, check_at_least_one
 
 C4_EVAL_WINDOWS = 256
 # Calibration tokenizes at most this many characters (a seeded subset of documents beyond it):
@@ -35,7 +35,7 @@ def calibration_samples(
     *,
     nsamples: int = NSAMPLES,
     seqlen: int = SEQLEN,
-    seed: int = 0,
+    seed: int = SEED,
     dataset_path: str | None = None,
 ) -> list[torch.Tensor]:
     """`nsamples` random windows of `seqlen` tokens, each a LongTensor [1, seqlen], deterministic

@@ -318,20 +318,12 @@ def solve_weight(
         ) from e
 
 
-def solve_stacked(
-    weights: list[torch.Tensor],
-    H: torch.Tensor,
-    quant: QuantConfig,
-    bits: int,
-    group_size: int,
-    dXXT: torch.Tensor | None = None,
-) -> QuantizedWeight:
-    """solve_weight for weights [N_i, K] that share the Hessian H, stacked into one [ΣN_i, K]
-    matrix: rows are independent given H⁻¹, so this is exactly each weight's own result, with one
-    column loop instead of several (QuantizedWeight.split_rows parts it again)."""
-    # stacked in the model's dtype: quantize_weight makes the one float32 copy it works on
-    stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-    return solve_weight(stacked, H, quant, bits, group_size, dXXT)
+def stack_rows(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Weights [N_i, K] that share one Hessian as one [ΣN_i, K] matrix for solve_weight: rows are
+    independent given H⁻¹, so its result is exactly each weight's own, with one column loop instead
+    of several (QuantizedWeight.split_rows parts it again). In the model's dtype: quantize_weight
+    makes the one float32 copy it works on."""
+    return torch.cat(weights) if len(weights) > 1 else weights[0]
 
 
 def _solve(
@@ -346,7 +338,7 @@ def _solve(
     owner: int = 0,
     dXXT: torch.Tensor | None = None,
 ) -> list[ModuleResult]:
-    """GPTQ for linears that share one Hessian and one setting (solve_stacked), put in place and
+    """GPTQ for linears that share one Hessian and one setting (stack_rows), put in place and
     packed. With several ranks, rank `owner` solves and the others receive its result."""
     t0 = time.perf_counter()
     weights = [linear_weight(m) for m in modules]
@@ -355,7 +347,7 @@ def _solve(
     qw = None
     if ranks.rank == owner:
         with phase("solve"):
-            qw = solve_stacked(weights, H, quant, bits, group_size, dXXT)
+            qw = solve_weight(stack_rows(weights), H, quant, bits, group_size, dXXT)
     qw, seconds = distributed.broadcast_result(
         ranks,
         qw,

@@ -30,8 +30,9 @@ def accumulate_cross(C: Tensor | None, n: int, X_fp: Tensor, X: Tensor) -> Tenso
     input channels, columns the quantized model's), n the token count H had before this batch;
     cross_term(C, H) is then ΔX X̃ᵀ. X_fp [..., K]: the full-precision model's inputs to the same
     linear, token for token with X. As for H, 16-bit activations lose nothing (exact products,
-    float32 sums): on a CPU MKL's 16-bit GEMM (kernels/cpu_gemm.py), 5-8x faster here than
-    widening both and multiplying their difference; on CUDA TF32 tensor cores."""
+    float32 sums): on a CPU MKL's 16-bit GEMM or, for bf16 without AMX, cpu_xtx's kernel
+    (kernels/cpu_gemm.py), 5-8x faster on the AMX Xeon than widening both and multiplying their
+    difference; on CUDA TF32 tensor cores."""
     if X_fp.shape != X.shape:
         raise ValueError(
             f"GPTAQ needs the full-precision and the quantized inputs token for token; got "

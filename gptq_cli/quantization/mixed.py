@@ -60,7 +60,7 @@ from gptq_cli.quantization.checksums import (
     verified_json,
     write_atomic,
 )
-from gptq_cli.quantization.engine import capture_inputs, solve_stacked
+from gptq_cli.quantization.engine import capture_inputs, solve_weight, stack_rows
 from gptq_cli.quantization.sensitivity import fisher_batches, output_fisher
 from gptq_cli.quantization.workdir import MEASUREMENTS_FILE, WorkDir
 
@@ -129,10 +129,10 @@ def _row_losses(
 ) -> list[list[torch.Tensor]]:
     """Per linear sharing Hessian H (solved stacked: rows are independent given H⁻¹): the GPTQ
     loss of each output row [out] for every candidate, on the CPU."""
-    sizes = [w.shape[0] for w in weights]
+    W, sizes = stack_rows(weights), [w.shape[0] for w in weights]
     per_linear: list[list[torch.Tensor]] = [[] for _ in weights]
     for c in candidates:
-        qw = solve_stacked(weights, H, quant, c.bits, c.group_size)
+        qw = solve_weight(W, H, quant, c.bits, c.group_size)
         for m, part in enumerate(qw.split_rows(sizes)):
             per_linear[m].append(part.row_loss.cpu())
     return per_linear

@@ -95,10 +95,11 @@ def accumulate_hessian(
     mask [...] (X's leading dims) marks the tokens to keep, e.g. the attention mask, so padding
     is excluded. Returns (H, new token count n). H is None on the first call; it lives on X's
     device then. fp16/bf16 activations lose nothing: their products are exact in float32 and the
-    sums are float32 (SPEC §3), on a CPU through MKL's 16-bit-input, float32-output GEMM
-    (kernels/cpu_gemm.py), on CUDA through TF32 tensor cores (TF32 keeps 11 significant bits, as
-    fp16 does; bf16 has 8). fp32 activations use fp32 (on a CPU MKL's SYRK, which computes the
-    lower triangle itself)."""
+    sums are float32 (SPEC §3), on a CPU through MKL's 16-bit-input, float32-output GEMM, or for
+    bf16 on CPUs without AMX an AVX512-BF16 kernel that computes the lower triangle by 64-column
+    tiles (kernels/cpu_gemm.py, cpu_xtx.py), on CUDA through TF32 tensor cores (TF32 keeps 11
+    significant bits, as fp16 does; bf16 has 8). fp32 activations use fp32 (on a CPU MKL's SYRK,
+    which computes the lower triangle itself)."""
     X = X.reshape(-1, X.shape[-1])
     if mask is not None:
         X = X[mask.reshape(-1).to(device=X.device, dtype=torch.bool)]
