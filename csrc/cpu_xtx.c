@@ -13,9 +13,12 @@
  * tile keeps 6 rows by 64 columns of C in registers over all pairs (a B word per column of a vector, an A word
  * broadcast per row), then writes it once. beta 0 ignores C's old values (as BLAS does).
  *
- * Plain C, no Python or torch headers: gptq_cli/kernels/cpu_gemm.py calls it through ctypes, which releases
- * the GIL, and splits the rows of C across threads (each element is computed by one thread in one order, so
- * the result does not depend on their number).
+ * Plain C, no Python or torch headers: gptq_cli/kernels/cpu_xtx.py calls it through ctypes, which releases
+ * the GIL. gptq_xty_job runs as the body of a parallel region of torch's own OpenMP runtime (GOMP_parallel,
+ * found in the process by cpu_xtx.py, passes the thread functions in the job): its threads are the ones
+ * torch's operators just used, still spinning for work, where a thread pool of our own waited for a core they
+ * held (27% of the Hessian's time in a quantize run). The rows of C are split into parts, each element
+ * computed by one thread in one order, so the result does not depend on the number of threads.
  */
 #include <stdint.h>
 
@@ -186,6 +189,37 @@ BF16_TARGET void gptq_xty_bf16(const uint32_t *A, const uint32_t *B, int64_t ld,
         const int64_t n = pairs - p0 < kc ? pairs - p0 : kc;
         chunk(A + p0 * ld, B + p0 * ld, ld, n, C, ldc, i0, i1, j0, j1, alpha, p0 == 0 ? beta : 1.0f, lower);
     }
+}
+
+/* One call's work for a team of threads: each packs its share of the token pairs, waits for the others, then
+ * computes the parts of C's rows (cuts[part] to cuts[part + 1]) numbered thread, thread + threads, ... The
+ * thread functions are the OpenMP runtime's (omp_get_thread_num, omp_get_num_threads, GOMP_barrier); without
+ * them the calling thread does all of it. */
+typedef struct {
+    const uint16_t *X, *Y; /* [m, K] bf16, row stride K */
+    uint32_t *A, *B;       /* their packed pairs [ceil(m / 2), K]; B == A when Y is X */
+    int64_t m, K;
+    float *C; /* [K, K], row stride K */
+    float alpha, beta;
+    int64_t kc;
+    int64_t lower;
+    int64_t parts;
+    const int64_t *cuts;
+    int (*thread_num)(void);
+    int (*num_threads)(void);
+    void (*barrier)(void);
+} gptq_xty_job_t;
+
+void gptq_xty_job(void *arg) {
+    const gptq_xty_job_t *job = (const gptq_xty_job_t *)arg;
+    const int64_t t = job->thread_num ? job->thread_num() : 0, n = job->num_threads ? job->num_threads() : 1;
+    const int64_t pairs = (job->m + 1) / 2;
+    gptq_pack_pairs(job->X, job->A, job->m, job->K, pairs * t / n, pairs * (t + 1) / n);
+    if (job->B != job->A) gptq_pack_pairs(job->Y, job->B, job->m, job->K, pairs * t / n, pairs * (t + 1) / n);
+    if (n > 1) job->barrier();
+    for (int64_t part = t; part < job->parts; part += n)
+        gptq_xty_bf16(job->A, job->B, job->K, pairs, job->C, job->K, job->cuts[part], job->cuts[part + 1], 0,
+                      job->K, job->alpha, job->beta, job->kc, (int)job->lower);
 }
 
 #else

@@ -3,9 +3,11 @@
 no faster than float32.
 
 setup.py compiles csrc/cpu_xtx.c into gptq_cli/_cpu_xtx (a plain shared library, no Python
-module, called here through ctypes, which releases the GIL: the rows of the result are split
-across threads, each element computed by one thread in one order, so the bytes do not depend on
-the thread count). Where it was not built, the CPU lacks AVX512-BF16, or it fails a check on a
+module, called here through ctypes, which releases the GIL). It runs on torch's OpenMP threads
+(c_library.torch_openmp: a parallel region of the runtime torch's operators use), each packing its
+share of the activations, then computing its share of the result's rows; each element is computed
+by one thread in one order, so the bytes do not depend on the thread count. Without that runtime
+the calling thread does all of it. Where it was not built, the CPU lacks AVX512-BF16, or it fails a check on a
 known product at load, `available()` is False. `preferred()` adds: the CPU has no AMX, on which
 MKL's GEMM is the faster one (bench/hessian_*.json: this kernel 1.8-3.3x MKL's panels at K =
 576-11008 on the AMD EPYC, AVX512-BF16 only; on the AMX Xeon MKL's panels took 1.7 ms at K = 576,
@@ -15,14 +17,13 @@ about a third of this kernel's time on the EPYC; the kernel was not timed on the
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 from torch import Tensor
 
-from gptq_cli.kernels.c_library import load_function
+from gptq_cli.kernels.c_library import load_function, torch_openmp
 
 __all__ = ["available", "preferred", "xty"]
 
@@ -31,25 +32,45 @@ CHUNK_PAIRS = 64
 MIN_ROWS_PER_THREAD = 64  # below this a thread's start costs more than its share of the rows
 
 
+class _Job(ctypes.Structure):
+    """csrc/cpu_xtx.c's gptq_xty_job_t: one call's operands and the team's thread functions."""
+
+    _fields_ = [
+        ("X", ctypes.c_void_p),
+        ("Y", ctypes.c_void_p),
+        ("A", ctypes.c_void_p),
+        ("B", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("C", ctypes.c_void_p),
+        ("alpha", ctypes.c_float),
+        ("beta", ctypes.c_float),
+        ("kc", ctypes.c_int64),
+        ("lower", ctypes.c_int64),
+        ("parts", ctypes.c_int64),
+        ("cuts", ctypes.POINTER(ctypes.c_int64)),
+        ("thread_num", ctypes.c_void_p),
+        ("num_threads", ctypes.c_void_p),
+        ("barrier", ctypes.c_void_p),
+    ]
+
+
 @dataclass(frozen=True)
 class _Library:
-    pack_pairs: ctypes._CFuncPtr
-    xty: ctypes._CFuncPtr
+    job: ctypes._CFuncPtr  # gptq_xty_job(job*): the body of a parallel region
+    job_address: int  # the same function, for GOMP_parallel
 
 
 @cache
 def _library() -> _Library | None:
-    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     supported = load_function("_cpu_xtx", "gptq_xty_supported", [], ctypes.c_int)
     if supported is None or not supported():  # the CPU lacks AVX512-BF16
         return None
-    lib = _Library(
-        load_function("_cpu_xtx", "gptq_pack_pairs", [p, p, i, i, i, i]),
-        load_function(
-            "_cpu_xtx", "gptq_xty_bf16", [p, p, i, i, p, i, i, i, i, i, f, f, i, ctypes.c_int]
-        ),
-    )
-    return lib if None not in (lib.pack_pairs, lib.xty) and _passes_check(lib) else None
+    job = load_function("_cpu_xtx", "gptq_xty_job", [ctypes.POINTER(_Job)])
+    if job is None:
+        return None
+    lib = _Library(job, ctypes.cast(job, ctypes.c_void_p).value)
+    return lib if _passes_check(lib) else None
 
 
 def _passes_check(lib: _Library) -> bool:
@@ -85,27 +106,19 @@ def preferred() -> bool:
     return available() and not _has_amx()
 
 
-@cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="gptq-xtx")
-
-
 # The packed operands' storage, kept from call to call (slot 0: X, 1: Y) and grown when too small:
 # a batch's activations are megabytes, and a fresh buffer of that size is a fresh mapping whose
 # pages fault in on every call (as long as the packing itself). Calls are not reentrant.
 _PACKED: list[Tensor] = [torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32)]
 
 
-def _pack(lib: _Library, X: Tensor, slot: int) -> Tensor:
-    """X [m, K] bf16 as [ceil(m/2), K] 32-bit words of token pairs (the layout VDPBF16PS reads),
-    in slot's kept storage."""
-    m, K = X.shape
+def _packed(slot: int, m: int, K: int) -> Tensor:
+    """Room for [ceil(m/2), K] 32-bit words of token pairs (the layout VDPBF16PS reads), in slot's
+    kept storage."""
     words = (m + 1) // 2 * K
     if _PACKED[slot].numel() < words:
         _PACKED[slot] = torch.empty(words, dtype=torch.int32)
-    P = _PACKED[slot][:words].view((m + 1) // 2, K)
-    lib.pack_pairs(X.data_ptr(), P.data_ptr(), m, K, 0, P.shape[0])
-    return P
+    return _PACKED[slot][:words]
 
 
 def _row_cuts(K: int, parts: int, lower: bool) -> list[int]:
@@ -130,20 +143,31 @@ def _run(
     if m == 0:
         C.mul_(beta)
         return
-    A = _pack(lib, X, 0)
-    B = A if Y is X else _pack(lib, Y, 1)
-    args = (A.data_ptr(), B.data_ptr(), K, A.shape[0], C.data_ptr(), K)
+    A = _packed(0, m, K)
+    B = A if Y is X else _packed(1, m, K)
     parts = max(1, min(threads, K // MIN_ROWS_PER_THREAD))
-    cuts = _row_cuts(K, parts, lower)
-    calls = [(lo, hi, 0, K, alpha, beta, CHUNK_PAIRS, int(lower)) for lo, hi in zip(cuts, cuts[1:])]
-    if parts == 1:
-        lib.xty(*args, *calls[0])
-        return
-    # the calling thread takes the first share itself: it would only wait
-    futures = [_pool(parts - 1).submit(lib.xty, *args, *call) for call in calls[1:]]
-    lib.xty(*args, *calls[0])
-    for future in futures:
-        future.result()
+    cuts = (ctypes.c_int64 * (parts + 1))(*_row_cuts(K, parts, lower))
+    team = torch_openmp() if parts > 1 else None
+    job = _Job(
+        X.data_ptr(),
+        Y.data_ptr(),
+        A.data_ptr(),
+        B.data_ptr(),
+        m,
+        K,
+        C.data_ptr(),
+        alpha,
+        beta,
+        CHUNK_PAIRS,
+        int(lower),
+        parts,
+        cuts,
+        *((team.thread_num, team.num_threads, team.barrier) if team else (None, None, None)),
+    )
+    if team is None:  # the calling thread does all of it
+        lib.job(ctypes.byref(job))
+    else:
+        team.parallel(lib.job_address, ctypes.addressof(job), threads, 0)
 
 
 def xty(X: Tensor, Y: Tensor, C: Tensor, alpha: float, beta: float, lower: bool = False) -> None:
