@@ -7,11 +7,13 @@ module, called here through ctypes, which releases the GIL). It runs on torch's 
 (c_library.torch_openmp: a parallel region of the runtime torch's operators use), each packing its
 share of the activations, then computing its share of the result's rows; each element is computed
 by one thread in one order, so the bytes do not depend on the thread count. Without that runtime
-the calling thread does all of it. Where it was not built, the CPU lacks AVX512-BF16, or it fails a check on a
-known product at load, `available()` is False. `preferred()` adds: the CPU has no AMX, on which
-MKL's GEMM is the faster one (bench/hessian_*.json: this kernel 1.8-3.3x MKL's panels at K =
-576-11008 on the AMD EPYC, AVX512-BF16 only; on the AMX Xeon MKL's panels took 1.7 ms at K = 576,
-about a third of this kernel's time on the EPYC; the kernel was not timed on the Xeon).
+the calling thread does all of it.
+
+Where it was not built, the CPU lacks AVX512-BF16, or it fails a check on a known product at load,
+`available()` is False. `preferred()` adds: the CPU has no AMX, on which MKL's GEMM is the faster
+one (bench/hessian_*.json: this kernel 1.8-3.3x MKL's panels at K = 576-11008 on the AMD EPYC,
+AVX512-BF16 only; on the AMX Xeon MKL's panels took 1.7 ms at K = 576, about a third of this
+kernel's time on the EPYC; the kernel was not timed on the Xeon).
 """
 
 from __future__ import annotations
