@@ -4,12 +4,13 @@ summation rounding of the exact XᵀX whichever route computed it."""
 
 from __future__ import annotations
 
+import ctypes
 import platform
 
 import pytest
 import torch
 
-from gptq_cli.kernels import cpu_gemm, cpu_xtx
+from gptq_cli.kernels import c_library, cpu_gemm, cpu_xtx
 from gptq_cli.quantization import solver
 from gptq_cli.quantization.solver import accumulate_hessian, complete_hessian, hessian_panels
 
@@ -160,3 +161,17 @@ def test_bf16_kernel_bytes_do_not_depend_on_the_thread_count() -> None:
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_torch_openmp_runtime_is_found_where_torch_uses_openmp() -> None:
+    """The kernels' threads are torch's own (c_library.torch_openmp): found wherever torch's
+    parallel backend is OpenMP, and a region of it runs the function on every thread asked for."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend here is not OpenMP")
+    team = c_library.torch_openmp()
+    assert team is not None
+    seen = []
+    thread_num = ctypes.CFUNCTYPE(ctypes.c_int)(team.thread_num)
+    body = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _data: seen.append(thread_num()))
+    team.parallel(ctypes.cast(body, ctypes.c_void_p).value, None, 3, 0)
+    assert sorted(seen) == [0, 1, 2]
