@@ -19,6 +19,8 @@ the block's structure allows, exactly (the same ops on the same values, hence th
   version counter (a caller that changed it in place gets the real forward). Tails are found by
   letting the first block's first pass run to its end under a probe (its Hessian hooks go quiet
   instead of stopping it): no pass of their own; blocks of the same structure reuse the finding.
+- pre-norms: a child of the block with no linear, called with the block's own input (Llama's
+  input_layernorm), computes its output once per batch; later passes get it (prenorms.py).
 What is kept between passes lives in the run's BufferPool (activation_pool.py) and goes back to it
 after its last reader: a replayed call after its pass, a tail's outputs after advance's pass of
 their batch. Hook order is explicit: one pre-hook per linear of the group records the tail's input,
@@ -43,6 +45,7 @@ from gptq_cli.model.modelio import activations_in_heap
 from gptq_cli.quantization.activation_pool import BufferPool
 from gptq_cli.quantization.gptaq import accumulate_cross, cross_term
 from gptq_cli.quantization.phases import phase
+from gptq_cli.quantization.prenorms import PreNorms, linear_free_children
 from gptq_cli.quantization.solver import accumulate_hessian, complete_hessian
 
 if TYPE_CHECKING:
@@ -446,11 +449,21 @@ class BlockPasses:
         self.tails: dict[str, Tail] = {}
         self.replay: tuple[nn.Module, list[Call]] | None = None  # for the next group's passes
         self.recording: Tail | None = None  # the tail the last group's passes recorded
+        self.prenorms: PreNorms | None = None
 
     def __enter__(self) -> BlockPasses:
+        children = linear_free_children(self.block, self.linears)
+        if children and records_fit(
+            self.calib.hidden, self.calib.hidden[0].shape[-1] * len(children), self.device
+        ):
+            self.prenorms = PreNorms(
+                children, lambda: self.calib.hidden, self.calib.keep, self.calib.give
+            )
         return self
 
     def __exit__(self, *_exc) -> None:
+        if self.prenorms is not None:
+            self.prenorms.close()
         if self.fp is not None:
             self.fp.close()
         for tail in self.tails.values():
@@ -533,6 +546,8 @@ class BlockPasses:
         back to the pool once its batch has passed (advance is its last reader)."""
 
         def release(b: int) -> None:
+            if self.prenorms is not None:
+                self.prenorms.release()
             for tail in self.tails.values():
                 if b < len(tail.outputs):
                     self.calib.give(tail.outputs[b])
