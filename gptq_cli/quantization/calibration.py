@@ -20,7 +20,8 @@ the block's structure allows, exactly (the same ops on the same values, hence th
   letting the first block's first pass run to its end under a probe (its Hessian hooks go quiet
   instead of stopping it): no pass of their own; blocks of the same structure reuse the finding.
 - pre-norms: a child of the block with no linear, called with the block's own input (Llama's
-  input_layernorm), computes its output once per batch; later passes get it (prenorms.py).
+  input_layernorm), computes its output once per batch; the passes before the last group's get it
+  (prenorms.py).
 What is kept between passes lives in the run's BufferPool (activation_pool.py) and goes back to it
 after its last reader: a replayed call after its pass, a tail's outputs after advance's pass of
 their batch. Hook order is explicit: one pre-hook per linear of the group records the tail's input,
@@ -488,6 +489,11 @@ class BlockPasses:
             if nxt and all(n.startswith(nxt + ".") for n in group)
             else None
         )
+        if k == len(groups) - 1 and self.prenorms is not None:
+            # the last group records the widest inputs (down_proj's): the pre-norms' answers go
+            # back first, so they do not add to the block's peak; advance computes them once more
+            self.prenorms.close()
+            self.prenorms = None
         passes = self.calib.passes(self.block) if self.replay is None else self._replayed()
         tail = self.tails.get(group[0])
         self.recording = tail if tail is not None and self._inputs_fit(tail.last) else None
@@ -546,8 +552,6 @@ class BlockPasses:
         back to the pool once its batch has passed (advance is its last reader)."""
 
         def release(b: int) -> None:
-            if self.prenorms is not None:
-                self.prenorms.release()
             for tail in self.tails.values():
                 if b < len(tail.outputs):
                     self.calib.give(tail.outputs[b])

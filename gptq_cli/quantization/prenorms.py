@@ -5,7 +5,9 @@ input_layernorm, OPT's self_attn_layer_norm, GPT-2's ln_1). Every calibration pa
 block runs it again on the very same input tensor: the first group's pass, the next group's, the
 pass that reaches the MLP, advance's, 4 times per batch and block for a Llama. That input does not
 change while the block is quantized, and such a child holds no linear, so its output does not
-change either: computed once, kept in the run's pool, it answers the later passes.
+change either: computed once, kept in the run's pool, it answers the later passes. BlockPasses
+hands the answers back before the last group's passes (they record the widest inputs, down_proj's,
+and the answers would add to that peak): a Llama computes its input norm twice, not 4 times.
 
 Exact: the answer is the output the same module computed from the same tensor object, unchanged
 since (its version counter), and is given only while its own version counter shows no change; any
@@ -43,9 +45,8 @@ def linear_free_children(block: nn.Module, linears: dict[str, nn.Module]) -> lis
 class PreNorms:
     """While a block's passes run, each of `children` (linear_free_children) that is called
     with one of the block's inputs (`inputs()`, the calibration's current hidden states) as its
-    only argument computes its output once per batch. release() hands back the answers whose
-    input is no longer a block input (advance replaced it); close() all of them and gives every
-    child its own forward back."""
+    only argument computes its output once per batch. close() hands every answer back and gives
+    every child its own forward back."""
 
     def __init__(
         self,
@@ -84,14 +85,6 @@ class PreNorms:
             return kept
 
         return forward
-
-    def release(self) -> None:
-        """Hand back the answers whose input is no longer one of the block's inputs."""
-        current = {id(h) for h in self.inputs()}
-        for key, answer in list(self.answers.items()):
-            if id(answer.input) not in current or answer.input._version != answer.input_version:
-                self.give(answer.output)
-                del self.answers[key]
 
     def close(self) -> None:
         for answer in self.answers.values():
