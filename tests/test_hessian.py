@@ -55,9 +55,9 @@ def test_panels_then_mirror_give_the_exact_symmetric_hessian(
     for part in X.split(40):
         H, n = accumulate_hessian(H, n, part)
     assert n == 120
-    # above the first panel: not computed (half the work); the bf16 kernel's tiles are 64 wide, so
-    # this matrix is one tile there (test_bf16_kernel_computes_the_lower_triangle_only)
-    if not cpu_gemm.lower_triangle(dtype) or dtype == torch.float32:
+    # above the first panel: not computed (half the work); the kernel's tiles are 64 wide, so
+    # this matrix is one tile there (test_kernel_computes_the_lower_triangle_only)
+    if not cpu_gemm.xtx_kernel(dtype):
         assert torch.equal(H[:6, 6:], torch.zeros(6, 24))
     H = complete_hessian(H)
     assert torch.equal(H, H.t())
@@ -96,16 +96,25 @@ def test_xtx_panel_touches_its_panel_only() -> None:
         cpu_gemm.xtx_panel(X.t(), H, 0, 5, 1.0, 0.0)  # not contiguous
 
 
-@pytest.mark.skipif(not cpu_gemm.available(torch.float32), reason="no MKL SSYRK in this torch")
-def test_float32_syrk_route_writes_the_lower_triangle_within_summation_rounding() -> None:
-    """float32 activations go through MKL's SSYRK: lower triangle only, beta/alpha as a running
-    mean, within float32 summation rounding of the exact XᵀX, and close to torch's GEMM on the
-    same values."""
+@pytest.mark.parametrize("kernel", [False, True], ids=["ssyrk", "kernel"])
+def test_float32_routes_write_the_lower_triangle_within_summation_rounding(
+    kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 activations go through MKL's SSYRK or cpu_xtx's kernel (cpu_gemm.xtx_kernel):
+    lower triangle only (the kernel: and the upper entries of its 64-wide diagonal tiles),
+    beta/alpha as a running mean, within float32 summation rounding of the exact XᵀX, and close
+    to torch's GEMM on the same values."""
+    if kernel and not cpu_xtx.available():
+        pytest.skip("no AVX512-BF16 here, or gptq_cli._cpu_xtx not built")
+    if not kernel and cpu_gemm._SSYRK is None:
+        pytest.skip("no MKL SSYRK in this torch")
+    monkeypatch.setattr(cpu_gemm, "xtx_kernel", lambda dtype: kernel)
     X = activations(3 * 700, 300, torch.float32, seed=4)
     H, n = None, 0
     for part in X.split(700):
         H, n = accumulate_hessian(H, n, part)
-    assert torch.equal(H.triu(1), torch.zeros(300, 300))  # the upper triangle is not computed
+    # the upper triangle is not computed
+    assert torch.equal(H.triu(64 if kernel else 1), torch.zeros(300, 300))
     H = complete_hessian(H)
     assert torch.equal(H, H.t())
     within_summation_rounding(H, X)
@@ -114,18 +123,22 @@ def test_float32_syrk_route_writes_the_lower_triangle_within_summation_rounding(
         cpu_gemm.xtx_lower(X.t(), torch.zeros(2100, 2100), 1.0, 0.0)  # not contiguous
 
 
-needs_bf16_kernel = pytest.mark.skipif(
+needs_kernel = pytest.mark.skipif(
     not cpu_xtx.available(), reason="no AVX512-BF16 here, or gptq_cli._cpu_xtx not built"
 )
 
 
-@needs_bf16_kernel
+KERNEL_DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+
+
+@needs_kernel
+@KERNEL_DTYPES
 @pytest.mark.parametrize("m,K", [(4096, 600), (77, 70), (1, 130)])
-def test_bf16_kernel_is_within_float32_summation_rounding(m: int, K: int) -> None:
-    """csrc/cpu_xtx.c against the exact product: odd token counts (the last paired with zero),
-    widths that are not whole tiles in either direction, alpha and beta applied once."""
-    X = activations(m, K, torch.bfloat16, seed=3)
-    Y = activations(m, K, torch.bfloat16, seed=4)
+def test_kernel_is_within_float32_summation_rounding(m: int, K: int, dtype: torch.dtype) -> None:
+    """csrc/cpu_xtx.c against the exact product: odd token counts (bf16: the last paired with
+    zero), widths that are not whole tiles in either direction, alpha and beta applied once."""
+    X = activations(m, K, dtype, seed=3)
+    Y = activations(m, K, dtype, seed=4)
     C = torch.full((K, K), 3.0)
     cpu_xtx.xty(X, Y, C, 2 / m, 0.5)
     Xd, Yd = X.double(), Y.double()
@@ -137,9 +150,10 @@ def test_bf16_kernel_is_within_float32_summation_rounding(m: int, K: int) -> Non
     within_summation_rounding(complete_hessian(H), X)
 
 
-@needs_bf16_kernel
-def test_bf16_kernel_computes_the_lower_triangle_only() -> None:
-    X = activations(64, 200, torch.bfloat16, seed=5)
+@needs_kernel
+@KERNEL_DTYPES
+def test_kernel_computes_the_lower_triangle_only(dtype: torch.dtype) -> None:
+    X = activations(64, 200, dtype, seed=5)
     H = torch.zeros(200, 200)
     cpu_xtx.xty(X, X, H, 2 / 64, 0.0, lower=True)
     # tiles are 64 columns wide: the ones right of a row's own tile are not computed
@@ -147,9 +161,10 @@ def test_bf16_kernel_computes_the_lower_triangle_only() -> None:
     within_summation_rounding(complete_hessian(H), X)
 
 
-@needs_bf16_kernel
-def test_bf16_kernel_bytes_do_not_depend_on_the_thread_count() -> None:
-    X = activations(1000, 700, torch.bfloat16, seed=6)
+@needs_kernel
+@KERNEL_DTYPES
+def test_kernel_bytes_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
+    X = activations(1000, 700, dtype, seed=6)
     results = []
     threads = torch.get_num_threads()
     try:

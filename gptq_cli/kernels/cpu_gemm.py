@@ -1,6 +1,7 @@
 """XᵀX on a CPU through the MKL inside torch: 16-bit activations by its mixed-precision GEMM,
-float32 ones by SYRK; bf16 ones by cpu_xtx.py's AVX512-BF16 kernel instead where MKL's GEMM is the
-slower (CPUs without AMX: MKL does not use AVX512-BF16 on AMD's).
+float32 ones by SYRK; bf16 and float32 ones by cpu_xtx.py's AVX512 kernel instead where MKL is the
+slower (bf16 on CPUs without AMX: MKL does not use AVX512-BF16 on AMD's; float32 on CPUs not made
+by Intel, where its SSYRK ran at about half the FMA rate).
 
 A product of two bf16 (or two fp16) numbers is exact in float32, so a GEMM that reads 16-bit inputs
 and accumulates and returns float32 computes the Hessian's panels with only float32 summation
@@ -12,10 +13,10 @@ released during the call; MKL's threads are torch's: torch.set_num_threads sets 
 library or the symbol is missing, `available(dtype)` is False and callers use torch's float32 route.
 
 float32 activations: torch has no SYRK (XᵀX computing one triangle), and its GEMM on panels of the
-triangle runs at ~70% of MKL's SYRK rate here (198 vs 270 GFLOP/s at K = 576, 228 vs 300 at 1536,
-4096 rows, 2 cores). libtorch_cpu exports MKL's `mkl_blas_ssyrk` (the Fortran-convention SSYRK:
-every argument by reference), which `xtx_lower` calls. Its products and sums are float32, as the
-route it replaces; only the summation order differs.
+triangle runs at ~70% of MKL's SYRK rate on the AMX Xeon (198 vs 270 GFLOP/s at K = 576, 228 vs 300
+at 1536, 4096 rows, 2 cores). libtorch_cpu exports MKL's `mkl_blas_ssyrk` (the Fortran-convention
+SSYRK: every argument by reference), which `xtx_lower` calls. Its products and sums are float32, as
+the route it replaces; only the summation order differs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from gptq_cli.kernels import cpu_xtx
 
-__all__ = ["available", "lower_triangle", "xtx_lower", "xtx_panel", "xty"]
+__all__ = ["available", "lower_triangle", "xtx_kernel", "xtx_lower", "xtx_panel", "xty"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 _SYMBOLS = {torch.bfloat16: "cblas_gemm_bf16bf16f32", torch.float16: "cblas_gemm_f16f16f32"}
@@ -128,26 +129,26 @@ _GEMM = _checked(_load()) if os.name == "posix" else {}
 _SSYRK = _load_syrk() if os.name == "posix" else None
 
 
-def _bf16_kernel(dtype: torch.dtype) -> bool:
-    """Whether bf16 products go to cpu_xtx's AVX512-BF16 kernel rather than MKL's GEMM: where it
-    is the faster (no AMX), or MKL's is missing."""
-    return (
-        dtype == torch.bfloat16
-        and cpu_xtx.available()
-        and (cpu_xtx.preferred() or dtype not in _GEMM)
-    )
+def xtx_kernel(dtype: torch.dtype) -> bool:
+    """Whether XᵀX of this dtype goes to cpu_xtx's kernel rather than MKL: where it is the faster
+    (cpu_xtx.preferred), or MKL's routine for it is missing."""
+    if not cpu_xtx.available():
+        return False
+    if dtype == torch.bfloat16:
+        return cpu_xtx.preferred(dtype) or dtype not in _GEMM
+    return dtype == torch.float32 and (cpu_xtx.preferred(dtype) or _SSYRK is None)
 
 
 def available(dtype: torch.dtype) -> bool:
     """Whether this module takes activations of this dtype here: xtx_panel (or xtx_lower, where
     lower_triangle says so) for bf16/fp16, xtx_lower for float32."""
-    return dtype in _GEMM or _bf16_kernel(dtype) or (dtype == torch.float32 and _SSYRK is not None)
+    return dtype in _GEMM or xtx_kernel(dtype) or (dtype == torch.float32 and _SSYRK is not None)
 
 
 def lower_triangle(dtype: torch.dtype) -> bool:
-    """Whether xtx_lower takes activations of this dtype: float32 by MKL's SSYRK, bf16 by
-    cpu_xtx's kernel; others go by xtx_panel."""
-    return (dtype == torch.float32 and _SSYRK is not None) or _bf16_kernel(dtype)
+    """Whether xtx_lower takes activations of this dtype: float32 by MKL's SSYRK or cpu_xtx's
+    kernel, bf16 by the kernel; others go by xtx_panel."""
+    return (dtype == torch.float32 and _SSYRK is not None) or xtx_kernel(dtype)
 
 
 def xtx_lower(X: Tensor, H: Tensor, alpha: float, beta: float) -> None:
@@ -155,7 +156,7 @@ def xtx_lower(X: Tensor, H: Tensor, alpha: float, beta: float) -> None:
     triangle is left to complete_hessian (SSYRK does not touch it; the bf16 kernel writes its
     entries near the diagonal). X [m, K] contiguous on the CPU, float32 or bf16
     (lower_triangle(X.dtype)); H [K, K] contiguous float32 on the CPU."""
-    if _bf16_kernel(X.dtype):
+    if xtx_kernel(X.dtype):
         cpu_xtx.xty(X, X, H, alpha, beta, lower=True)
         return
     m, K = X.shape
@@ -221,7 +222,7 @@ def xty(X: Tensor, Y: Tensor, C: Tensor, alpha: float, beta: float) -> None:
     """C = beta · C + alpha · XᵀY, in place: X, Y [m, K] contiguous, both bf16 or both fp16, on
     the CPU (available(X.dtype)); C [K, K] contiguous float32 on the CPU. Products exact, sums
     float32."""
-    if _bf16_kernel(X.dtype):
+    if X.dtype == torch.bfloat16 and xtx_kernel(X.dtype):
         cpu_xtx.xty(X, Y, C, alpha, beta)
         return
     m, K = X.shape

@@ -1,6 +1,6 @@
-"""XᵀY of bf16 activations with float32 products and sums on CPUs with AVX512-BF16 and no AMX
-(csrc/cpu_xtx.c), for the Hessian and GPTAQ's cross term where MKL's bf16 GEMM (cpu_gemm.py) runs
-no faster than float32.
+"""XᵀY of bf16 or float32 activations with float32 sums on CPUs with AVX512-BF16 (csrc/cpu_xtx.c),
+for the Hessian and GPTAQ's cross term where MKL (cpu_gemm.py) runs slowly: bf16 on CPUs without
+AMX, float32 on CPUs not made by Intel (`preferred`).
 
 setup.py compiles csrc/cpu_xtx.c into gptq_cli/_cpu_xtx (a plain shared library, no Python
 module, called here through ctypes, which releases the GIL). It runs on torch's OpenMP threads
@@ -10,9 +10,9 @@ by one thread in one order, so the bytes do not depend on the thread count. With
 the calling thread does all of it.
 
 Where it was not built, the CPU lacks AVX512-BF16, or it fails a check on a known product at load,
-`available()` is False. `preferred()` adds: the CPU has no AMX, on which MKL's GEMM is the faster
-one (bench/hessian_*.json: this kernel 1.8-3.3x MKL's panels at K = 576-11008 on the AMD EPYC,
-AVX512-BF16 only; on the AMX Xeon MKL's panels took 1.7 ms at K = 576, about a third of this
+`available()` is False. `preferred(bfloat16)` adds: the CPU has no AMX, on which MKL's GEMM is the
+faster one (bench/hessian_*.json: this kernel 1.8-3.3x MKL's panels at K = 576-11008 on the AMD
+EPYC, AVX512-BF16 only; on the AMX Xeon MKL's panels took 1.7 ms at K = 576, about a third of this
 kernel's time on the EPYC; the kernel was not timed on the Xeon).
 """
 
@@ -29,8 +29,8 @@ from gptq_cli.kernels.c_library import load_function, torch_openmp
 
 __all__ = ["available", "preferred", "xty"]
 
-# token pairs per chunk of the sums: with this the error matches MKL's blocked sums (bench)
-CHUNK_PAIRS = 64
+# tokens per chunk of the sums: with this the error matches MKL's blocked sums (bench)
+CHUNK_TOKENS = 128
 MIN_ROWS_PER_THREAD = 64  # below this a thread's start costs more than its share of the rows
 
 
@@ -49,6 +49,7 @@ class _Job(ctypes.Structure):
         ("beta", ctypes.c_float),
         ("kc", ctypes.c_int64),
         ("lower", ctypes.c_int64),
+        ("fp32", ctypes.c_int64),
         ("parts", ctypes.c_int64),
         ("cuts", ctypes.POINTER(ctypes.c_int64)),
         ("thread_num", ctypes.c_void_p),
@@ -76,15 +77,20 @@ def _library() -> _Library | None:
 
 
 def _passes_check(lib: _Library) -> bool:
-    """A known small product, exact in bf16 and float32: 70 tokens (an odd count, so the last is
-    paired with zero) of width 70 (tile edges in both directions), full and lower."""
-    X = (torch.arange(70 * 70).reshape(70, 70) % 7 - 3).to(torch.bfloat16)
-    expected = X.float().t() @ X.float()
-    C = torch.full((70, 70), 7.0)
-    _run(lib, X, X, C, 1.0, 0.0, lower=False, threads=1)
-    lower = torch.full((70, 70), 7.0)
-    _run(lib, X, X, lower, 2.0, 0.5, lower=True, threads=1)
-    return torch.equal(C, expected) and torch.equal(lower.tril(), (2 * expected + 3.5).tril())
+    """A known small product, exact in bf16 and float32: 70 tokens (an odd count, so in bf16 the
+    last is paired with zero) of width 70 (tile edges in both directions), full and lower, in
+    both dtypes."""
+    X = (torch.arange(70 * 70).reshape(70, 70) % 7 - 3).float()
+    expected = X.t() @ X
+    good = True
+    for dtype in (torch.bfloat16, torch.float32):
+        Xd = X.to(dtype)
+        C = torch.full((70, 70), 7.0)
+        _run(lib, Xd, Xd, C, 1.0, 0.0, lower=False, threads=1)
+        lower = torch.full((70, 70), 7.0)
+        _run(lib, Xd, Xd, lower, 2.0, 0.5, lower=True, threads=1)
+        good &= torch.equal(C, expected) and torch.equal(lower.tril(), (2 * expected + 3.5).tril())
+    return good
 
 
 def available() -> bool:
@@ -103,9 +109,23 @@ def _has_amx() -> bool:
         return False
 
 
-def preferred() -> bool:
-    """Whether this kernel, not MKL's bf16 GEMM, should compute bf16 XᵀY here."""
-    return available() and not _has_amx()
+@cache
+def _intel() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" in f.read()
+    except OSError:
+        return False
+
+
+def preferred(dtype: torch.dtype) -> bool:
+    """Whether this kernel, not MKL, should compute XᵀY of `dtype` activations here: bf16 where
+    the CPU has no AMX (MKL's bf16 GEMM uses AMX, and AVX512-BF16 on Intel CPUs only); float32 on
+    CPUs not made by Intel (MKL's SSYRK ran at about half the FMA rate on the AMD EPYC, 123-131
+    GFLOP/s on 2 cores at K = 576-1536; this kernel's rate there: bench/hessian_*.json)."""
+    if dtype == torch.bfloat16:
+        return available() and not _has_amx()
+    return dtype == torch.float32 and available() and not _intel()
 
 
 # The packed operands' storage, kept from call to call (slot 0: X, 1: Y) and grown when too small:
@@ -145,8 +165,9 @@ def _run(
     if m == 0:
         C.mul_(beta)
         return
-    A = _packed(0, m, K)
-    B = A if Y is X else _packed(1, m, K)
+    fp32 = X.dtype == torch.float32
+    A = X if fp32 else _packed(0, m, K)
+    B = A if Y is X or fp32 else _packed(1, m, K)
     parts = max(1, min(threads, K // MIN_ROWS_PER_THREAD))
     cuts = (ctypes.c_int64 * (parts + 1))(*_row_cuts(K, parts, lower))
     team = torch_openmp() if parts > 1 else None
@@ -160,8 +181,9 @@ def _run(
         C.data_ptr(),
         alpha,
         beta,
-        CHUNK_PAIRS,
+        CHUNK_TOKENS if fp32 else CHUNK_TOKENS // 2,
         int(lower),
+        int(fp32),
         parts,
         cuts,
         *((team.thread_num, team.num_threads, team.barrier) if team else (None, None, None)),
@@ -173,17 +195,19 @@ def _run(
 
 
 def xty(X: Tensor, Y: Tensor, C: Tensor, alpha: float, beta: float, lower: bool = False) -> None:
-    """C = beta · C + alpha · XᵀY, in place: X, Y [m, K] contiguous bf16 on the CPU, C [K, K]
+    """C = beta · C + alpha · XᵀY, in place: X, Y [m, K] contiguous, both bf16 or both float32,
+    on the CPU, C [K, K]
     contiguous float32 on the CPU. lower (Y the same tensor as X: the Hessian): only the lower
     triangle i >= j is computed (and entries above it near the diagonal; the rest of the upper
     triangle is left as it was: solver.complete_hessian mirrors the lower one). Threads:
     torch.get_num_threads()."""
     lib = _library()
     if lib is None:
-        raise RuntimeError("the bf16 XᵀY kernel is not available here (cpu_xtx.available())")
+        raise RuntimeError("the XᵀY kernel is not available here (cpu_xtx.available())")
     m, K = X.shape
     if not (
-        X.dtype == Y.dtype == torch.bfloat16
+        X.dtype == Y.dtype
+        and X.dtype in (torch.bfloat16, torch.float32)
         and C.dtype == torch.float32
         and X.shape == Y.shape
         and C.shape == (K, K)

@@ -99,7 +99,7 @@ def accumulate_hessian(
     bf16 on CPUs without AMX an AVX512-BF16 kernel that computes the lower triangle by 64-column
     tiles (kernels/cpu_gemm.py, cpu_xtx.py), on CUDA through TF32 tensor cores (TF32 keeps 11
     significant bits, as fp16 does; bf16 has 8). fp32 activations use fp32 (on a CPU MKL's SYRK,
-    which computes the lower triangle itself)."""
+    which computes the lower triangle itself, or on CPUs not made by Intel the kernel above)."""
     X = X.reshape(-1, X.shape[-1])
     if mask is not None:
         X = X[mask.reshape(-1).to(device=X.device, dtype=torch.bool)]
