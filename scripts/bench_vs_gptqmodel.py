@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,9 @@ def main() -> None:
         }
     )
     results = report.setdefault("results", {})
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     args.work.mkdir(parents=True, exist_ok=True)
     for dtype in args.dtypes:
         for setting in args.settings:
@@ -174,6 +178,7 @@ def main() -> None:
                 "ours": ours,
                 "gptqmodel": theirs,
                 "speedup": round(theirs["wall_s"] / ours["wall_s"], 2),
+                "commit": commit,
                 "loadavg_after": os.getloadavg(),
                 "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             }
