@@ -10,7 +10,9 @@ For 4096 tokens of random bf16 activations of width K (SmolLM2's 576 and 1536, L
 - 16-bit panels: the same on the lower panels: what accumulate_hessian does for bf16/fp16
   activations where MKL's GEMM is the faster route (AMX);
 - kernel lower: csrc/cpu_xtx.c's AVX512-BF16 kernel on the lower triangle by 64-column tiles: what
-  accumulate_hessian does for bf16 activations on CPUs without AMX ("bf16_route" says which).
+  accumulate_hessian does for bf16 activations on CPUs without AMX ("bf16_route" says which);
+- fp32 SSYRK and fp32 kernel: the same values as float32 activations, by MKL's SSYRK (Intel CPUs)
+  and by the kernel's float32 instance (other CPUs; "fp32_route" says which).
 Milliseconds per call (best of 5) and each route's largest error against the float64 product,
 relative to the largest entry. Writes bench/hessian_<cpu>.json. Quiet machine only.
 
@@ -105,11 +107,35 @@ def main() -> None:
                 row["kernel_over_mkl_panels"] = round(
                     row["bf16_panels_ms"] / row["kernel_lower_ms"], 2
                 )
+        Xf = X.float()
+        if cpu_gemm._SSYRK is not None:
+
+            def fp32_syrk():
+                cpu_gemm._syrk(cpu_gemm._SSYRK, Xf, H, 0.5, 0.5)
+
+            syrk = torch.zeros(K, K)
+            cpu_gemm._syrk(cpu_gemm._SSYRK, Xf, syrk, 2 / TOKENS, 0.0)
+            row.update(
+                fp32_syrk_ms=best_ms(fp32_syrk), error_fp32_syrk=error(complete_hessian(syrk))
+            )
+        if cpu_xtx.available():
+
+            def fp32_kernel():
+                cpu_xtx.xty(Xf, Xf, H, 0.5, 0.5, lower=True)
+
+            lower = torch.zeros(K, K)
+            cpu_xtx.xty(Xf, Xf, lower, 2 / TOKENS, 0.0, lower=True)
+            row.update(
+                fp32_kernel_ms=best_ms(fp32_kernel),
+                error_fp32_kernel=error(complete_hessian(lower)),
+            )
+            if "fp32_syrk_ms" in row:
+                row["fp32_kernel_over_syrk"] = round(row["fp32_syrk_ms"] / row["fp32_kernel_ms"], 2)
         rows[str(K)] = row
         print(K, row, file=sys.stderr, flush=True)
     report = {
         "what": f"Hessian accumulation of {TOKENS} bf16 activation rows of width K on a CPU, "
-        "by route",
+        "by route (fp32_*: the same values as float32 activations)",
         "machine": {
             "cpu": cpu_info(),
             "platform": platform.platform(),
@@ -122,6 +148,9 @@ def main() -> None:
         "bf16_route": "cpu_xtx kernel (lower triangle by 64-column tiles)"
         if cpu_gemm.lower_triangle(torch.bfloat16)
         else "MKL bf16 GEMM panels",
+        "fp32_route": "cpu_xtx kernel, float32 instance"
+        if cpu_gemm.xtx_kernel(torch.float32)
+        else "MKL SSYRK",
         "loadavg": os.getloadavg(),
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": rows,

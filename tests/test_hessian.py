@@ -57,7 +57,7 @@ def test_panels_then_mirror_give_the_exact_symmetric_hessian(
     assert n == 120
     # above the first panel: not computed (half the work); the kernel's tiles are 64 wide, so
     # this matrix is one tile there (test_kernel_computes_the_lower_triangle_only)
-    if not cpu_gemm.xtx_kernel(dtype):
+    if not cpu_gemm.xtx_kernel(dtype, 30):
         assert torch.equal(H[:6, 6:], torch.zeros(6, 24))
     H = complete_hessian(H)
     assert torch.equal(H, H.t())
@@ -108,7 +108,7 @@ def test_float32_routes_write_the_lower_triangle_within_summation_rounding(
         pytest.skip("no AVX512-BF16 here, or gptq_cli._cpu_xtx not built")
     if not kernel and cpu_gemm._SSYRK is None:
         pytest.skip("no MKL SSYRK in this torch")
-    monkeypatch.setattr(cpu_gemm, "xtx_kernel", lambda dtype: kernel)
+    monkeypatch.setattr(cpu_gemm, "xtx_kernel", lambda dtype, width=0: kernel)
     X = activations(3 * 700, 300, torch.float32, seed=4)
     H, n = None, 0
     for part in X.split(700):
@@ -190,3 +190,10 @@ def test_torch_openmp_runtime_is_found_where_torch_uses_openmp() -> None:
     body = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _data: seen.append(thread_num()))
     team.parallel(ctypes.cast(body, ctypes.c_void_p).value, None, 3, 0)
     assert sorted(seen) == [0, 1, 2]
+
+
+def test_wide_float32_hessians_stay_with_ssyrk_where_it_exists() -> None:
+    if cpu_gemm._SSYRK is None:
+        pytest.skip("no MKL SSYRK in this torch")
+    assert not cpu_gemm.xtx_kernel(torch.float32, cpu_gemm.FP32_KERNEL_MAX_WIDTH + 1)
+    assert cpu_gemm.xtx_kernel(torch.float32, 576) == cpu_xtx.preferred(torch.float32)

@@ -129,14 +129,22 @@ _GEMM = _checked(_load()) if os.name == "posix" else {}
 _SSYRK = _load_syrk() if os.name == "posix" else None
 
 
-def xtx_kernel(dtype: torch.dtype) -> bool:
-    """Whether XᵀX of this dtype goes to cpu_xtx's kernel rather than MKL: where it is the faster
-    (cpu_xtx.preferred), or MKL's routine for it is missing."""
+# float32 XᵀX wider than this stays with SSYRK where it exists: the kernel's tiles leave the L2
+# cache there (EPYC, 4096 tokens: 1.09-1.16x SSYRK at K = 4096-5632, 0.93x at 11008;
+# bench/hessian_amd-epyc-avx512bf16.json)
+FP32_KERNEL_MAX_WIDTH = 8192
+
+
+def xtx_kernel(dtype: torch.dtype, width: int = 0) -> bool:
+    """Whether XᵀX of this dtype (and width) goes to cpu_xtx's kernel rather than MKL: where it
+    is the faster (cpu_xtx.preferred), or MKL's routine for it is missing."""
     if not cpu_xtx.available():
         return False
     if dtype == torch.bfloat16:
         return cpu_xtx.preferred(dtype) or dtype not in _GEMM
-    return dtype == torch.float32 and (cpu_xtx.preferred(dtype) or _SSYRK is None)
+    if dtype != torch.float32:
+        return False
+    return _SSYRK is None or (cpu_xtx.preferred(dtype) and width <= FP32_KERNEL_MAX_WIDTH)
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -156,7 +164,7 @@ def xtx_lower(X: Tensor, H: Tensor, alpha: float, beta: float) -> None:
     triangle is left to complete_hessian (SSYRK does not touch it; the bf16 kernel writes its
     entries near the diagonal). X [m, K] contiguous on the CPU, float32 or bf16
     (lower_triangle(X.dtype)); H [K, K] contiguous float32 on the CPU."""
-    if xtx_kernel(X.dtype):
+    if xtx_kernel(X.dtype, X.shape[1]):
         cpu_xtx.xty(X, X, H, alpha, beta, lower=True)
         return
     m, K = X.shape
