@@ -93,44 +93,25 @@ def main() -> None:
         if torch.bfloat16 in cpu_gemm._GEMM:
             row.update({"bf16_full_ms": best_ms(bf16_full), "bf16_panels_ms": best_ms(bf16_panels)})
             row["speedup_over_before"] = round(row["fp32_full_ms"] / row["bf16_panels_ms"], 2)
-        if cpu_xtx.available():
-
-            def kernel_lower():
-                cpu_xtx.xty(X, X, H, 0.5, 0.5, lower=True)
-
-            lower = torch.zeros(K, K)
-            cpu_xtx.xty(X, X, lower, 2 / TOKENS, 0.0, lower=True)
-            row.update(
-                kernel_lower_ms=best_ms(kernel_lower), error_kernel=error(complete_hessian(lower))
-            )
-            if "bf16_panels_ms" in row:
-                row["kernel_over_mkl_panels"] = round(
-                    row["bf16_panels_ms"] / row["kernel_lower_ms"], 2
-                )
         Xf = X.float()
-        if cpu_gemm._SSYRK is not None:
-
-            def fp32_syrk():
-                cpu_gemm._syrk(cpu_gemm._SSYRK, Xf, H, 0.5, 0.5)
-
-            syrk = torch.zeros(K, K)
-            cpu_gemm._syrk(cpu_gemm._SSYRK, Xf, syrk, 2 / TOKENS, 0.0)
-            row.update(
-                fp32_syrk_ms=best_ms(fp32_syrk), error_fp32_syrk=error(complete_hessian(syrk))
-            )
-        if cpu_xtx.available():
-
-            def fp32_kernel():
-                cpu_xtx.xty(Xf, Xf, H, 0.5, 0.5, lower=True)
-
+        routes = {  # name -> (fn(X, H, alpha, beta) writing H's lower triangle, X)
+            "kernel_lower": (lambda A, C, a, b: cpu_xtx.xty(A, A, C, a, b, lower=True), X),
+            "fp32_syrk": (lambda A, C, a, b: cpu_gemm._syrk(cpu_gemm._SSYRK, A, C, a, b), Xf),
+            "fp32_kernel": (lambda A, C, a, b: cpu_xtx.xty(A, A, C, a, b, lower=True), Xf),
+        }
+        for name, (fn, A) in routes.items():
+            if (name == "fp32_syrk" and cpu_gemm._SSYRK is None) or (
+                "kernel" in name and not cpu_xtx.available()
+            ):
+                continue
             lower = torch.zeros(K, K)
-            cpu_xtx.xty(Xf, Xf, lower, 2 / TOKENS, 0.0, lower=True)
-            row.update(
-                fp32_kernel_ms=best_ms(fp32_kernel),
-                error_fp32_kernel=error(complete_hessian(lower)),
-            )
-            if "fp32_syrk_ms" in row:
-                row["fp32_kernel_over_syrk"] = round(row["fp32_syrk_ms"] / row["fp32_kernel_ms"], 2)
+            fn(A, lower, 2 / TOKENS, 0.0)
+            row[f"{name}_ms"] = best_ms(lambda fn=fn, A=A: fn(A, H, 0.5, 0.5))
+            row[f"error_{name.removesuffix('_lower')}"] = error(complete_hessian(lower))
+        if "bf16_panels_ms" in row and "kernel_lower_ms" in row:
+            row["kernel_over_mkl_panels"] = round(row["bf16_panels_ms"] / row["kernel_lower_ms"], 2)
+        if "fp32_syrk_ms" in row and "fp32_kernel_ms" in row:
+            row["fp32_kernel_over_syrk"] = round(row["fp32_syrk_ms"] / row["fp32_kernel_ms"], 2)
         rows[str(K)] = row
         print(K, row, file=sys.stderr, flush=True)
     report = {
