@@ -98,24 +98,22 @@ def available() -> bool:
 
 
 @cache
-def _has_amx() -> bool:
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if check is not None:
-        return bool(check())
+def _cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
 
 
 @cache
+def _has_amx() -> bool:
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else "amx_bf16" in _cpuinfo()
+
+
 def _intel() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "GenuineIntel" in f.read()
-    except OSError:
-        return False
+    return "GenuineIntel" in _cpuinfo()
 
 
 def preferred(dtype: torch.dtype) -> bool:
@@ -166,8 +164,11 @@ def _run(
         C.mul_(beta)
         return
     fp32 = X.dtype == torch.float32
-    A = X if fp32 else _packed(0, m, K)
-    B = A if Y is X or fp32 else _packed(1, m, K)
+    if fp32:  # the kernel reads the activations themselves
+        A, B = X, Y
+    else:  # room for the packed pairs
+        A = _packed(0, m, K)
+        B = A if Y is X else _packed(1, m, K)
     parts = max(1, min(threads, K // MIN_ROWS_PER_THREAD))
     cuts = (ctypes.c_int64 * (parts + 1))(*_row_cuts(K, parts, lower))
     team = torch_openmp() if parts > 1 else None
@@ -196,11 +197,10 @@ def _run(
 
 def xty(X: Tensor, Y: Tensor, C: Tensor, alpha: float, beta: float, lower: bool = False) -> None:
     """C = beta · C + alpha · XᵀY, in place: X, Y [m, K] contiguous, both bf16 or both float32,
-    on the CPU, C [K, K]
-    contiguous float32 on the CPU. lower (Y the same tensor as X: the Hessian): only the lower
-    triangle i >= j is computed (and entries above it near the diagonal; the rest of the upper
-    triangle is left as it was: solver.complete_hessian mirrors the lower one). Threads:
-    torch.get_num_threads()."""
+    on the CPU, C [K, K] contiguous float32 on the CPU. lower (Y the same tensor as X: the
+    Hessian): only the lower triangle i >= j is computed (and entries above it near the
+    diagonal; the rest of the upper triangle is left as it was: solver.complete_hessian
+    mirrors the lower one). Threads: torch.get_num_threads()."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the XᵀY kernel is not available here (cpu_xtx.available())")
